@@ -1,0 +1,360 @@
+"""The typed config tree: every default lives here, YAML files hold values only.
+
+`load_config(path, overrides)` reads a YAML file, applies `key.sub=value` overrides and builds the tree.
+Unknown keys, wrong types and values outside a closed choice fail before any work starts, with the key
+path and the file name in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the tree. The message names the file and key path."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    name: str = "piflow"
+    output: str = "runs/piflow"  # local dir or s3://bucket/prefix
+    seed: int = 0
+    force: bool = False  # start fresh on an output that already holds checkpoints
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["toy2d", "flux", "qwen_image", "dit", "digits"] = "toy2d"
+    pretrained: str = ""  # diffusers-format dir or hub id of the teacher; "" = build from `tiny` config
+    tiny: bool = False  # build a tiny randomly initialised model from config (tests, CPU demos)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # teacher / frozen-base weights
+    num_timesteps: float = 1.0  # network timestep = sigma * num_timesteps (PIFLOW.md §1.1)
+    latent_channels: int = 16
+    latent_size: int = 128  # H = W of the un-packed latent the policy works on
+    gradient_checkpointing: bool = False
+    # toy2d only
+    hidden_dim: int = 256
+    num_layers: int = 4
+
+
+@dataclass
+class PolicyConfig:
+    type: Literal["gm", "dx"] = "gm"
+    num_components: int = 8  # K (GM)
+    num_grid: int = 10  # N (DX)
+    eps: float = 1e-6
+    dropout: float = 0.1  # component dropout on the detached rollout copy (GM only)
+    init_logstd: float = -2.995732273553991  # log(0.05), PIFLOW.md §2.2
+    init_bias_noise: float = 0.05
+    logstd_inner_dim: int = 1024
+    dx_segment_size: float = 0.0  # 0 = 1/(nfe - 1 + final_step_scale)
+
+
+@dataclass
+class DistillConfig:
+    nfe: int = 4
+    final_step_scale: float = 0.5
+    shift: float = 3.2
+    total_substeps: int = 128
+    num_intermediate: int = 4  # n_int
+    window_substeps: float = 3.0
+    teacher_ratio_decay_iters: int = 0  # D; 0 = r is 0 from the start
+    loss_scale: float = 30.0
+    data_free: bool = True
+
+
+@dataclass
+class GuidanceConfig:
+    mode: Literal["none", "embedded", "cfg"] = "none"
+    scale: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)  # sigma units; CFG only inside
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 256
+    alpha: float = 256.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eightbit: bool = False  # bitsandbytes AdamW8bit (GPU only)
+    warmup_iters: int = 100
+    warmup_start_factor: float = 1e-3
+    grad_clip: float = 50.0
+    grad_clip_start: int = 100
+
+
+@dataclass
+class EMAConfig:
+    gamma: float = 7.0
+    start: int = 100
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 3000
+    batch_size: int = 256  # global batch (prompts per iteration)
+    micro_batch_size: int = 0  # per rank; 0 = batch_size / world size (no accumulation)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    engine: Literal["torch", "deepspeed"] = "torch"  # torch: single process, no ZeRO (toy runs)
+    log_every: int = 10
+    ckpt_every: int = 500
+    ckpt_keep_last: int = 2
+    ckpt_keep_every: int = 0  # also keep every M-th step; 0 = off
+    upload_queue: int = 2
+
+
+@dataclass
+class TeacherConfig:
+    placement: Literal["separate", "shared"] = "separate"
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    overlap: bool = True
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+
+@dataclass
+class StudentGroupConfig:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # URL or brace pattern of prompt shards; "" = data-free without prompts (toy)
+    workers: int = 1
+    prefetch: int = 4
+    max_prompt_chars: int = 2000
+    overlong: Literal["truncate", "skip"] = "truncate"
+    pre_encoded: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0 = off
+    nfe: int = 4
+    num_samples: int = 8
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+    temperature: Literal["auto", "off"] = "auto"
+
+
+@dataclass
+class ClusterConfig:
+    address: str = "local"  # "local" starts an in-process Ray; otherwise a running cluster
+    num_cpus: int = 0  # local Ray only; 0 = all
+    student: StudentGroupConfig = field(default_factory=StudentGroupConfig)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "disabled"
+    project: str = "piflow"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def hash(self) -> str:
+        """Stable hash of the resolved config (checkpoints record it to detect a changed config on resume)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML at `path` (None = all defaults), apply `a.b=value` overrides, validate and return the tree."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read config file ({e.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides:
+        _apply_override(data, item)
+    cfg = build(Config, data, path="", source=source)
+    validate(cfg, source)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    cfg = build(Config, data, path="", source=source)
+    validate(cfg, source)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {p} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def build(cls: type, data: Any, path: str, source: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    where = path or "<top>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping (section {cls.__name__}), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"{source}: unknown key '{key}' (section {cls.__name__} has: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{path}': expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, source)
+    if origin is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail(f"a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{path}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        return [_coerce(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value)]
+    raise ConfigError(f"{source}: key '{path}': unsupported type {tp}")  # a bug in the tree, not the file
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}': {msg}")
+
+    need(cfg.distill.nfe >= 1, "distill.nfe", "must be >= 1")
+    need(0 < cfg.distill.final_step_scale <= 1, "distill.final_step_scale", "must be in (0, 1]")
+    need(cfg.distill.shift > 0, "distill.shift", "must be > 0")
+    need(cfg.distill.total_substeps >= 1, "distill.total_substeps", "must be >= 1")
+    need(cfg.distill.num_intermediate >= 1, "distill.num_intermediate", "must be >= 1")
+    need(cfg.distill.window_substeps >= 0, "distill.window_substeps", "must be >= 0")
+    need(cfg.policy.num_components >= 1, "policy.num_components", "must be >= 1")
+    need(cfg.policy.num_grid >= 1, "policy.num_grid", "must be >= 1")
+    need(0 <= cfg.policy.dropout < 1, "policy.dropout", "must be in [0, 1)")
+    need(cfg.train.iters >= 0, "train.iters", "must be >= 0")
+    need(cfg.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(cfg.train.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.teacher.replicas >= 1, "teacher.replicas", "must be >= 1")
+    need(cfg.cluster.student.workers >= 1, "cluster.student.workers", "must be >= 1")
+    if cfg.teacher.placement == "shared":
+        need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
+    world = cfg.cluster.student.workers
+    if cfg.train.micro_batch_size:
+        need(
+            cfg.train.batch_size % (cfg.train.micro_batch_size * world) == 0,
+            "train.micro_batch_size",
+            f"batch_size {cfg.train.batch_size} must be a multiple of micro_batch_size x workers",
+        )
+    else:
+        need(cfg.train.batch_size % world == 0, "train.batch_size",
+             f"must be a multiple of cluster.student.workers ({world})")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_config", "Optional"]
