@@ -3,10 +3,12 @@ handlers import their heavy dependencies lazily."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_teacher,):
+    for add in (_add_teacher, _add_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
+                _add_template):
         add(sub)
 
 
@@ -23,6 +25,308 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
         cfg = load_config(args.config, args.overrides)
         path = ensure_teacher(cfg, force=args.force)
         print(f"teacher ready: {path}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the 2-D toy end to end: teacher + 4-NFE GM student, a table and a scatter PNG")
+    p.add_argument("--config", default=None, help="toy config (default: configs/toy2d.yaml of this checkout)")
+    p.add_argument("--output", default="runs/demo", help="where the table, JSON, PNG and metrics go")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); the toy's ops are "
+                   "tiny, and extra threads spin against each other on a shared machine")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        import torch
+
+        from trainer.config import load_config
+        from trainer.toy2d_eval import run_demo
+
+        config = args.config or str(Path(__file__).resolve().parents[1] / "configs" / "toy2d.yaml")
+        # Shorter than the benchmark: fits 10 minutes on 2 cores including the teacher's training.
+        demo = ["train.iters=800", "eval.every=0", f"run.output={args.output}", "run.force=true"]
+        cfg = load_config(config, [*demo, *args.overrides])
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_demo(cfg, Path(args.output), samples=4096, seeds=3, floor_pairs=3)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_shards(sub: argparse._SubParsersAction) -> None:
+    """`piflow shards build|inspect|encode`: prompt shards (webdataset tars) in a local dir or on s3://."""
+    p = sub.add_parser("shards", help="build, inspect or pre-encode prompt shards (local dir or s3://)")
+    ss = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+
+    b = ss.add_parser("build", help="write webdataset prompt shards from .txt/.jsonl/.csv/.parquet")
+    b.add_argument("input", help="prompt file: .txt (one per line), .jsonl, .csv or .parquet (local or s3://)")
+    b.add_argument("--out", required=True, help="output dir or s3://bucket/prefix (must hold no shards yet)")
+    b.add_argument("--column", default="prompt", help="prompt column/key for .jsonl/.csv/.parquet")
+    b.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    b.add_argument("--normalize", action="store_true", help="Unicode NFC and collapse whitespace")
+    b.add_argument("--dedup", action="store_true", help="drop exact duplicates (after --normalize)")
+
+    def build(args: argparse.Namespace) -> int:
+        from data_pipeline.shards import build_shards
+
+        rep = build_shards(args.input, args.out, column=args.column, per_shard=args.per_shard,
+                           normalize=args.normalize, dedup=args.dedup)
+        print(f"wrote {rep.samples} prompts in {len(rep.urls)} shards to {args.out} "
+              f"(dropped {rep.empty} empty, {rep.duplicates} duplicates)")
+        return 0
+
+    b.set_defaults(func=build)
+
+    i = ss.add_parser("inspect", help="count shards and samples, show a few, list every bad record")
+    i.add_argument("url", help="shard dir/prefix, one .tar, a brace pattern or a comma-separated list")
+    i.add_argument("--samples", type=int, default=3, help="examples to show")
+    i.add_argument("--max-prompt-chars", type=int, default=2000)
+
+    def inspect_(args: argparse.Namespace) -> int:
+        from data_pipeline.reader import ReadOptions
+        from data_pipeline.shards import format_inspect, inspect
+
+        rep = inspect(args.url, args.samples, ReadOptions(max_prompt_chars=args.max_prompt_chars), progress=True)
+        print(format_inspect(rep))
+        return 1 if rep.unreadable or rep.bad else 0
+
+    i.set_defaults(func=inspect_)
+
+    e = ss.add_parser("encode", help="pre-encode prompts with the config's text encoders (emb.pth beside txt)")
+    e.add_argument("url", help="source shards")
+    e.add_argument("--out", required=True, help="output dir or s3://bucket/prefix for the encoded shards")
+    e.add_argument("--config", required=True, help="run config whose model section names the text encoders")
+    e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    def encode(args: argparse.Namespace) -> int:
+        import importlib.util
+
+        from data_pipeline.reader import ReadOptions
+        from data_pipeline.shards import encode_shards, format_inspect
+        from trainer.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if importlib.util.find_spec("models.text_encoders") is None:
+            print("piflow shards encode: no text encoders in this installation (models/text_encoders.py "
+                  "with load_text_encoder(cfg) is missing)", file=sys.stderr)
+            return 2
+        from models.text_encoders import load_text_encoder
+
+        rep = encode_shards(args.url, args.out, load_text_encoder(cfg), ReadOptions.from_config(cfg.data))
+        print(format_inspect(rep))
+        print(f"encoded {rep.samples} prompts into {len(rep.shards)} shards at {args.out}")
+        return 1 if rep.unreadable or rep.bad else 0
+
+    e.set_defaults(func=encode)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="memory and placement plan of a config on N GPUs, without allocating")
+    p.add_argument("config", help="YAML config (model.family flux, qwen_image or dit)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (student group + teacher group)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
+
+    def run(args: argparse.Namespace) -> int:
+        from trainer.config import load_config
+        from trainer.planner import format_plan, make_plan
+
+        cfg = load_config(args.config, args.overrides)
+        plan = make_plan(cfg, args.gpus, args.gpu_mem)
+        print(format_plan(plan, cfg))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ---- export and sample (issue 6: trainer/export.py, models/pipeline.py)
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's EMA student as a diffusers-format directory")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="a run.output (its newest valid checkpoint) or one checkpoints/step_N dir; local or s3://")
+    p.add_argument("--out", required=True, help="the directory to write (PiFlowPipeline.from_pretrained loads it)")
+
+    def run(args: argparse.Namespace) -> int:
+        from trainer.export import export_student, export_summary
+
+        export_student(args.source, args.out)
+        meta = export_summary(args.out)
+        print(f"exported {meta['kind']} {meta['family']} student (base {meta['base_model']}) to {args.out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate with an exported student (or a run / checkpoint, exported first)")
+    p.add_argument("source", metavar="DIR_OR_RUN", help="an export dir, a run.output or a checkpoint dir")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several; none for toy2d)")
+    p.add_argument("--nfe", type=int, default=0, help="student evaluations (0 = the distilled NFE)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", required=True, help="PNG grid to write (latents beside it as .pt)")
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+        import tempfile
+
+        import torch
+
+        from models.pipeline import PiFlowPipeline
+
+        with tempfile.TemporaryDirectory(prefix="piflow-sample-") as tmp:
+            source = args.source
+            if not os.path.exists(os.path.join(source, "model_index.json")):
+                from trainer.export import export_student
+
+                export_student(source, tmp)
+                source = tmp
+            pipe = PiFlowPipeline.from_pretrained(source)
+        batch = max(len(args.prompt), 1) * args.num
+        generators = [torch.Generator().manual_seed(args.seed + i) for i in range(batch)]
+        latents = pipe(prompt=args.prompt or None, num_inference_steps=args.nfe or None, generator=generators,
+                       num_images=args.num, output_type="latent")
+        from trainer.rollouts import preview_png
+
+        images = None
+        if pipe.vae() is not None:
+            images = pipe.family.decode(pipe.vae(), latents).clamp(-1, 1)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "wb") as f:
+            f.write(preview_png(latents, images))
+        torch.save(latents, os.path.splitext(args.out)[0] + ".pt")
+        print(f"wrote {args.out} ({batch} samples, {args.nfe or pipe.student.cfg.distill.nfe} NFE)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ---- cluster submission (issue 7: cluster/submit.py, cluster/templates.py)
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    """`piflow submit|status|stop`: runs on a Ray cluster through the Jobs API (token from RAY_AUTH_TOKEN...)."""
+    p = sub.add_parser("submit", help="submit a run to a Ray cluster (Jobs API): packages the working dir, "
+                                      "streams the logs, prints the job id")
+    p.add_argument("config", help="YAML config inside the working dir (validated here before uploading)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--address", default=None, help="dashboard URL http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="directory uploaded with the job (default: the current one)")
+    p.add_argument("--exclude", action="append", default=[], help="extra gitignore-style upload exclude (repeat)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="non-secret environment variable for the job (repeat); credentials are refused")
+    p.add_argument("--job-id", default="", help="submission id (default: <run.name>-<UTC time>-<hex>)")
+    p.add_argument("--force", action="store_true", help="start fresh even if run.output holds checkpoints")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.submit import SubmitError, SubmitRequest, stream_logs, submit
+
+        env = {}
+        for item in args.env:
+            if "=" not in item:
+                print(f"piflow submit: --env {item!r}: expected KEY=VALUE", file=sys.stderr)
+                return 2
+            key, value = item.split("=", 1)
+            env[key] = value
+        req = SubmitRequest(config=args.config, overrides=list(args.overrides), working_dir=args.working_dir,
+                            excludes=list(args.exclude), env=env, job_id=args.job_id, force=args.force)
+        try:
+            job_id = submit(req, args.address)
+            if args.no_wait:
+                print(job_id)
+                return 0
+            print(f"piflow: submitted job {job_id}", flush=True)
+            try:
+                status = stream_logs(args.address, job_id)
+            except KeyboardInterrupt:
+                print(f"\npiflow: stopped following; job {job_id} keeps running "
+                      f"(piflow status {job_id} / piflow stop {job_id})", file=sys.stderr)
+                return 130
+        except SubmitError as e:
+            print(f"piflow submit: {e}", file=sys.stderr)
+            return 2
+        print(f"piflow: job {job_id} {status}")
+        return 0 if status == "SUCCEEDED" else 1
+
+    p.set_defaults(func=run)
+
+    s = sub.add_parser("status", help="status of a submitted job (or the list of jobs)")
+    s.add_argument("job", nargs="?", default=None, help="job id (omit to list the cluster's jobs)")
+    s.add_argument("--address", default=None, help="dashboard URL http://HEAD:8265")
+    s.add_argument("--logs", action="store_true", help="also print the job's logs so far")
+
+    def status(args: argparse.Namespace) -> int:
+        from cluster.submit import SubmitError, format_info, job_info, list_jobs, make_client
+
+        try:
+            if args.job is None:
+                for j in list_jobs(args.address):
+                    print(f"{j['job_id']}  {j['status']:<10} {j['run_name']}")
+                return 0
+            print(format_info(job_info(args.address, args.job)))
+            if args.logs:
+                print(make_client(args.address).get_job_logs(args.job), end="")
+        except SubmitError as e:
+            print(f"piflow status: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    s.set_defaults(func=status)
+
+    t = sub.add_parser("stop", help="stop a submitted job and wait until it has stopped")
+    t.add_argument("job", help="job id")
+    t.add_argument("--address", default=None, help="dashboard URL http://HEAD:8265")
+    t.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to end")
+
+    def stop_(args: argparse.Namespace) -> int:
+        from cluster.submit import TERMINAL, SubmitError, stop
+
+        try:
+            final = stop(args.address, args.job, args.timeout)
+        except SubmitError as e:
+            print(f"piflow stop: {e}", file=sys.stderr)
+            return 2
+        print(f"piflow: job {args.job} {final}")
+        return 0 if final in TERMINAL else 1
+
+    t.set_defaults(func=stop_)
+
+
+def _add_template(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("template", help="render the SLURM sbatch script or the KubeRay RayJob manifest for a config")
+    p.add_argument("kind", choices=["slurm", "kuberay"])
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (baked into the rendered file)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (SLURM) / pods: 1 head + nodes-1 workers")
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--cpus-per-node", type=int, default=8)
+    p.add_argument("--mem-per-node", default="64G", help="memory per node (SLURM --mem / pod memory, e.g. 64G)")
+    p.add_argument("--time", default="24:00:00", help="SLURM wall-clock limit")
+    p.add_argument("--partition", default="", help="SLURM partition ('' = the cluster's default)")
+    p.add_argument("--account", default="", help="SLURM account ('' = none)")
+    p.add_argument("--venv", default="", help="SLURM: virtualenv to activate on every node ('' = none)")
+    p.add_argument("--workdir", default="", help="SLURM: the checkout on the shared filesystem (default: cwd)")
+    p.add_argument("--image", default="rayproject/ray:2.60.0-py311", help="KubeRay: container image with piflow")
+    p.add_argument("--namespace", default="default", help="KubeRay namespace")
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.job_templates import TemplateError, TemplateParams, render
+
+        params = TemplateParams(config=args.config, overrides=list(args.overrides), nodes=args.nodes,
+                                gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+                                mem_per_node=args.mem_per_node, time=args.time, partition=args.partition,
+                                account=args.account, venv=args.venv, workdir=args.workdir, image=args.image,
+                                namespace=args.namespace)
+        try:
+            text = render(args.kind, params)
+        except TemplateError as e:
+            print(f"piflow template: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write(text)
         return 0
 
     p.set_defaults(func=run)

@@ -99,14 +99,16 @@ def _fs_path(url: str) -> str:
 # ----------------------------------------------------------------------------------------------- retries
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: 5xx, throttling, connection resets, timeouts. False for 4xx/not-found."""
-    seen: set[int] = set()
+    chain: list[BaseException] = []
     e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                          FileExistsError)):
-            return False
-        response = getattr(e, "response", None)
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(isinstance(c, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                          FileExistsError)) for c in chain):
+        return False
+    for c in chain:  # an HTTP answer decides first: s3fs wraps unknown S3 codes (also 4xx) in OSError(EIO)
+        response = getattr(c, "response", None)
         if isinstance(response, dict):
             status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(response.get("Error", {}).get("Code", ""))
@@ -114,11 +116,11 @@ def is_transient(exc: BaseException) -> bool:
                 return True
             if isinstance(status, int) and 400 <= status < 500:
                 return False
-        if type(e).__name__ in _TRANSIENT_NAMES or isinstance(e, (ConnectionError, TimeoutError)):
+    for c in chain:
+        if type(c).__name__ in _TRANSIENT_NAMES or isinstance(c, (ConnectionError, TimeoutError)):
             return True
-        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        if isinstance(c, OSError) and c.errno in _TRANSIENT_ERRNOS:
             return True
-        e = e.__cause__ or e.__context__
     return False
 
 

@@ -41,9 +41,21 @@ class ModelConfig:
     latent_channels: int = 16
     latent_size: int = 128  # H = W of the un-packed latent the policy works on
     gradient_checkpointing: bool = False
+    # large families (models/families/{flux,qwen_image,dit}.py)
+    subfolder: str = "transformer"  # of model.pretrained holding the teacher transformer
+    text_encoder: str = ""  # diffusers-format dir or hub id with the text encoders/tokenizers; "" = model.pretrained
+    max_sequence_length: int = 512  # text tokens (FLUX T5: 512; Qwen-Image: up to 1024)
+    text_dtype: Literal["float32", "bfloat16"] = "float32"
+    num_classes: int = 1000  # class-conditional families (DiT): class ids 0..n-1, the null class is n
     # toy2d only
     hidden_dim: int = 256
     num_layers: int = 4
+    # the project's own small teachers (toy2d): flow matching with sigma ~ U(0, 1), cached by a hash of these
+    teacher_iters: int = 8000
+    teacher_batch_size: int = 2048
+    teacher_lr: float = 2e-3
+    teacher_seed: int = 0
+    teacher_cache: str = ""  # "" = ~/.cache/piflow/teachers
 
 
 @dataclass
@@ -85,7 +97,8 @@ class LoRAConfig:
     rank: int = 256
     alpha: float = 256.0
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=list)
+    target_modules: list[str] = field(default_factory=list)  # module-name suffixes (PIFLOW.md §5)
+    init: Literal["gaussian", "kaiming"] = "gaussian"  # A ~ N(0, 1/r) or kaiming-uniform; B = 0 either way
 
 
 @dataclass
@@ -123,9 +136,16 @@ class TrainConfig:
 @dataclass
 class TeacherConfig:
     placement: Literal["separate", "shared"] = "separate"
-    replicas: int = 1
+    replicas: int = 1  # TeacherServer actors (separate placement)
     gpus_per_replica: float = 0.0
-    overlap: bool = True
+    cpus_per_replica: float = 1.0
+    overlap: bool = True  # separate placement: next segment's student forward while the teacher computes
+    max_batch: int = 256  # samples per teacher forward (requests from all ranks are concatenated up to this)
+    batch_wait_ms: float = 2.0  # how long a request waits for others to join its batch
+    # issue 7: a custom Ray resource each replica takes one unit of ("" = none), and how often Ray restarts
+    # a dead replica (clients retry their in-flight requests on the restarted one)
+    custom_resource: str = ""
+    max_restarts: int = 3
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
 
@@ -135,6 +155,9 @@ class StudentGroupConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 2
+    # issue 7: a custom Ray resource each worker takes one unit of ("" = none); nodes that advertise it
+    # (`ray start --resources '{"NAME": n}'`) host at most n ranks, which pins or spreads the group.
+    custom_resource: str = ""
 
 
 @dataclass
@@ -145,6 +168,13 @@ class DataConfig:
     max_prompt_chars: int = 2000
     overlong: Literal["truncate", "skip"] = "truncate"
     pre_encoded: bool = False
+    # order (seed = run.seed): shards permuted per epoch, samples permuted per (epoch, shard)
+    shuffle_shards: bool = True
+    shuffle_within_shard: bool = True
+    layout: Literal["strided", "contiguous"] = "strided"  # rank r of W keeps batch[r::W] or the r-th chunk
+    read_attempts: int = 4  # per shard, with exponential backoff, before it is skipped and reported
+    read_backoff_s: float = 0.5
+    encode_batch_size: int = 64  # prompts per encoder call on a DataWorker
 
 
 @dataclass
@@ -161,6 +191,9 @@ class EvalConfig:
 class ClusterConfig:
     address: str = "local"  # "local" starts an in-process Ray; otherwise a running cluster
     num_cpus: int = 0  # local Ray only; 0 = all
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # student process group; auto = nccl on GPU, else gloo
+    data_cpus_per_worker: float = 1.0
+    storage_path: str = ""  # Ray Train run storage; "" = <run.output>/ray_train (local output only)
     student: StudentGroupConfig = field(default_factory=StudentGroupConfig)
 
 

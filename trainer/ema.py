@@ -3,11 +3,16 @@
 The shadow copy mirrors what each rank holds: under ZeRO-3 a parameter's local partition is `p.ds_tensor`
 (so the EMA is sharded exactly like the parameters, no gather); otherwise the whole tensor. Before `start`
 the EMA follows the weights (beta = 0). Rollouts, evaluation and export run inside `ema.applied()`.
+
+`master` (optional) returns the fp32 master copy of a parameter's local partition (the DeepSpeed engine's
+`local_master`): with bf16 weights the EMA then averages the optimiser's fp32 values, not bf16 roundings.
+Under ZeRO-3, `applied()` writes the partitions; the next forward gathers them (the engine keeps no
+parameter persistently gathered), and every rank must enter it together.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -26,18 +31,20 @@ def power_ema_beta(step: int, gamma: float, start: int) -> float:
 
 
 class PowerEMA:
-    def __init__(self, params: Iterable[torch.nn.Parameter], gamma: float = 7.0, start: int = 0):
+    def __init__(self, params: Iterable[torch.nn.Parameter], gamma: float = 7.0, start: int = 0,
+                 master: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None):
         self.params = [p for p in params if p.requires_grad]
         self.gamma = gamma
         self.start = start
-        self.shadow = [_local(p).detach().clone().float() for p in self.params]  # fp32, local shards
+        self._source = master if master is not None else _local
+        self.shadow = [self._source(p).detach().clone().float() for p in self.params]  # fp32, local shards
 
     @torch.no_grad()
     def update(self, step: int) -> float:
         """Fold the current weights in after optimiser step `step` (0-based). Returns the beta used."""
         beta = power_ema_beta(step, self.gamma, self.start)
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(_local(p).float(), 1.0 - beta)
+            s.lerp_(self._source(p).float().view_as(s), 1.0 - beta)
         return beta
 
     @contextlib.contextmanager
@@ -46,7 +53,7 @@ class PowerEMA:
         """Temporarily load the EMA weights into the live parameters (restored on exit)."""
         backup = [_local(p).detach().clone() for p in self.params]
         for s, p in zip(self.shadow, self.params):
-            _local(p).copy_(s.to(_local(p).dtype))
+            _local(p).copy_(s.to(_local(p).dtype).view_as(_local(p)))
         try:
             yield
         finally:

@@ -8,11 +8,18 @@ engine (`train.engine: deepspeed`):
     engine.backward(loss)    accumulate gradients of one segment's loss
     engine.step() -> dict    clip, optimiser step, LR schedule, zero grads; returns {"grad_norm", "lr"}
     engine.state_dict() / engine.load_state_dict(sd)     (torch engine; DeepSpeed saves its own shards)
+
+The DeepSpeed engine adds the ZeRO-3 hooks: `partitioned_construction(cfg)` (build the student
+partitioned), `load_partitioned(module, tensors)` (student-from-teacher init, one tensor at a time),
+`engine.save_checkpoint(dir, tag, client_state, rank_state)` / `engine.load_checkpoint(dir, tag)`,
+`engine.local_master(p)` (the fp32 partition for a sharded EMA) and `engine.gathered_state_dict()`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -79,7 +86,380 @@ class TorchEngine:
         self._set_lr()
 
 
-def build_engine(cfg: Config, module: torch.nn.Module):
+# ------------------------------------------------------------------------------------------ DeepSpeed ZeRO-3
+def _import_deepspeed():
+    """Import deepspeed lazily with the CPU fixes of STACK.md (accelerator, no shm op JIT build)."""
+    import os
+    import sys
+    import warnings
+
+    # torch 2.13 deprecates the collectives ZeRO-3 calls every step; one line per call drowns the logs.
+    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`"
+                            r" is deprecated", category=FutureWarning)
+    if not torch.cuda.is_available():
+        # Must be set before deepspeed picks its accelerator (at first import).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (registers the module we patch below)
+
+    # The shm comm op only serves inference all-reduce; building it costs ~50 s of g++ on first use.
+    # Patch through sys.modules: the attribute path resolves to the torch module, not ours.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+def micro_batch_and_accumulation(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient-accumulation steps) for the global `train.batch_size`."""
+    global_batch = cfg.train.batch_size
+    micro = cfg.train.micro_batch_size or global_batch // world_size
+    if micro < 1 or global_batch % (micro * world_size) != 0:
+        raise ValueError(
+            f"train.batch_size {global_batch} is not a multiple of micro_batch_size {micro} x world size {world_size}"
+        )
+    return micro, global_batch // (micro * world_size)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config, generated from ours (no separate DeepSpeed JSON to keep in sync).
+
+    - `managed_gradient_accumulation: false`: every `step()` is the accumulation boundary, so the loop may call
+      `backward` any number of times per step (one per data-free segment, per micro-batch).
+    - `gradient_clipping` is set so that ZeRO computes the clip, but the engine switches it on only from
+      `optim.grad_clip_start` (DeepSpeed's own clipping is static; see `DeepSpeedEngine._set_clip`).
+    - `stage3_param_persistence_threshold: 0`: no parameter stays gathered between forwards, so a write to a
+      parameter's partition (`ds_tensor`, e.g. swapping in the EMA weights) is seen by the next forward.
+    """
+    micro, accum = micro_batch_and_accumulation(cfg, world_size)
+    return {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": max(cfg.optim.grad_clip, 0.0),
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Client AdamW: torch's (no JIT build), or bitsandbytes' 8-bit AdamW on GPU (`optim.eightbit`)."""
+    kwargs = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    if not cfg.optim.eightbit:
+        return torch.optim.AdamW(params, **kwargs)
+    if not torch.cuda.is_available():
+        raise RuntimeError("optim.eightbit: true needs a CUDA GPU (bitsandbytes AdamW8bit); set it to false on CPU")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise RuntimeError(
+            "optim.eightbit: true needs the bitsandbytes package (pip install bitsandbytes); "
+            "or set optim.eightbit: false for torch AdamW"
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module) -> int:
+    """Checkpoint the transformer blocks of every diffusers/transformers model inside `module`.
+
+    Returns how many sub-models were switched on (0 = nothing supports it: an error for the caller).
+    """
+    count = 0
+    for sub in module.modules():
+        if getattr(sub, "_supports_gradient_checkpointing", False) and hasattr(sub, "enable_gradient_checkpointing"):
+            if getattr(sub, "is_gradient_checkpointing", False):
+                continue
+            sub.enable_gradient_checkpointing()
+            count += 1
+    return count
+
+
+def _is_partitioned(p: torch.Tensor) -> bool:
+    return getattr(p, "ds_tensor", None) is not None
+
+
+@torch.no_grad()
+def load_partitioned(module: torch.nn.Module, tensors: Mapping[str, Callable[[], torch.Tensor]] | Any,
+                     strict: bool = True) -> list[str]:
+    """Copy full tensors into the local ZeRO-3 partitions, one tensor at a time.
+
+    `tensors` maps a parameter/buffer name of `module` to its full value: a `safetensors.safe_open` handle
+    (read lazily with `get_tensor`), or a dict of tensors. Each rank reads a tensor, keeps only its flat
+    slice and drops the rest, so no rank ever holds the whole model (and there is no communication).
+    Works on non-partitioned modules too (then it is a plain copy). Returns the names that were missing.
+    """
+    keys = set(tensors.keys())
+    missing = []
+
+    def get(name: str) -> torch.Tensor:
+        return tensors.get_tensor(name) if hasattr(tensors, "get_tensor") else tensors[name]
+
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        if name not in keys:
+            missing.append(name)
+            continue
+        full = get(name)
+        if tuple(full.shape) != tuple(getattr(p, "ds_shape", p.shape)):
+            raise ValueError(f"load_partitioned: '{name}' has shape {tuple(full.shape)} in the source, "
+                             f"{tuple(getattr(p, 'ds_shape', p.shape))} in the model")
+        if not _is_partitioned(p):
+            p.data.copy_(full.to(p.dtype))
+            continue
+        import torch.distributed as dist
+
+        part = p.ds_tensor  # (ds_tensor.ds_numel,) flat slice of the padded flattened parameter
+        n = part.ds_numel
+        rank = dist.get_rank(group=p.ds_process_group)
+        flat = full.reshape(-1)
+        start, end = rank * n, min((rank + 1) * n, flat.numel())
+        part.zero_()
+        if start < end:
+            part[: end - start].copy_(flat[start:end].to(part.dtype))
+    if strict and missing:
+        raise KeyError(f"load_partitioned: {len(missing)} names missing in the source, e.g. {missing[:5]}")
+    return missing
+
+
+def safetensors_source(path: str | Path) -> "_SafetensorsSource":
+    """Lazy name -> tensor view of a diffusers weights location: one `.safetensors` file, or a directory with
+    one file or a sharded `*.safetensors.index.json`. Tensors are read one at a time on `get_tensor`."""
+    return _SafetensorsSource(Path(path))
+
+
+class _SafetensorsSource:
+    def __init__(self, path: Path):
+        import json
+
+        from safetensors import safe_open
+
+        if path.is_file():
+            files = [path]
+        else:
+            index = sorted(path.glob("*.safetensors.index.json"))
+            if index:
+                weight_map = json.loads(index[0].read_text())["weight_map"]
+                files = sorted({path / f for f in weight_map.values()})
+            else:
+                files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights at {path}")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def keys(self):
+        return self._where.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
+def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A non-ZeRO copy of a (gathered) module: fresh Parameters without ZeRO attributes (whose process-group
+    handles cannot be deep-copied), the rest of the module deep-copied."""
+    import copy
+
+    saved = []
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                saved.append((sub, name, p))
+                sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for sub, name, p in saved:
+            sub._parameters[name] = p
+
+
+def build_partitioned_student(cfg: Config, build_trunk: Callable[[], torch.nn.Module], weights: Any,
+                              plain_modules: tuple[str, ...],
+                              build_student: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
+    """Student-from-teacher construction without materialising the trunk on any rank (ZeRO-3).
+
+    1. `build_trunk()` runs under `deepspeed.zero.Init`: every weight is partitioned as soon as it exists;
+    2. the teacher's weights (`weights`, e.g. `safetensors_source(dir)`) are copied into the partitions one
+       tensor at a time (`load_partitioned`);
+    3. the small output modules the student replaces or copies (`plain_modules`, e.g. FLUX's `norm_out`,
+       `proj_out`) are gathered once and swapped for ordinary copies, so the head initialisation
+       (PIFLOW.md §2.2) reads real values;
+    4. `build_student(trunk)` adds the head, the tail and LoRA as ordinary modules; DeepSpeed partitions those
+       (small) when the engine is built.
+    With `train.engine: torch` the same steps run without partitioning.
+    """
+    with partitioned_construction(cfg):
+        trunk = build_trunk()
+    load_partitioned(trunk, weights)
+    if cfg.train.engine == "deepspeed":
+        ds = _import_deepspeed()
+        for name in plain_modules:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = trunk.get_submodule(parent_name) if parent_name else trunk
+            module = getattr(parent, leaf)
+            with ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                plain = _plain_copy(module)
+            setattr(parent, leaf, plain)
+    return build_student(trunk)
+
+
+class DeepSpeedEngine:
+    """ZeRO-3 engine (one per rank) with the same interface as `TorchEngine`.
+
+    Clipping and warm-up (PIFLOW.md §5) are ours: the LR is written into the optimiser's param groups
+    before each step (as in `TorchEngine`), and the clip threshold is switched on from `grad_clip_start` by
+    setting the ZeRO optimiser's `clip_grad` (the "scheduler hook"), so DeepSpeed's fused norm+clip is used.
+    """
+
+    def __init__(self, cfg: Config, module: torch.nn.Module):
+        ds = _import_deepspeed()
+        ensure_distributed(cfg)
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.ds_config = deepspeed_config(cfg, self.world_size)
+        if cfg.model.gradient_checkpointing and enable_gradient_checkpointing(module) == 0:
+            raise ValueError("model.gradient_checkpointing: true, but the student has no block that supports it")
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("build_engine: the student has no trainable parameters")
+        optimizer = make_optimizer(cfg, params)
+        self._ds, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer, config=self.ds_config)
+        self.module = self._ds  # calling it runs the forward with ZeRO-3's gather hooks
+        self.params = [p for p in self._ds.module.parameters() if p.requires_grad]
+        self.global_step = 0
+        self._set_lr()
+
+    # ---- the engine interface
+    def _set_lr(self) -> float:
+        lr = self.cfg.optim.lr * lr_factor(self.cfg, self.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _set_clip(self) -> float:
+        max_norm = grad_clip_for(self.cfg, self.global_step)
+        self.optimizer.clip_grad = 0.0 if math.isinf(max_norm) else max_norm  # 0 = off in ZeRO
+        return max_norm
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Sum of gradients over calls (the loop weights segment and micro-batch losses itself); the mean over
+        # ranks is DeepSpeed's reduce-scatter, so each rank's loss is the mean over its local batch.
+        self._ds.backward(loss, scale_wrt_gas=False)
+        # ZeRO-3 switches from "copy" to "accumulate" into the gradient partitions when this flag is cleared,
+        # which DeepSpeed only does at the start of its own forward. Our loop may run several backwards with no
+        # forward in between (overlap: fwd_0 fwd_1 bwd_0 bwd_1), and calls the student's methods directly, so
+        # clear it after every backward: each call then adds to the gradients instead of overwriting them.
+        self.optimizer.clear_backward_seen_flag()
+
+    def step(self) -> dict[str, float]:
+        lr = self._set_lr()
+        self._set_clip()
+        self._ds.step()
+        grad_norm = self._ds.get_global_grad_norm()
+        self._ds.zero_grad()
+        self.global_step += 1
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+
+    # ---- sharded views for EMA and checks
+    def local_master(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's fp32 master partition of parameter `p` (flat), for a sharded EMA."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p)
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights of the trainable module (collective: call on every rank; every rank gets a copy)."""
+        ds = _import_deepspeed()
+        out = {}
+        module = self._ds.module
+        for name, p in module.named_parameters():
+            with ds.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.detach().clone().cpu()
+        for name, b in module.named_buffers():
+            out[name] = b.detach().clone().cpu()
+        return out
+
+    # ---- checkpoint hooks (ZeRO writes one shard per rank; every rank must call these)
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any] | None = None,
+                        rank_state: dict[str, Any] | None = None, per_rank_dir: bool = True) -> None:
+        """This rank's ZeRO shards + optimiser partition under `directory/tag`, with `client_state` (step,
+        cursor, ...) in the model-states file and `rank_state` (e.g. this rank's EMA shard) in
+        `rank_state_{rank}.pt` beside it.
+
+        `per_rank_dir` (the checkpoint manager's layout: one directory per rank): every rank writes its own
+        model-states file, so each directory loads on its own. With one shared directory pass False (then
+        only rank 0 writes that file, DeepSpeed's default)."""
+        state = dict(client_state or {})
+        state["piflow_global_step"] = self.global_step
+        if per_rank_dir:
+            self._ds.save_non_zero_checkpoint = True
+        self._ds.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
+        if rank_state is not None:
+            path = Path(directory) / tag / f"rank_state_{self.rank:05d}.pt"
+            torch.save(rank_state, path)
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore shards, optimiser and step; returns (client_state, this rank's rank_state or None)."""
+        path, client_state = self._ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {directory}")
+        client_state = dict(client_state or {})
+        self.global_step = int(client_state.pop("piflow_global_step"))
+        self._set_lr()
+        rank_path = Path(directory) / tag / f"rank_state_{self.rank:05d}.pt"
+        rank_state = torch.load(rank_path, weights_only=True) if rank_path.exists() else None
+        return client_state, rank_state
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("train.engine: deepspeed saves one shard per rank: use save_checkpoint")
+
+
+def ensure_distributed(cfg: Config) -> None:
+    """Join the process group (Ray Train or torchrun already built it: DeepSpeed then reuses it)."""
+    import torch.distributed as dist
+
+    ds = _import_deepspeed()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    else:
+        ds.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+
+@contextlib.contextmanager
+def partitioned_construction(cfg: Config) -> Iterator[None]:
+    """Build the student inside this context so that each parameter is partitioned as soon as it is created
+    (`deepspeed.zero.Init`): no rank ever holds the whole student. A no-op for `train.engine: torch`."""
+    if cfg.train.engine != "deepspeed":
+        yield
+        return
+    ds = _import_deepspeed()
+    ensure_distributed(cfg)
+    import torch.distributed as dist
+
+    ds_config = deepspeed_config(cfg, dist.get_world_size())
+    with ds.zero.Init(config_dict_or_path=ds_config):  # dtype from the config: bf16 or fp32
+        yield
+
+
+def build_engine(cfg: Config, module: torch.nn.Module) -> TorchEngine | DeepSpeedEngine:
     if cfg.train.engine == "torch":
         return TorchEngine(cfg, module)
-    raise NotImplementedError("train.engine: deepspeed is added by the distributed trainer (issue 4)")
+    if cfg.train.engine == "deepspeed":
+        return DeepSpeedEngine(cfg, module)
+    raise ValueError(f"train.engine: unknown engine {cfg.train.engine!r} (expected torch or deepspeed)")

@@ -1,0 +1,116 @@
+"""The 2-D toy side-by-side table of issue 2, in one command:
+
+    .venv/bin/python benchmarks/toy2d.py            # or: make toy2d-bench
+
+GM students (K=8) at 1, 2, 4 NFE, a DX student at 4 NFE, the teacher's Euler at 1/2/4 NFE, a shortcut-
+prediction baseline and the 'auto' temperature row, all scored against a 256-step teacher set (>= 4096 samples,
+every figure averaged over >= 3 sampling seeds; ED noise floor over >= 4 independent teacher pairs). Iteration
+counts, not time budgets, so the numbers do not depend on machine load. Prints the table and the bars, writes
+benchmarks/results/toy2d.json (one record per method).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.families.toy2d import NUM_MODES, ToyMixture, euler_sample
+from trainer.config import load_config
+from trainer.local_run import build_family
+from trainer.teachers import build_teacher
+from trainer.toy2d_eval import (bars, distill, evaluate, floor_row, format_table, student_sampler, teacher_sets,
+                                train_shortcut, with_overrides, write_json)
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("euler", "gm1", "gm2", "gm4", "dx4", "shortcut")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy2d.yaml"))
+    ap.add_argument("--iters-gm", type=int, default=2000, help="pi-ID iterations of each GM student")
+    ap.add_argument("--iters-dx", type=int, default=2000, help="pi-ID iterations of the DX student")
+    ap.add_argument("--dx-lr", type=float, default=1e-4,
+                    help="DX learning rate: at the config's 1e-3 the DX student diverges on this toy (its u-space "
+                         "error grows like 1/sigma near the end of the last segment)")
+    ap.add_argument("--iters-shortcut", type=int, default=4000)
+    ap.add_argument("--shortcut-pairs", type=int, default=16384, help="(noise, 256-step endpoint) training pairs")
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--floor-pairs", type=int, default=4)
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0 = torch's default); the toy's ops are tiny and extra threads spin "
+                         "against each other on a shared machine")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy2d.json"))
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+
+    t_start = time.perf_counter()
+    base = load_config(args.config, [*args.overrides, "eval.every=0", "run.output=runs/toy2d_bench"])
+    family = build_family(base)
+    teacher = build_teacher(base, family)
+    sets = teacher_sets(teacher, args.samples, args.floor_pairs)
+    print(f"ED noise floor {sets.floor:.3e} (pairs: {', '.join(f'{e:.2e}' for e in sets.floor_eds)})")
+    ev = dict(sets=sets, seeds=args.seeds, num_samples=args.samples)
+    results, rows = [floor_row(sets)], {}
+
+    if "euler" in methods:
+        for n in (1, 2, 4):
+            rows[f"euler{n}"] = evaluate(f"teacher Euler {n}", n, lambda z, n=n: euler_sample(teacher, z, n), **ev)
+            results.append(rows[f"euler{n}"])
+
+    students = [("gm1", "GM pi-ID", 1, "gm", args.iters_gm), ("gm2", "GM pi-ID", 2, "gm", args.iters_gm),
+                ("gm4", "GM pi-ID", 4, "gm", args.iters_gm), ("dx4", "DX pi-ID", 4, "dx", args.iters_dx)]
+    for key, label, nfe, policy, iters in students:
+        if key not in methods:
+            continue
+        lr = args.dx_lr if policy == "dx" else base.optim.lr
+        cfg = with_overrides(base, distill={"nfe": nfe, "final_step_scale": 1.0}, policy={"type": policy},
+                             train={"iters": iters}, optim={"lr": lr}, run={"output": f"runs/toy2d_bench/{key}"})
+        run, seconds = distill(cfg)
+        rows[key] = evaluate(f"{label} (K={cfg.policy.num_components})" if policy == "gm" else
+                             f"{label} (N={cfg.policy.num_grid})", nfe, student_sampler(run, 1.0, cfg),
+                             train_iters=iters, train_seconds=seconds, **ev)
+        results.append(rows[key])
+        print(format_table([rows[key]], sets.floor).splitlines()[2])
+        if key == "gm4":
+            rows["gm4_auto"] = evaluate("GM pi-ID, temperature 'auto' (0.3)", nfe,
+                                        student_sampler(run, "auto", cfg), train_iters=iters, **ev)
+            results.append(rows["gm4_auto"])
+
+    if "shortcut" in methods:
+        t0 = time.perf_counter()
+        model = train_shortcut(teacher, teacher.network, args.iters_shortcut, args.shortcut_pairs,
+                               base.train.batch_size, base.optim.lr, seed=base.run.seed)
+        rows["shortcut"] = evaluate("shortcut prediction (noise -> 256-step endpoint)", 1, model, **ev,
+                                    train_iters=args.iters_shortcut, train_seconds=time.perf_counter() - t0)
+        results.append(rows["shortcut"])
+
+    bar_results = bars(rows, sets.floor, NUM_MODES)
+    print()
+    print(format_table(results, sets.floor))
+    print()
+    for name, ok in bar_results.items():
+        print(f"  bar {name}: {'PASS' if ok else 'FAIL'}")
+    meta = {"command": " ".join(["benchmarks/toy2d.py", *(argv if argv is not None else sys.argv[1:])]),
+            "samples": args.samples, "seeds": args.seeds, "floor_pairs": args.floor_pairs,
+            "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "seconds": round(time.perf_counter() - t_start, 1), "mixture_centres": ToyMixture.default().centres.tolist()}
+    write_json(Path(args.out), results, sets.floor, bar_results, meta)
+    print(f"\nwrote {args.out} ({meta['seconds']} s)")
+    return 0 if all(bar_results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

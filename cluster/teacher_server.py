@@ -1,0 +1,196 @@
+"""The frozen teacher as a Ray actor (`teacher.placement: separate`, DESIGN.md §4).
+
+`TeacherServer` holds one frozen teacher replica (bf16 on a GPU per `model.dtype`; fp32 is fine on CPU) and
+serves `velocity` requests from every student rank. Requests that arrive together are concatenated into one
+forward (dynamic batching, up to `teacher.max_batch` samples, waiting at most `teacher.batch_wait_ms` for
+company), run on one worker thread while the actor keeps accepting requests. Prompt embeddings cross the
+network once per batch: a rank `put_cond`s them under a key, later requests name the key and how many times
+each row repeats. `stats()` reports queue length, request/batch counts and latency.
+
+`RemoteTeacher` is the student rank's client: `submit(x, sigma, cond) -> future` for the overlapped iteration
+and `teacher(x, sigma, cond) -> u` for the sequential one. It is the only piece of Ray the trainer sees, and
+it is passed in as a plain object (the trainer never imports ray).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import time
+import uuid
+from typing import Any, Optional
+
+import torch
+
+
+def _cat_cond(conds: list[dict]) -> dict:
+    keys = conds[0].keys()
+    for c in conds[1:]:
+        if c.keys() != keys:
+            raise ValueError(f"teacher requests in one batch carry different conditioning keys: "
+                             f"{sorted(keys)} vs {sorted(c.keys())}")
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+
+
+def _repeat(cond: Optional[dict], n: int) -> Optional[dict]:
+    if cond is None or n == 1:
+        return cond
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in cond.items()}
+
+
+class TeacherServer:
+    """The actor class (wrapped with `ray.remote` by the orchestrator, which sets its resources)."""
+
+    def __init__(self, cfg_dict: dict, max_batch: int = 256, batch_wait_ms: float = 2.0, cond_cache: int = 64):
+        from models.families import get_family
+        from trainer.config import config_from_dict
+
+        torch.set_grad_enabled(False)
+        self.cfg = config_from_dict(cfg_dict, source="<TeacherServer>")
+        family = get_family(self.cfg.model.family)
+        self.teacher = family.build_teacher(self.cfg)  # frozen, eval, dtype = model.dtype
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.teacher.to(self.device)
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self._conds: "collections.OrderedDict[str, dict]" = collections.OrderedDict()
+        self._cond_cache = cond_cache
+        self._queue: list[tuple] = []  # (x, sigma, cond, future, t_arrival)
+        self._batcher: Optional[asyncio.Task] = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one forward at a time
+        self._n = collections.Counter()
+        self._latency_sum = 0.0
+        self._compute_sum = 0.0
+
+    # ---------------------------------------------------------------------------------- conditioning cache
+    def put_cond(self, key: str, cond: Optional[dict]) -> None:
+        """Cache a batch's prompt embeddings under `key` (the oldest are dropped beyond the cache size)."""
+        self._conds[key] = None if cond is None else {k: v.to(self.device) for k, v in cond.items()}
+        self._conds.move_to_end(key)
+        while len(self._conds) > self._cond_cache:
+            self._conds.popitem(last=False)
+        self._n["cond_puts"] += 1
+
+    # ---------------------------------------------------------------------------------------- requests
+    async def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond_key: str, repeat: int = 1) -> torch.Tensor:
+        """u_teacher (N,C,H,W) float32 at x (N,C,H,W), sigma (N,); cond rows = the cached batch's, repeated
+        `repeat` times (N = repeat * B)."""
+        if cond_key not in self._conds:
+            raise KeyError(f"TeacherServer: unknown conditioning key {cond_key!r} (put_cond it first; the cache "
+                           f"holds the last {self._cond_cache} batches)")
+        cond = _repeat(self._conds[cond_key], repeat)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((x, sigma, cond, future, time.perf_counter()))
+        self._n["requests"] += 1
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(self.batch_wait_s)  # let concurrent requests from other ranks join
+        while self._queue:
+            batch, size = [], 0
+            while self._queue and (not batch or size + self._queue[0][0].shape[0] <= self.max_batch):
+                item = self._queue.pop(0)
+                batch.append(item)
+                size += item[0].shape[0]
+            try:
+                outs = await loop.run_in_executor(self._pool, self._forward, batch)
+            except Exception as exc:  # every waiting request sees the failure
+                for *_, fut, _t in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            now = time.perf_counter()
+            for (_x, _s, _c, fut, t_arrival), u in zip(batch, outs):
+                self._latency_sum += now - t_arrival
+                if not fut.done():
+                    fut.set_result(u)
+
+    def _forward(self, batch: list[tuple]) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        x = torch.cat([b[0] for b in batch]).to(self.device)
+        sigma = torch.cat([b[1] for b in batch]).to(self.device)
+        conds = [b[2] for b in batch]
+        cond = None if conds[0] is None else _cat_cond(conds)
+        u = self.teacher(x, sigma, cond).float().cpu()  # (N_total, C, H, W)
+        self._compute_sum += time.perf_counter() - t0
+        self._n["batches"] += 1
+        self._n["samples"] += x.shape[0]
+        return list(u.split([b[0].shape[0] for b in batch]))
+
+    def stats(self) -> dict[str, float]:
+        """Queue length (requests waiting), counts and mean latency (arrival -> result) / compute per batch."""
+        n = self._n
+        return {
+            "queue_len": len(self._queue),
+            "requests": n["requests"],
+            "batches": n["batches"],
+            "samples": n["samples"],
+            "cond_puts": n["cond_puts"],
+            "mean_batch_requests": n["requests"] / max(n["batches"], 1),
+            "mean_latency_s": self._latency_sum / max(n["requests"], 1),
+            "mean_compute_s": self._compute_sum / max(n["batches"], 1),
+        }
+
+    def ping(self) -> bool:
+        return True
+
+
+class RemoteTeacher:
+    """A student rank's handle on the TeacherServer replicas (round-robin per request)."""
+
+    def __init__(self, servers: list, rank: int = 0):
+        if not servers:
+            raise ValueError("RemoteTeacher needs at least one TeacherServer handle")
+        self.servers = servers
+        self._turn = itertools.cycle(range(len(servers)))
+        for _ in range(rank % len(servers)):  # spread ranks over replicas
+            next(self._turn)
+        self._prefix = f"{uuid.uuid4().hex[:8]}-"
+        self._count = 0
+        self._last_cond: Any = None
+        self._keys: dict[int, str] = {}  # server index -> key of the current batch's conditioning there
+
+    def _cond_key(self, server_index: int, cond: Optional[dict]) -> str:
+        import ray
+
+        if cond is not self._last_cond:  # a new batch: its embeddings go out once (per replica)
+            self._last_cond, self._keys = cond, {}
+            self._count += 1
+        if server_index not in self._keys:
+            key = f"{self._prefix}{self._count}"
+            ray.get(self.servers[server_index].put_cond.remote(key, cond))
+            self._keys[server_index] = key
+        return self._keys[server_index]
+
+    def submit(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict]) -> "_RayFuture":
+        """x (N,C,H,W), sigma (N,); cond with B rows, N a multiple of B (rows repeat N / B times)."""
+        i = next(self._turn)
+        rows = x.shape[0] if cond is None else next(iter(cond.values())).shape[0]
+        if x.shape[0] % rows:
+            raise ValueError(f"teacher request of {x.shape[0]} samples is not a multiple of the {rows} cond rows")
+        key = self._cond_key(i, cond)
+        ref = self.servers[i].velocity.remote(x.detach().float().cpu(), sigma.detach().float().cpu(), key,
+                                              x.shape[0] // rows)
+        return _RayFuture(ref, x.device)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict]) -> torch.Tensor:
+        return self.submit(x, sigma, cond).result()
+
+    def stats(self) -> list[dict]:
+        import ray
+
+        return ray.get([s.stats.remote() for s in self.servers])
+
+
+class _RayFuture:
+    def __init__(self, ref, device: torch.device):
+        self.ref, self.device = ref, device
+
+    def result(self) -> torch.Tensor:
+        import ray
+
+        return ray.get(self.ref).to(self.device)

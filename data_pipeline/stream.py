@@ -1,0 +1,260 @@
+"""Global prompt batches in the deterministic order, with an exact-resume cursor.
+
+`PromptStream` reads shards in-process (a thread prefetches the next shards); the Ray `DataWorker` pool in
+`cluster/data_worker.py` subclasses `GlobalBatchStream` and feeds the same `ShardResult`s from its actors, so
+both cut the same batches. Every rank sees the same global batch and keeps `batch.slice(rank, world)`
+(`RankBatches` wraps that), so the sequence of consumed samples never depends on the number of ranks, and
+a cursor saved by 2 ranks resumes 1 rank (or 8) exactly.
+
+The cursor counts what was handed out, not what was read ahead: `state_dict()` after batch n is the position
+just past batch n's last sample, plus the bad-record counters up to there.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional
+
+from data_pipeline.order import Cursor, ShardTask, fingerprint, tasks
+from data_pipeline.reader import EncoderFactory, ReadOptions, ShardReader, ShardResult
+from data_pipeline.records import BadRecord, DataStats, PromptRecord
+
+Layout = Literal["strided", "contiguous"]
+STATE_VERSION = 1
+
+
+@dataclass
+class PromptBatch:
+    keys: list[str]  # sample keys, global order
+    prompts: list[str]
+    meta: list[dict[str, Any]]  # per sample: negative_prompt / seed / size when the shard had them
+    embeddings: Optional[dict[str, Any]]  # name -> Tensor (B, ...) when encoded or pre-encoded
+    cursor: dict[str, Any]  # the stream's state_dict() right after this batch
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def slice(self, rank: int, world_size: int, layout: Layout = "strided") -> "PromptBatch":
+        """This rank's share: `[rank::world]` (strided) or the rank-th contiguous chunk."""
+        n = len(self.keys)
+        if n % world_size:
+            raise ValueError(f"global batch of {n} prompts does not split over {world_size} ranks")
+        if layout == "strided":
+            idx = list(range(rank, n, world_size))
+        elif layout == "contiguous":
+            per = n // world_size
+            idx = list(range(rank * per, (rank + 1) * per))
+        else:
+            raise ValueError(f"layout must be 'strided' or 'contiguous', got {layout!r}")
+        emb = None
+        if self.embeddings is not None:
+            import torch
+
+            index = torch.tensor(idx, dtype=torch.long)
+            emb = {k: v.index_select(0, index) for k, v in self.embeddings.items()}
+        return PromptBatch([self.keys[i] for i in idx], [self.prompts[i] for i in idx],
+                           [self.meta[i] for i in idx], emb, self.cursor)
+
+
+def _stack_embeddings(records: list[PromptRecord]) -> Optional[dict[str, Any]]:
+    have = [r.embeddings is not None for r in records]
+    if not any(have):
+        return None
+    if not all(have):
+        missing = [r.key for r in records if r.embeddings is None][:5]
+        raise ValueError(f"batch mixes encoded and un-encoded prompts (no embeddings for keys {missing})")
+    import torch
+
+    names = sorted(records[0].embeddings)
+    out = {}
+    for name in names:
+        parts = []
+        for r in records:
+            if name not in r.embeddings:
+                raise ValueError(f"{r.shard} key={r.key!r}: embedding {name!r} missing (first sample has {names})")
+            parts.append(r.embeddings[name])
+        shapes = {tuple(p.shape) for p in parts}
+        if len(shapes) != 1:
+            # Sequence embeddings encoded in different calls (padded to each call's longest prompt, with a
+            # `*_mask` beside them): zero-pad dim 0 to the longest; zero is "masked out" for the masks too.
+            if len({(p.dim(), tuple(p.shape[1:])) for p in parts}) != 1 or parts[0].dim() == 0:
+                raise ValueError(f"embedding {name!r} has incompatible shapes in one batch: {sorted(shapes)[:4]}")
+            T = max(p.shape[0] for p in parts)
+            parts = [torch.cat([p, p.new_zeros((T - p.shape[0], *p.shape[1:]))]) for p in parts]
+        out[name] = torch.stack(parts)
+    return out
+
+
+class GlobalBatchStream:
+    """Cuts `ShardResult`s into global batches and keeps the cursor. Subclasses say where results come from."""
+
+    def __init__(self, shards: list[str], batch_size: int, seed: int, options: ReadOptions):
+        if not shards:
+            raise ValueError("no prompt shards given")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.options = options
+        from data_pipeline.storage import basename
+
+        self._fingerprint = fingerprint([basename(s) for s in self.shards])
+        self._start = Cursor()
+        self._batches = 0
+        self.stats = DataStats()
+        self._state = self._make_state(self._start)
+        self._gen: Optional[Iterator[PromptBatch]] = None
+
+    # --------------------------------------------------------------------------- to implement
+    def _results(self, start: Cursor) -> Iterator[ShardResult]:
+        """ShardResults of `tasks(start, ...)`, in task order."""
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        """Cancel read-ahead (called before a restart from a new cursor and on close)."""
+
+    # ------------------------------------------------------------------------------ iteration
+    def __iter__(self) -> "GlobalBatchStream":
+        return self
+
+    def __next__(self) -> PromptBatch:
+        if self._gen is None:
+            self._gen = self._batches_from(self._start)
+        batch = next(self._gen)
+        self._state = batch.cursor
+        return batch
+
+    def task_iter(self, start: Cursor) -> Iterator[ShardTask]:
+        return tasks(start, self.seed, len(self.shards), self.options.shuffle_shards)
+
+    def _batches_from(self, start: Cursor) -> Iterator[PromptBatch]:
+        n_shards = len(self.shards)
+        pending: list[PromptRecord] = []
+        expected = 0
+        barren = 0  # consecutive shards without one good sample: a fully bad dataset must not spin forever
+        for result in self._results(start):
+            if result.task.index != expected:
+                raise RuntimeError(f"shard results out of order: got task {result.task.index}, expected {expected}")
+            expected += 1
+            task = result.task
+            if result.error is not None:
+                self.stats.add_skipped_shard(result.url, result.error)
+            good = 0
+            for pos, item in result.items:
+                if isinstance(item, BadRecord):
+                    self.stats.add_bad(item)
+                else:
+                    good += 1
+                    self.stats.samples += 1
+                    if item.truncated_from:
+                        self.stats.add_truncated(item.shard, item.key, item.truncated_from, self.options.max_prompt_chars)
+                    pending.append(item)
+                if len(pending) == self.batch_size:
+                    after = (Cursor(task.epoch, task.shard_pos, pos + 1) if pos + 1 < result.num_samples
+                             else Cursor(task.epoch, task.shard_pos, 0).next_shard(n_shards))
+                    yield self._make_batch(pending, after)
+                    pending = []
+            barren = 0 if good else barren + 1
+            if barren >= n_shards:
+                raise RuntimeError(f"{n_shards} shards in a row gave no valid prompt; data stats: "
+                                   f"{self.stats.metrics()}; skipped shards: {self.stats.skipped_shards[:3]}")
+
+    def _make_batch(self, records: list[PromptRecord], after: Cursor) -> PromptBatch:
+        self._batches += 1
+        return PromptBatch([r.key for r in records], [r.txt for r in records], [r.meta for r in records],
+                           _stack_embeddings(records), self._make_state(after))
+
+    # --------------------------------------------------------------------------------- cursor
+    def _make_state(self, c: Cursor) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "seed": self.seed, "shards": self._fingerprint,
+                "num_shards": len(self.shards), "batch_size": self.batch_size, "epoch": c.epoch,
+                "shard_pos": c.shard_pos, "sample_pos": c.sample_pos, "batches": self._batches,
+                "stats": self.stats.state_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position right after the last batch handed out (plain ints/strings: JSON-safe)."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (saved by any number of ranks). Shard list and seed must match."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data cursor version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"data cursor was saved with seed {state['seed']}, this run has seed {self.seed}")
+        if state["shards"] != self._fingerprint or state["num_shards"] != len(self.shards):
+            raise ValueError(f"data cursor was saved for a different shard list ({state['num_shards']} shards, "
+                             f"fingerprint {state['shards']}); this run has {len(self.shards)} shards "
+                             f"(fingerprint {self._fingerprint})")
+        if state["batch_size"] != self.batch_size:
+            # Allowed (the sample sequence is unchanged), but the step<->sample mapping shifts: say so.
+            import logging
+
+            logging.getLogger(__name__).warning("data cursor saved with batch_size %d, resuming with %d",
+                                                state["batch_size"], self.batch_size)
+        self._stop()
+        self._gen = None
+        self._start = Cursor(int(state["epoch"]), int(state["shard_pos"]), int(state["sample_pos"]))
+        self._batches = int(state["batches"])
+        self.stats = DataStats()
+        self.stats.load_state_dict(state["stats"])
+        self._state = self._make_state(self._start)
+
+    def close(self) -> None:
+        self._stop()
+        self._gen = None
+
+
+class PromptStream(GlobalBatchStream):
+    """In-process reader: `prefetch` shards read ahead on a background thread."""
+
+    def __init__(self, shards: list[str] | str, batch_size: int, seed: int = 0,
+                 options: Optional[ReadOptions] = None, encoder_factory: Optional[EncoderFactory] = None,
+                 prefetch: int = 2):
+        from data_pipeline.shards import resolve_shards
+
+        super().__init__(resolve_shards(shards), batch_size, seed, options or ReadOptions())
+        self.reader = ShardReader(self.shards, seed, self.options, encoder_factory)
+        self.prefetch = max(1, prefetch)
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def _results(self, start: Cursor) -> Iterator[ShardResult]:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        pool = self._pool
+        todo = self.task_iter(start)
+        window: collections.deque = collections.deque()
+        while True:
+            while len(window) < self.prefetch:
+                window.append(pool.submit(self.reader.read, next(todo)))
+            yield window.popleft().result()
+
+    def _stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+class RankBatches:
+    """One rank's view of a global stream: an iterator of its slices, with the (global) cursor."""
+
+    def __init__(self, source: GlobalBatchStream, rank: int, world_size: int, layout: Layout = "strided"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        self.source, self.rank, self.world_size, self.layout = source, rank, world_size, layout
+
+    def __iter__(self) -> "RankBatches":
+        return self
+
+    def __next__(self) -> PromptBatch:
+        return next(self.source).slice(self.rank, self.world_size, self.layout)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+    @property
+    def stats(self) -> DataStats:
+        return self.source.stats

@@ -1,0 +1,240 @@
+"""What a model family is: the small interface the rest of piflow needs, and the shared machinery of
+diffusers-transformer families (FLUX, Qwen-Image, DiT).
+
+A family owns everything model-specific (PIFLOW.md §1, §2.1, §3.7): how latents are packed into the network's
+tokens, position ids, conditioning inputs, the guidance rule, the timestep convention and the VAE normalisation,
+and which output layers the student replaces with a policy head. Everything outside works on un-packed latents
+x (B, C, H, W), sigmas (B,) and a conditioning dict `cond` of tensors with a leading batch dimension.
+
+`Family` is the whole interface (an MLP teacher such as toy2d implements it directly); `TransformerFamily`
+implements most of it for diffusers transformers, so a new large teacher only writes the few hooks it marks
+abstract (see docs/adding_a_teacher.md).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+Cond = dict[str, torch.Tensor]
+# The run config (trainer.config.Config); models/ never imports the trainer, so it is only named here.
+Config = Any
+
+
+class Family(abc.ABC):
+    """The interface every family implements. Stateless: each method receives the config it needs."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def latent_shape(self, cfg: Config) -> tuple[int, int, int]:
+        """(C, H, W) of the un-packed latent the policy works on."""
+
+    @abc.abstractmethod
+    def build_teacher(self, cfg: Config):
+        """The frozen teacher: a `models.teacher.Teacher` (callable velocity(x_t, sigma, cond) -> u, guided)."""
+
+    @abc.abstractmethod
+    def build_student(self, cfg: Config, teacher=None):
+        """The student: an nn.Module with `make_policy(x_src, sigma_src, cond) -> policy`."""
+
+    @abc.abstractmethod
+    def teacher_velocity(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
+                         cond: Cond) -> torch.Tensor:
+        """ONE unguided network evaluation: x_t (B,C,H,W), sigma (B,) -> u (B,C,H,W) float32."""
+
+    def encode_prompts(self, cfg: Config, prompts: list[str]) -> Cond:
+        """Prompts -> conditioning dict (loads the encoders each call; data workers keep `load_text_encoder`)."""
+        from models.text_encoders import load_text_encoder
+
+        return load_text_encoder(cfg)(prompts)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the network's token layout. Identity for families that take images."""
+        return x
+
+    def unpack(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of `pack`."""
+        return tokens
+
+    def uncond(self, cfg: Config, cond: Cond) -> Cond | None:
+        """The negative conditioning for CFG (same keys as `cond`), or None when the family has no CFG."""
+        return None
+
+    def cat_cond(self, conds: list[Cond]) -> Cond:
+        """Concatenate conditioning dicts along the batch (families with ragged sequences pad here)."""
+        keys = conds[0].keys()
+        return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+
+
+# ------------------------------------------------------------------------------------------------- taps
+class OutputTap(nn.Module):
+    """Stands in for an output module the student removed from the trunk: records the call's inputs and
+    returns zeros of the shape the rest of the forward expects (the transformer's own output is discarded)."""
+
+    def __init__(self, out_features: int | None):
+        super().__init__()
+        self.out_features = out_features
+        self.captured: tuple[torch.Tensor, ...] | None = None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.captured = args
+        x = args[0]
+        if self.out_features is None:
+            return x
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    def pop(self) -> tuple[torch.Tensor, ...]:
+        if self.captured is None:
+            raise RuntimeError("OutputTap: the trunk forward did not reach the removed output layer")
+        out, self.captured = self.captured, None
+        return out
+
+
+def _get_module(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+class TransformerFamily(Family):
+    """Shared machinery for diffusers transformer teachers. A subclass provides:
+
+    - `transformer_class`, `tiny_config(cfg)`, `patch_size(network)`
+    - `network_inputs(cfg, network, x_t, sigma, cond) -> kwargs` for `network(**kwargs, return_dict=False)`
+    - `pack` / `unpack` (the network's token layout; DiT: the layout of `proj_out_2`'s features)
+    - `output_modules`: the names the student removes, the first one tapped for its inputs
+    - `head_inputs(tail, taps, network) -> (hidden (B,T,D), temb (B,E))` and `teacher_tokens(tail, taps, network)`
+    """
+
+    transformer_class: type
+    output_modules: tuple[str, ...] = ("norm_out", "proj_out")
+    proj_module: str = "proj_out"  # the final linear replicated into the policy head (PIFLOW.md §2.2)
+
+    # ---- hooks a family writes
+    @abc.abstractmethod
+    def tiny_config(self, cfg: Config) -> dict:
+        """Constructor kwargs of a tiny randomly initialised transformer (tests, CPU demos)."""
+
+    @abc.abstractmethod
+    def network_inputs(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
+                       cond: Cond) -> dict:
+        """Keyword arguments of one network call at (x_t (B,C,H,W) float32, sigma (B,))."""
+
+    @abc.abstractmethod
+    def patch_size(self, network: nn.Module) -> int:
+        ...
+
+    def output_to_velocity(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The network's raw output -> u (B,C,H,W) float32. Default: the output is tokens."""
+        return self.tokens_to_velocity(out, x_t)
+
+    def tokens_to_velocity(self, tokens: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """Output tokens of the final projection -> u (B,C,H,W) float32."""
+        return self.unpack(tokens, x_t.shape[-2], x_t.shape[-1]).float()
+
+    def prepare_student_network(self, network: nn.Module) -> None:
+        """Last adjustments of the student's trunk (e.g. DiT: no label dropout while distilling)."""
+
+    def head_inputs(self, tail: nn.ModuleDict, taps: dict[str, OutputTap], network: nn.Module):
+        """Default (FLUX, Qwen-Image): `norm_out` kept (trainable copy in `tail`), fed the tapped pre-norm
+        hidden states and the conditioning embedding `temb` that the trunk passed to it."""
+        hidden, temb = taps["norm_out"].pop()[:2]
+        norm_out = tail["norm_out"]
+        dtype = next(norm_out.parameters()).dtype  # fp32 copy on a bf16 trunk: compute it in its own dtype
+        return norm_out(hidden.to(dtype), temb.to(dtype)), temb
+
+    def teacher_tokens(self, tail: nn.ModuleDict, taps: dict[str, OutputTap], network: nn.Module) -> torch.Tensor:
+        """The teacher's output tokens from the tapped trunk and the frozen original output layers."""
+        hidden, temb = taps["norm_out"].pop()[:2]
+        return tail["proj_out"](tail["norm_out"](hidden, temb))
+
+    def student_tail_modules(self) -> tuple[str, ...]:
+        """Removed output modules the student keeps (and trains) in front of its head."""
+        return ("norm_out",)
+
+    def lora_excluded_modules(self, network: nn.Module, targets: list[str]) -> list[str]:
+        """Full module names never given LoRA (e.g. layers whose output nothing reads)."""
+        return []
+
+    def velocity_proj(self, proj: nn.Linear, num_channels: int) -> nn.Linear:
+        """The rows of the final projection that produce velocity (all of them unless a family has extra
+        outputs, like DiT's learned sigma)."""
+        return proj
+
+    # ---- the Family interface
+    def latent_shape(self, cfg: Config) -> tuple[int, int, int]:
+        return (cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
+
+    def load_network(self, cfg: Config) -> nn.Module:
+        """The teacher transformer: from a diffusers-format dir or hub id (`transformer` subfolder), or tiny."""
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        if cfg.model.tiny:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.run.seed)
+                network = self.transformer_class(**self.tiny_config(cfg))
+            if dtype != torch.float32:
+                network = network.to(dtype)
+        elif cfg.model.pretrained:
+            network = self.transformer_class.from_pretrained(
+                cfg.model.pretrained, subfolder=cfg.model.subfolder or None, torch_dtype=dtype
+            )
+        else:
+            raise ValueError(f"model.family={self.name}: set model.pretrained (a diffusers-format dir or hub id) "
+                             "or model.tiny: true")
+        return network
+
+    def build_teacher(self, cfg: Config, network: nn.Module | None = None):
+        from models.teacher import Teacher
+
+        network = network if network is not None else self.load_network(cfg)
+        return Teacher(self, cfg, network)
+
+    def build_student(self, cfg: Config, teacher=None, network: nn.Module | None = None):
+        from models.student import build_transformer_student
+
+        return build_transformer_student(self, cfg, teacher=teacher, network=network)
+
+    def teacher_velocity(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
+                         cond: Cond) -> torch.Tensor:
+        out = network(**self.network_inputs(cfg, network, x_t, sigma, cond), return_dict=False)[0]
+        return self.output_to_velocity(out, x_t)
+
+    # ---- helpers shared by the student
+    def channel_index(self, num_channels: int, patch: int) -> torch.Tensor:
+        """Latent channel of every output feature of the final projection (for per-channel bias noise)."""
+        x = torch.arange(num_channels, dtype=torch.float32).view(1, num_channels, 1, 1).expand(
+            1, num_channels, patch, patch)
+        return self.pack(x.contiguous()).reshape(-1).round().long()
+
+    def install_taps(self, network: nn.Module) -> tuple[nn.ModuleDict, dict[str, OutputTap]]:
+        """Remove `output_modules` from the network, replacing them by taps. Returns (removed, taps)."""
+        removed, taps = nn.ModuleDict(), {}
+        for i, name in enumerate(self.output_modules):
+            module = _get_module(network, name)
+            out_features = module.out_features if isinstance(module, nn.Linear) else None
+            tap = OutputTap(out_features)
+            _set_module(network, name, tap)
+            removed[name.replace(".", "_")] = module
+            taps[name] = tap
+        return removed, taps
+
+    def scaled_timestep(self, cfg: Config, sigma: torch.Tensor) -> torch.Tensor:
+        """Network timestep = sigma * num_timesteps (PIFLOW.md §1.1)."""
+        return sigma * cfg.model.num_timesteps
+
+
+def network_dtype(network: nn.Module) -> torch.dtype:
+    for p in network.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]

@@ -1,0 +1,231 @@
+"""The exported pi-Flow student as a diffusers pipeline: `PiFlowPipeline.from_pretrained(DIR)` and
+`pipe(prompt, num_inference_steps=4)`.
+
+One class for every family, parameterised by the family adapter (`models.families.get_family`), which knows
+how to build the student, encode prompts and decode latents. An export directory (written by
+`trainer/export.py`, or by `pipe.save_pretrained`) holds:
+
+    model_index.json                      {"_class_name": "PiFlowPipeline", "student": ["models.pipeline", "PiFlowStudent"]}
+    student/config.json                   the run's config (model, policy, distill, lora, ...) and the export kind
+    student/diffusion_pytorch_model.safetensors
+        kind "full": every student tensor;  kind "lora": only the trained tensors (LoRA A/B, policy head, the
+        kept output norm), the base transformer comes from the reference `model.pretrained` (or the seeded tiny
+        construction of `model.tiny`). Metadata: format, kind, family, policy and distill settings, base model.
+
+Sampling is `models.sampling.sample` (the training-time sampler): for the same noise the pipeline returns the
+same latents as validation rollouts. Text encoders and the VAE come from the base model reference, loaded
+on first use.
+"""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+from typing import Any, Literal, Optional, Union
+
+import torch
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+FORMAT = "piflow-student-v1"
+
+
+def config_namespace(data: Any) -> Any:
+    """A run-config dict as attribute access (cfg.model.family), what the family adapters read; models/ does
+    not import the trainer's typed config."""
+    if isinstance(data, dict):
+        return SimpleNamespace(**{k: config_namespace(v) for k, v in data.items()})
+    return data
+
+
+def base_model_reference(piflow: dict) -> str:
+    model = piflow["model"]
+    return model["pretrained"] or f"tiny:{model['family']}:seed={piflow['run']['seed']}"
+
+
+class PiFlowStudent(ModelMixin, ConfigMixin):
+    """The student network of any family, built from the run config; `.student.make_policy(x, sigma, cond)`."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, piflow: dict, kind: Literal["full", "lora"] = "full",
+                 transformer_config: Optional[dict] = None):
+        super().__init__()
+        if kind not in ("full", "lora"):
+            raise ValueError(f"PiFlowStudent: kind must be 'full' or 'lora', got {kind!r}")
+        self.cfg = config_namespace(piflow)
+        self.student = build_student(self.cfg, kind, transformer_config)
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the export stores: all tensors (full) or the trained ones (lora)."""
+        if self.config.kind == "full":
+            return {k: v.detach().contiguous() for k, v in self.student.state_dict().items()}
+        return {n: p.detach().contiguous() for n, p in self.student.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        self.save_config(save_directory)
+        piflow = self.config.piflow
+        metadata = {"format": FORMAT, "kind": self.config.kind, "family": piflow["model"]["family"],
+                    "policy": json.dumps(piflow["policy"]), "distill": json.dumps(piflow["distill"]),
+                    "base_model": base_model_reference(piflow)}
+        save_file(self.trained_state_dict(), os.path.join(save_directory, WEIGHTS_NAME), metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: str = "",
+                        **kwargs) -> "PiFlowStudent":
+        """Build from config.json, then load the weights. A LoRA export must cover exactly the trainable
+        tensors; the base's come from the reference. Extra diffusers loading kwargs are accepted and unused
+        (torch_dtype is applied)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        root = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        with open(os.path.join(root, cls.config_name)) as f:
+            config = json.load(f)
+        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+        path = os.path.join(root, WEIGHTS_NAME)
+        with safe_open(path, framework="pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT:
+                raise ValueError(f"{path}: not a piflow student export (metadata format != {FORMAT})")
+        state = load_file(path)
+        expected = set(model.trained_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{path}: tensors do not match the student built from config.json: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+        model.student.load_state_dict(state, strict=model.config.kind == "full")
+        dtype = kwargs.get("torch_dtype")
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+
+def build_student(cfg: Any, kind: str, transformer_config: Optional[dict]) -> torch.nn.Module:
+    """The family's student module with placeholder or base weights (the export's tensors are loaded next)."""
+    from models.families import get_family
+
+    family = get_family(cfg.model.family)
+    if cfg.model.family == "toy2d":
+        from models.families.toy2d import ToyVelocityNet
+
+        # a full export overwrites every tensor, so the trunk it copies only provides the layout
+        return family.build_student(cfg, ToyVelocityNet(cfg.model.hidden_dim, cfg.model.num_layers))
+    if kind == "full" and transformer_config is not None:
+        network = family.transformer_class.from_config(transformer_config)
+    else:
+        network = family.load_network(cfg)  # the base reference: model.pretrained, or seeded tiny
+    return family.build_student(cfg, teacher=None, network=network)
+
+
+def _vae_class(family: str):
+    """model.family -> the diffusers VAE class of its base model (one explicit mapping)."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+
+    return {"flux": AutoencoderKL, "dit": AutoencoderKL, "qwen_image": AutoencoderKLQwenImage}[family]
+
+
+class PiFlowPipeline(DiffusionPipeline):
+    """Few-step generation with an exported pi-Flow student (PIFLOW.md §4.1)."""
+
+    model_cpu_offload_seq = "student"
+
+    def __init__(self, student: PiFlowStudent):
+        super().__init__()
+        self.register_modules(student=student)
+        self._encoder = None
+        self._vae = None
+
+    @classmethod
+    def from_student(cls, student: PiFlowStudent) -> "PiFlowPipeline":
+        return cls(student=student)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
+        """model_index.json (the student's library is this module, not the top-level package) + student/."""
+        os.makedirs(save_directory, exist_ok=True)
+        from diffusers import __version__
+
+        index = {"_class_name": type(self).__name__, "_diffusers_version": __version__,
+                 "student": ["models.pipeline", "PiFlowStudent"]}
+        with open(os.path.join(save_directory, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+        self.student.save_pretrained(os.path.join(save_directory, "student"))
+
+    # ---- the base model's prompt encoder and VAE, on first use
+    @property
+    def family(self):
+        from models.families import get_family
+
+        return get_family(self.student.cfg.model.family)
+
+    def encode_prompt(self, prompts: list[str]) -> Optional[dict[str, torch.Tensor]]:
+        cfg = self.student.cfg
+        if cfg.model.family == "toy2d":
+            return None
+        if self._encoder is None:
+            from models.text_encoders import load_text_encoder
+
+            self._encoder = load_text_encoder(cfg)
+        return self._encoder(prompts)
+
+    def vae(self):
+        """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
+        cfg = self.student.cfg
+        if self._vae is None and cfg.model.pretrained and cfg.model.family != "toy2d":
+            root = cfg.model.pretrained
+            if not os.path.isdir(root) or os.path.isdir(os.path.join(root, "vae")):
+                self._vae = _vae_class(cfg.model.family).from_pretrained(root, subfolder="vae").eval()
+        return self._vae
+
+    def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,
+                        latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) float32 noise; a list of generators gives sample i its own (as validation rollouts do)."""
+        if latents is not None:
+            return latents.float()
+        shape = tuple(self.family.latent_shape(self.student.cfg))
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+            return torch.stack([torch.randn(shape, generator=g) for g in generator])
+        return torch.randn((batch_size, *shape), generator=generator)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, num_inference_steps: Optional[int] = None,
+                 generator: Optional[Union[torch.Generator, list]] = None, num_images: int = 1,
+                 latents: Optional[torch.Tensor] = None, total_substeps: Optional[float] = None,
+                 temperature: Union[str, float] = "auto", h: float = 0.0,
+                 output_type: Literal["latent", "pt", "pil"] = "latent"):
+        """Generate: `num_inference_steps` student evaluations (default: the distilled NFE). Returns latents
+        (B, C, H, W) for 'latent'; decoded images in [0, 1] (B, 3, H', W') for 'pt'; PIL images for 'pil'
+        (those two need the base model's VAE)."""
+        from models.sampling import sample
+
+        cfg = self.student.cfg
+        d = cfg.distill
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        batch = len(prompts) * num_images if prompts else num_images
+        prompts = [p for p in prompts for _ in range(num_images)]
+        cond = self.encode_prompt(prompts) if prompts else self.encode_prompt([""] * batch)
+        noise = self.prepare_latents(batch, generator, latents)
+        student = self.student.student
+        x0 = sample(lambda x, sigma: student.make_policy(x, sigma, cond), noise,
+                    num_inference_steps or d.nfe, d.final_step_scale, d.shift, total_substeps or d.total_substeps,
+                    temperature=temperature, h=h, generator=generator if isinstance(generator, torch.Generator)
+                    else None)
+        if output_type == "latent":
+            return x0
+        vae = self.vae()
+        if vae is None:
+            raise ValueError(f"output_type={output_type!r} needs the base model's VAE; this export's base "
+                             f"({base_model_reference(self.student.config.piflow)}) has none: use 'latent'")
+        images = (self.family.decode(vae, x0).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
+        if output_type == "pt":
+            return images
+        from PIL import Image
+
+        arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(a) for a in arrays]

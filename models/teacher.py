@@ -1,0 +1,67 @@
+"""The frozen teacher: guided velocity u_teacher(x_t, sigma, cond) (PIFLOW.md §1.3).
+
+CFG runs cond and uncond in ONE batched forward: u = u_neg + g (u_pos - u_neg), with g = guidance.scale where
+sigma lies in guidance.interval and 1 elsewhere (per sample). Embedded guidance (FLUX) is a network input the
+family adds; it needs no second pass. Always no_grad, eval mode, float32 out whatever the weights' dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.families.base import Cond, Config, Family, VelocityFn
+
+
+
+def guidance_scale_per_sample(sigma: torch.Tensor, scale: float, interval: tuple[float, float]) -> torch.Tensor:
+    """(B,) guidance: `scale` inside [lo, hi] (sigma units, inclusive), 1 outside."""
+    lo, hi = interval
+    inside = (sigma >= lo) & (sigma <= hi)
+    return torch.where(inside, torch.full_like(sigma, scale), torch.ones_like(sigma))
+
+
+class Teacher(nn.Module):
+    """Callable `teacher(x_t (B,C,H,W), sigma (B,), cond) -> u (B,C,H,W) float32`, guided per the config.
+
+    `velocity_fn` is the unguided single forward; by default the family's forward of `network`. A student in
+    LoRA `shared` placement rebinds it to its own trunk with the adapters disabled (models/student.py).
+    """
+
+    def __init__(self, family: Family, cfg: Config, network: nn.Module | None):
+        super().__init__()
+        self.family = family
+        self.cfg = cfg
+        self.network = network
+        if network is not None:
+            network.requires_grad_(False)
+            network.eval()
+        self.velocity_fn: VelocityFn = self._network_velocity
+
+    def _network_velocity(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.family.teacher_velocity(self.cfg, self.network, x_t, sigma, cond)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # A teacher never trains: keep the network in eval mode whatever a parent module asks.
+        return super().train(False)
+
+    @torch.no_grad()
+    def unguided(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.velocity_fn(x_t, sigma, cond).float()
+
+    @torch.no_grad()
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        guidance = self.cfg.teacher.guidance
+        sigma = sigma.reshape(-1).expand(x_t.shape[0]).float()
+        if guidance.mode != "cfg":
+            return self.unguided(x_t, sigma, cond)
+        g = guidance_scale_per_sample(sigma, guidance.scale, guidance.interval)  # (B,)
+        if bool((g == 1).all()):
+            return self.unguided(x_t, sigma, cond)
+        uncond = self.family.uncond(self.cfg, cond)
+        if uncond is None:
+            raise ValueError(f"teacher.guidance.mode=cfg but family {self.family.name!r} has no negative condition")
+        both = self.family.cat_cond([cond, uncond])
+        u = self.velocity_fn(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), both).float()
+        u_pos, u_neg = u.chunk(2)
+        g = g.view(-1, *([1] * (x_t.dim() - 1)))
+        return u_neg + g * (u_pos - u_neg)

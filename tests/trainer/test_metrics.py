@@ -1,0 +1,54 @@
+"""MetricsLogger: metrics.jsonl records, the console line, wandb offline files."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.metrics import MetricsLogger, read_metrics
+
+
+def test_jsonl_records_and_console(tmp_path):
+    cfg = load_config(None, ["train.log_every=2", "wandb.mode=disabled"])
+    out = io.StringIO()
+    with MetricsLogger(cfg, tmp_path, stream=out) as logger:
+        for step in range(1, 5):
+            logger.log(step, {"loss": torch.tensor(1.0 / step), "grad_norm": 0.5, "lr": 1e-3, "bad": math.nan})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    assert records[0]["bad"] == "nan"  # valid JSON even for non-finite values
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 2 | loss 0.5") and lines[1].startswith("step 4 | loss 0.25")
+
+
+def test_non_zero_rank_writes_nothing(tmp_path):
+    cfg = load_config(None, ["wandb.mode=offline"])
+    logger = MetricsLogger(cfg, tmp_path / "r1", rank=1)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "r1").exists()
+
+
+def test_read_metrics_names_a_bad_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        read_metrics(path)
+
+
+def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = load_config(None, ["wandb.mode=offline", "run.name=metrics-test"])
+    with MetricsLogger(cfg, tmp_path, stream=io.StringIO()) as logger:
+        logger.log(1, {"loss": 2.0, "note": "text values stay out of wandb"})
+        run_id = logger.wandb_run_id
+    assert run_id
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.0

@@ -1,0 +1,101 @@
+"""`piflow plan`: parameter counts of the real FLUX.1-dev / Qwen-Image transformers built on the meta device, and
+the memory arithmetic. Also pins the paper hyper-parameters of the shipped configs (PIFLOW.md §5)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from trainer.config import ConfigError, load_config
+from trainer.planner import BYTES, GiB, OVERHEAD_GIB, count_model, make_plan
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+FLUX = CONFIGS / "flux_dev_gm_k8_4nfe.yaml"
+QWEN = CONFIGS / "qwen_image_gm_k8_4nfe.yaml"
+DIT = CONFIGS / "dit_imagenet_gm_k32_1nfe.yaml"
+D, r = 3072, 256
+
+
+def test_flux_dev_counts():
+    c = count_model(load_config(FLUX))
+    assert round(c.total / 1e9, 2) == 11.90
+    assert c.num_blocks == 19 + 38 and c.hidden == D
+    # LoRA by hand: double blocks ff/ff_context (D->4D, 4D->D), single blocks proj_mlp (D->4D) and proj_out
+    # (5D->D), timestep_embedder linear_1 (256->D) and linear_2 (D->D); the root proj_out is the head's, not LoRA's.
+    lora = 19 * 4 * r * 5 * D + 38 * (r * 5 * D + r * 6 * D) + r * (256 + D) + r * 2 * D
+    assert c.lora == lora
+    # GM head K=8 on 64 features/token, 4 pixels per token; logstd MLP D -> 1024 -> 1
+    assert c.head == (D * 8 * 64 + 8 * 64) + (D * 8 * 4 + 8 * 4) + (D * 1024 + 1024 + 1024 + 1)
+    assert c.norm_out == D * 2 * D + 2 * D  # AdaLayerNormContinuous: Linear(D, 2D)
+
+
+def test_qwen_image_counts():
+    c = count_model(load_config(QWEN))
+    assert round(c.total / 1e9, 2) == 20.43
+    assert c.num_blocks == 60
+    # img_mlp in 60 blocks, txt_mlp in 59 (not the last block), timestep embedder
+    assert c.lora == 60 * 2 * r * 5 * D + 59 * 2 * r * 5 * D + r * (256 + D) + r * 2 * D
+
+
+def test_memory_arithmetic_flux_lora_shared():
+    cfg = load_config(FLUX)
+    plan = make_plan(cfg, gpus=32, gpu_mem_gib=80)
+    c = plan.counts
+    assert plan.student_gpus == 32 and plan.teacher_gpus == 0 and plan.micro_batch == 2
+    assert plan.tokens == 64 * 64 + 512
+    lora_ckpt = next(row for row in plan.student_rows if row.mode == "lora" and row.checkpointing)
+    parts = lora_ckpt.parts_gib
+    trainable = c.lora + c.head + c.norm_out
+    assert parts["frozen base (bf16, ZeRO-3 shard)"] == pytest.approx(2 * c.total / 32 / GiB)
+    assert parts["trainable states (ZeRO-3 shard)"] == pytest.approx(20 * trainable / 32 / GiB)  # 2+2+4+8+4 bytes
+    assert parts["ZeRO-3 gathered blocks (2 in flight)"] == pytest.approx(2 * 2 * c.largest_block / GiB)
+    act = (2 * 57 + 34) * plan.tokens * D * 2  # saved block inputs + one block recomputed, micro-batch 2
+    assert parts["activations"] == pytest.approx(act / GiB)
+    teacher = 20 * plan.tokens * D * (2 * 4)  # micro-batch x n_int queries, no CFG
+    assert parts["teacher forward (shared, no_grad)"] == pytest.approx(teacher / GiB)
+    assert lora_ckpt.total_gib == pytest.approx(sum(parts.values()))
+    assert parts["overhead"] == OVERHEAD_GIB
+    full_no_ckpt = next(row for row in plan.student_rows if row.mode == "full" and not row.checkpointing)
+    assert full_no_ckpt.parts_gib["trainable states (ZeRO-3 shard)"] == pytest.approx(
+        sum(BYTES[k] for k in ("weight", "grad", "master", "adam", "ema")) * (c.total + c.head) / 32 / GiB)
+    assert full_no_ckpt.parts_gib["activations"] == pytest.approx(34 * 57 * plan.tokens * D * 2 / GiB)
+
+
+def test_separate_teacher_group_and_verdicts():
+    cfg = load_config(DIT)  # 2 teacher replicas on 1 GPU each
+    plan = make_plan(cfg, gpus=10, gpu_mem_gib=80)
+    assert (plan.student_gpus, plan.teacher_gpus, plan.micro_batch) == (8, 2, 512)
+    request = 512 * 2 * 2  # n_int queries, CFG doubles
+    expected = (2 * plan.counts.total + 20 * plan.tokens * plan.counts.hidden * request) / GiB + OVERHEAD_GIB
+    assert plan.teacher_gib == pytest.approx(expected)
+    assert plan.fits(plan.student_rows[0]) and not make_plan(cfg, 10, 4).fits(plan.student_rows[0])
+    with pytest.raises(ConfigError, match="leave none for the student"):
+        make_plan(cfg, gpus=2, gpu_mem_gib=80)
+
+
+def test_plan_command_prints_counts_and_says_when_it_does_not_fit(capsys):
+    assert main(["plan", str(FLUX), "--gpus", "32", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "11.90B parameters" in out and "this config (lora+ckpt): FITS" in out
+    assert main(["plan", str(QWEN), "--gpus", "8", "--gpu-mem", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "20.43B parameters" in out and "this config (lora+ckpt): DOES NOT FIT" in out
+
+
+def test_paper_hyper_parameters_in_configs():
+    flux, qwen, dit = load_config(FLUX), load_config(QWEN), load_config(DIT)
+    assert (flux.policy.num_components, flux.distill.nfe, flux.distill.num_intermediate) == (8, 4, 4)
+    assert (flux.distill.teacher_ratio_decay_iters, flux.distill.loss_scale, flux.train.iters) == (2000, 30.0, 3000)
+    assert (flux.teacher.guidance.mode, flux.teacher.guidance.scale) == ("embedded", 3.5)
+    assert (flux.lora.rank, flux.lora.alpha, flux.lora.dropout) == (256, 256.0, 0.05)
+    assert (qwen.distill.num_intermediate, qwen.distill.teacher_ratio_decay_iters, qwen.train.iters) == (2, 0, 9000)
+    assert (qwen.teacher.guidance.mode, qwen.teacher.guidance.scale, qwen.teacher.guidance.interval) == (
+        "cfg", 4.0, (0.0, 1.0))
+    assert (dit.policy.num_components, dit.distill.nfe, dit.distill.shift, dit.distill.loss_scale) == (32, 1, 1.0, 3.0)
+    assert (dit.teacher.guidance.scale, dit.teacher.guidance.interval, dit.model.num_timesteps) == (
+        2.7, (0.0, 0.6), 1000.0)
+    assert not dit.lora.enabled and dit.optim.lr == 5e-5 and dit.ema.start == 400
+    for cfg in (flux, qwen):
+        assert (cfg.distill.shift, cfg.distill.final_step_scale, cfg.distill.window_substeps) == (3.2, 0.5, 3.0)
+        assert cfg.policy.dropout == 0.1 and cfg.teacher.placement == "shared"

@@ -1,0 +1,126 @@
+"""A whole training run in one process (`train.engine: torch`, one worker): the toy and quick experiments.
+
+Builds the teacher (the project's own, cached) and the student of the config's family, the engine, the power
+EMA, the metrics logger, the noise batches of data-free pi-ID, resume/checkpoint hooks, and an evaluation
+hook (toy: distribution metrics of EMA samples against a 256-step teacher set), then runs `train_loop`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from trainer.config import Config, ConfigError, dump_config
+from trainer.ema import PowerEMA
+from trainer.engine import build_engine
+from trainer.loop import train_loop
+from trainer.metrics import MetricsLogger
+from trainer.teachers import build_teacher
+
+
+@dataclass
+class LocalRun:
+    """What a finished in-process run leaves behind (the benchmark and the demo sample from it)."""
+
+    cfg: Config
+    family: Any
+    teacher: Any  # callable teacher(x, sigma, cond) -> u
+    student: torch.nn.Module  # live weights
+    ema: PowerEMA  # `with run.ema.applied():` evaluates the EMA weights
+    steps: int
+    metrics_path: Path
+
+
+def build_family(cfg: Config):
+    """model.family -> the family object that runs in process (the large families run distributed)."""
+    if cfg.model.family == "toy2d":
+        from models.families.toy2d import Toy2DFamily
+
+        return Toy2DFamily()
+    raise ConfigError(f"model.family: in-process training (train.engine: torch) supports 'toy2d'; "
+                      f"{cfg.model.family!r} runs with train.engine: deepspeed")
+
+
+def noise_batches(cfg: Config, family, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Data-free batches without prompts: (noise (B, C, H, W), cond None) forever."""
+    shape = family.latent_shape(cfg)
+    while True:
+        yield torch.randn((cfg.train.batch_size, *shape), generator=generator), None
+
+
+def local_dir(cfg: Config) -> Path:
+    if "://" in cfg.run.output:
+        raise ConfigError(f"run.output: in-process training writes to a local directory, got {cfg.run.output!r}")
+    return Path(cfg.run.output)
+
+
+def toy_eval_hook(cfg: Config, family, teacher, student, progress: bool = False) -> Callable[[int], dict]:
+    """Distribution metrics of cfg.eval.num_samples student samples (eval.nfe steps, temperature per
+    eval.temperature) against a 256-step teacher set drawn once."""
+    from models.families.toy2d import ToyMixture, distribution_metrics, euler_sample, to_image
+    from models.sampling import sample
+
+    gen = torch.Generator().manual_seed(cfg.eval.seed + 12345)
+    n = cfg.eval.num_samples
+    reference = euler_sample(teacher, to_image(torch.randn(n, 2, generator=gen)), 256)
+    mixture = ToyMixture.default()
+    d = cfg.distill
+
+    def hook(step: int) -> dict:
+        noise = to_image(torch.randn(n, 2, generator=torch.Generator().manual_seed(cfg.eval.seed)))
+        x = sample(student.make_policy, noise, cfg.eval.nfe, d.final_step_scale, d.shift, d.total_substeps,
+                   temperature="auto" if cfg.eval.temperature == "auto" else 1.0)
+        return distribution_metrics(x, reference, mixture)
+
+    return hook
+
+
+def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
+              eval_hook: Optional[Callable[[int], dict]] = None) -> LocalRun:
+    if cfg.train.engine != "torch" or cfg.cluster.student.workers != 1:
+        raise ConfigError("in-process training needs train.engine: torch and cluster.student.workers: 1")
+    from trainer import resume
+
+    torch.manual_seed(cfg.run.seed)
+    family = build_family(cfg)
+    teacher = build_teacher(cfg, family, progress=progress)
+    student = family.build_student(cfg, teacher, generator=torch.Generator().manual_seed(cfg.run.seed))
+    engine = build_engine(cfg, student)
+    ema = PowerEMA(student.parameters(), gamma=cfg.ema.gamma, start=cfg.ema.start)
+    generators = {"noise": torch.Generator().manual_seed(cfg.run.seed + 1),
+                  "piid": torch.Generator().manual_seed(cfg.run.seed + 2)}
+
+    out = local_dir(cfg)
+    manager = state = None
+    if checkpoints:
+        info = resume.prepare_output(cfg, rank=0)
+        manager = resume.make_manager(cfg, rank=0, world_size=1)
+        state = resume.resume_state(cfg, manager, info, engine, ema, student, generators)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    if eval_hook is None and cfg.eval.every and cfg.model.family == "toy2d":
+        eval_hook = toy_eval_hook(cfg, family, teacher, student)
+
+    logger = MetricsLogger(cfg, out, run_id=(state.wandb_run_id or None) if state else None)
+    if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/rollouts.py, issue 6)
+        from trainer.rollouts import RolloutHook, chain_hooks
+
+        eval_hook = chain_hooks(eval_hook, RolloutHook(cfg, family, student, logger=logger))
+
+    def checkpoint_hook(step: int) -> float:
+        return resume.save_state(cfg, manager, step, engine, ema, student, generators=generators,
+                                 wandb_run_id=logger.wandb_run_id or "")
+
+    try:
+        steps = train_loop(
+            cfg, engine, student.make_policy, teacher, noise_batches(cfg, family, generators["noise"]),
+            ema=ema, logger=logger, eval_hook=eval_hook, checkpoint_hook=checkpoint_hook if checkpoints else None,
+            start_step=state.step if state else 0, generator=generators["piid"], progress=progress,
+        )
+    finally:
+        logger.close()
+        if manager is not None:
+            manager.close()
+    return LocalRun(cfg, family, teacher, student, ema, steps, logger.path)

@@ -1,0 +1,130 @@
+"""The per-rank training loop of data-free pi-ID (PIFLOW.md §3.4), top to bottom.
+
+It receives everything from outside (the engine, the student's `make_policy`, the teacher callable, the batch
+iterator, hooks), so the same loop runs in-process, under torchrun or under Ray Train. No ray import here.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from models.piid import PiIDParams, data_free_iteration, teacher_ratio
+from trainer.config import Config
+
+# make_policy(x_src (B,C,H,W), sigma_src (B,), cond) -> GMPolicy | DXPolicy (one student forward)
+MakePolicy = Callable[[torch.Tensor, torch.Tensor, Any], Any]
+# teacher(x_t (B,C,H,W), sigma (B,), cond) -> u (B,C,H,W) float32
+TeacherFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def piid_params(cfg: Config) -> PiIDParams:
+    d = cfg.distill
+    return PiIDParams(nfe=d.nfe, final_step_scale=d.final_step_scale, shift=d.shift,
+                      total_substeps=d.total_substeps, num_intermediate=d.num_intermediate,
+                      window_substeps=d.window_substeps, loss_scale=d.loss_scale,
+                      dropout=cfg.policy.dropout if cfg.policy.type == "gm" else 0.0)
+
+
+class _Timer:
+    """Accumulates wall time per phase inside one iteration."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return timed
+
+
+def _policy_stats(policy) -> dict[str, float]:
+    """Cheap statistics of a student policy (GM: mean u-space log-std and mean largest component weight)."""
+    stats = {}
+    if hasattr(policy, "logstd"):
+        stats["logstd_mean"] = float(policy.logstd.detach().mean())
+    if hasattr(policy, "logweights"):
+        stats["weight_max_mean"] = float(policy.logweights.detach().exp().amax(dim=1).mean())
+    return stats
+
+
+def train_loop(
+    cfg: Config,
+    engine,
+    make_policy: MakePolicy,
+    teacher: TeacherFn,
+    batches: Iterator[tuple[torch.Tensor, Any]],  # yields (noise (B,C,H,W), cond)
+    *,
+    ema=None,  # trainer.ema.PowerEMA or None
+    logger=None,  # trainer.metrics.MetricsLogger or None
+    eval_hook: Optional[Callable[[int], dict[str, float]]] = None,  # run with the EMA weights applied
+    checkpoint_hook: Optional[Callable[[int], Optional[float]]] = None,  # returns the stall in seconds
+    start_step: int = 0,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = True,
+    iteration: Optional[Callable] = None,  # replaces data_free_iteration, e.g. trainer.overlap.overlapped_iteration
+) -> int:
+    """Run iterations start_step .. cfg.train.iters - 1. Returns the number of completed steps."""
+    params = piid_params(cfg)
+    iters = cfg.train.iters
+    bar = tqdm(range(start_step, iters), initial=start_step, total=iters, desc=f"pi-ID {cfg.distill.nfe}-NFE",
+               disable=not progress, mininterval=1.0)
+    for it in bar:
+        step = it + 1  # completed optimiser steps after this iteration
+        timer, stats = _Timer(), {}
+        t_start = time.perf_counter()
+
+        noise, cond = timer.wrap("data_wait", next)(batches)
+        student_fwd = timer.wrap("student_fwd", make_policy)
+
+        def policy_of(x_src, sigma_src):
+            policy = student_fwd(x_src, sigma_src, cond)
+            stats.update(_policy_stats(policy))  # the last segment's stats are kept
+            return policy
+
+        r = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
+        if iteration is None:
+            segments = data_free_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, cond, params,
+                                           teacher_ratio=r, generator=generator)
+        else:  # it gets the raw teacher (to submit requests) and adds its own "teacher_wait" seconds
+            segments = iteration(policy_of, teacher, noise, cond, params, teacher_ratio=r, generator=generator,
+                                 seconds=timer.seconds)
+        record: dict[str, float] = {"teacher_ratio": r}
+        total_loss = 0.0
+        for weighted_loss, m in segments:
+            timer.wrap("backward", engine.backward)(weighted_loss)
+            k = int(m["step"])
+            record[f"loss/seg{k}"] = float(m["loss"])
+            record[f"mse/seg{k}"] = float(m["mse"])
+            total_loss += float(weighted_loss.detach())
+        record.update(timer.wrap("optimizer", engine.step)())
+        if ema is not None:
+            record["ema_beta"] = timer.wrap("ema", ema.update)(it)
+
+        record["loss"] = total_loss  # sum_k S_k L_k (§3.5)
+        record.update(stats)
+        t_total = time.perf_counter() - t_start
+        # "rollout" is what remains: the network-free policy rollouts and the loss arithmetic.
+        record["time/rollout_other"] = t_total - sum(timer.seconds.values())
+        record.update({f"time/{name}": s for name, s in timer.seconds.items()})
+        record["time/step"] = t_total
+        record["time/teacher_wait_frac"] = timer.seconds["teacher_wait"] / max(t_total, 1e-12)
+
+        if checkpoint_hook is not None and (step % cfg.train.ckpt_every == 0 or step == iters):
+            record["checkpoint_stall_s"] = float(checkpoint_hook(step) or 0.0)
+        if eval_hook is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == iters):
+            with ema.applied() if ema is not None else nullcontext():
+                record.update({f"eval/{k}": v for k, v in eval_hook(step).items()})
+        if logger is not None:
+            logger.log(step, record)
+        bar.set_postfix(loss=f"{total_loss:.4g}", refresh=False)
+    return iters
+
