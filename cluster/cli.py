@@ -11,6 +11,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fails before any work on a bad config
     if args.force:
         cfg.run.force = True
+    if args.address:
+        cfg.cluster.address = args.address
     from cluster.launch import launch_training
 
     launch_training(cfg, config_path=args.config)
@@ -28,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (values only; defaults live in trainer/config.py)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--force", action="store_true", help="start fresh even if run.output holds checkpoints")
+    p.add_argument("--address", default=None, help="Ray cluster to join (GCS host:port or 'auto'); overrides "
+                   "cluster.address, whose default 'local' starts an in-process Ray")
     p.set_defaults(func=_cmd_train)
 
     # Each subsystem registers its own commands (kept next to the code they drive).

@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_teacher, _add_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
+    for add in (_add_teacher, _add_demo, _add_toy_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
                 _add_template):
         add(sub)
 
@@ -31,9 +31,24 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the 2-D toy end to end: teacher + 4-NFE GM student, a table and a scatter PNG")
+    p = sub.add_parser("demo", help="the embedded default end to end: digits teacher -> 4-step GM student through "
+                                    "Ray, ZeRO-3, a TeacherServer and DataWorkers; a table and PNG grids")
+    p.add_argument("--config", default=None, help="default: configs/digits_demo.yaml of this checkout")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.demo import run_demo
+
+        report = run_demo(args.config, args.overrides)
+        return 0 if all(report["bars"].values()) else 1
+
+    p.set_defaults(func=run)
+
+
+def _add_toy_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("toy-demo", help="the 2-D toy end to end: teacher + 4-NFE GM student, a table and a scatter PNG")
     p.add_argument("--config", default=None, help="toy config (default: configs/toy2d.yaml of this checkout)")
-    p.add_argument("--output", default="runs/demo", help="where the table, JSON, PNG and metrics go")
+    p.add_argument("--output", default="runs/toy_demo", help="where the table, JSON, PNG and metrics go")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default); the toy's ops are "
                    "tiny, and extra threads spin against each other on a shared machine")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

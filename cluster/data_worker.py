@@ -44,21 +44,22 @@ class DataWorker:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def start(self, epoch: int, shard_pos: int, sample_pos: int) -> int:
-        """(Re)start reading from a cursor; results of an earlier start are dropped."""
+    def start(self, epoch: int, shard_pos: int, sample_pos: int, first_visit: int = 0) -> int:
+        """(Re)start reading from a cursor; results of an earlier start are dropped. `first_visit` skips the
+        visits (numbered from the cursor) before it: a restarted actor resumes where the pool is (issue 7)."""
         self._halt()
         self._stop = threading.Event()
         self._queue = queue.Queue(self.prefetch)
         r = self.reader
         todo = tasks(Cursor(epoch, shard_pos, sample_pos), r.seed, len(r.shards), r.options.shuffle_shards)
-        self._thread = threading.Thread(target=self._run, args=(todo, self._queue, self._stop),
+        self._thread = threading.Thread(target=self._run, args=(todo, self._queue, self._stop, first_visit),
                                         name=f"data-worker-{self.worker_index}", daemon=True)
         self._thread.start()
         return self.worker_index
 
-    def _run(self, todo: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    def _run(self, todo: Iterator, out: queue.Queue, stop: threading.Event, first_visit: int = 0) -> None:
         for task in todo:
-            if task.index % self.num_workers != self.worker_index:
+            if task.index % self.num_workers != self.worker_index or task.index < first_visit:
                 continue
             try:
                 item: Any = self.reader.read(task)
@@ -106,6 +107,8 @@ class DataWorkerPool(GlobalBatchStream):
     come from each node's environment or the AWS chain).
     """
 
+    MAX_RESTARTS = 3  # per worker actor: process deaths survived before the stream fails (issue 7)
+
     def __init__(self, shards: list[str] | str, batch_size: int, seed: int = 0,
                  options: Optional[ReadOptions] = None, num_workers: int = 1, prefetch: int = 2,
                  encoder_factory: Optional[EncoderFactory] = None, actor_options: Optional[dict[str, Any]] = None):
@@ -116,7 +119,8 @@ class DataWorkerPool(GlobalBatchStream):
         super().__init__(resolve_shards(shards), batch_size, seed, options or ReadOptions())
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        opts = {"num_cpus": 1, **(actor_options or {})}
+        # max_restarts (issue 7): Ray restarts a dead worker process; `_result` restarts its reading at the lost visit
+        opts = {"num_cpus": 1, "max_restarts": self.MAX_RESTARTS, **(actor_options or {})}
         actor = ray.remote(DataWorker).options(**opts)
         self.workers = [actor.remote(self.shards, seed, self.options, w, num_workers, prefetch, encoder_factory)
                         for w in range(num_workers)]
@@ -126,13 +130,36 @@ class DataWorkerPool(GlobalBatchStream):
 
         ray.get([w.start.remote(start.epoch, start.shard_pos, start.sample_pos) for w in self.workers])
         n = len(self.workers)
-        window: collections.deque = collections.deque()
+        window: collections.deque = collections.deque()  # (visit, ref)
         visit = 0
         while True:
             while len(window) < n:  # one request in flight per worker; each worker reads ahead on its own
-                window.append(self.workers[visit % n].next_result.remote())
+                window.append((visit, self.workers[visit % n].next_result.remote()))
                 visit += 1
-            yield ray.get(window.popleft())
+            yield self._result(*window.popleft(), start)
+
+    def _result(self, visit: int, ref: Any, start: Cursor) -> ShardResult:
+        """The result of shard visit `visit`. If its worker died (issue 7), Ray restarts the actor (its
+        max_restarts) and the worker starts reading again AT this visit: the stream has consumed exactly the
+        visits before it, and the worker's lost read-ahead is re-read, so no sample is lost or repeated."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        worker = self.workers[visit % len(self.workers)]
+        for attempt in range(self.MAX_RESTARTS + 1):
+            try:
+                return ray.get(ref)
+            except RayActorError as e:
+                if attempt == self.MAX_RESTARTS:
+                    raise RuntimeError(f"data worker {visit % len(self.workers)} died {attempt + 1} times at shard "
+                                       f"visit {visit} (from cursor {start}); giving up") from e
+                try:  # queued by Ray until the restarted actor is up
+                    ray.get(worker.start.remote(start.epoch, start.shard_pos, start.sample_pos, visit))
+                except RayActorError as e2:
+                    raise RuntimeError(f"data worker {visit % len(self.workers)} could not be restarted after "
+                                       f"dying at shard visit {visit}: {e2}") from e
+                ref = worker.next_result.remote()
+        raise AssertionError("unreachable")
 
     def shutdown(self) -> None:
         import ray
@@ -233,3 +260,52 @@ class FeedIterator:
         ray.get(self.feed.load_state_dict.remote(state))
         self.step = int(state["batches"])
         self._state = dict(state)
+
+
+class DataFeed:
+    """The launcher's handle on a run's prompt data: the BatchFeed actor (handed to every student rank) and
+    the placement group of its DataWorkers. `shutdown()` stops the workers, the feed and frees the group."""
+
+    def __init__(self, actor: Any, placement_group: Any = None):
+        self.actor, self.placement_group = actor, placement_group
+
+    def metrics(self) -> dict[str, float]:
+        import ray
+
+        return ray.get(self.actor.metrics.remote())
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if self.actor is not None:
+            try:
+                ray.get(self.actor.close.remote(), timeout=60)
+            finally:
+                ray.kill(self.actor)
+                self.actor = None
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def start_data_feed(cfg: Any, worker_options: Optional[dict[str, Any]] = None) -> DataFeed:
+    """The run's global prompt stream (DESIGN.md §5): `data.workers` DataWorker actors read `data.shards` and
+    encode the prompts with the config's text encoders (`models.text_encoders.load_text_encoder`, built on
+    each worker) unless `data.pre_encoded`; one BatchFeed actor cuts global batches of `train.batch_size`
+    from them and serves each rank its slice. `worker_options` are the DataWorkers' actor options
+    (`cluster.orchestrator.data_placement(cfg)`: their placement group)."""
+    import functools
+
+    import ray
+
+    from models.text_encoders import load_text_encoder
+
+    encoder = None if cfg.data.pre_encoded else functools.partial(load_text_encoder, cfg)
+    options = dict(worker_options or {})
+    factory = functools.partial(DataWorkerPool.from_config, cfg.data, cfg.train.batch_size, cfg.run.seed,
+                                encoder, **options)
+    actor = feed_actor(factory)
+    ray.get(actor.initial_state.remote())  # fail here, with the actor's error, if the shards cannot be listed
+    strategy = options.get("scheduling_strategy")
+    return DataFeed(actor, getattr(strategy, "placement_group", None))

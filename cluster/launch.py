@@ -1,4 +1,5 @@
-"""Start a training run: in this process (`train.engine: torch`, one worker) or distributed over Ray.
+"""Start a training run: in this process (`train.engine: torch`, one worker) or distributed over Ray
+(`train.engine: deepspeed`: `launch_distributed`).
 
 `launch_training(cfg, config_path)` is what `piflow train` calls after the config has been validated.
 """
@@ -18,23 +19,71 @@ def launch_training(cfg: Config, config_path: str | None = None) -> None:
         run = run_local(cfg)
         print(f"done: {run.steps} steps; metrics in {run.metrics_path}")
     elif engine == "deepspeed":
-        from cluster.orchestrator import connect, start_teacher_group
-        from cluster.student_group import cond_shapes_without_prompts, run_student_group
+        launch_distributed(cfg)
+    else:  # the config's Literal makes this unreachable; kept so a new engine value cannot fall through
+        raise ConfigError(f"{config_path or '<config>'}: key 'train.engine': unknown engine {engine!r}")
 
-        from trainer.timing import PhaseTimes
 
-        times = PhaseTimes()  # startup per phase (issue 7); the ranks print student_init / first_step
+def launch_distributed(cfg: Config) -> list[dict]:
+    """`train.engine: deepspeed`: Ray up (embedded `local` or `cluster.address`), the TeacherServer group
+    (separate placement), the prompt feed (`data.shards`), the student group under Ray Train; everything
+    started here is stopped in `finally`. Prints the startup phases and a summary; returns the rank summaries."""
+    import ray
+
+    from cluster.orchestrator import connect, data_placement, start_teacher_group
+    from cluster.student_group import cond_shapes_without_prompts, run_student_group
+    from trainer.timing import PhaseTimes
+
+    times = PhaseTimes()  # startup per phase (issue 7); the ranks print student_init / first_step
+    own_ray = not ray.is_initialized()  # a Ray this call starts is shut down here; a caller's is left alone
+    group = feed = None
+    try:
         with times.phase("ray_up"):
             connect(cfg)
         with times.phase("teacher_load"):
             group = start_teacher_group(cfg)  # None in shared placement
-        try:
-            summaries = run_student_group(cfg, group.servers if group else None, cond_shapes_without_prompts(cfg))
-        finally:
-            if group is not None:
-                group.shutdown()
-        times.merge_max([s.get("startup", {}) for s in summaries])
-        print(f"piflow: {times.format()}")
-        print(f"done: {summaries[0]['steps']} steps on {len(summaries)} ranks; metrics in {summaries[0]['metrics_path']}")
-    else:  # the config's Literal makes this unreachable; kept so a new engine value cannot fall through
-        raise ConfigError(f"{config_path or '<config>'}: key 'train.engine': unknown engine {engine!r}")
+        if cfg.data.shards:
+            from cluster.data_worker import start_data_feed
+
+            with times.phase("data_feed"):
+                feed = start_data_feed(cfg, data_placement(cfg))
+        summaries = run_student_group(cfg, group.servers if group else None,
+                                      None if feed else cond_shapes_without_prompts(cfg),
+                                      feed=feed.actor if feed else None)
+        data_metrics = feed.metrics() if feed else {}
+    finally:
+        if feed is not None:
+            feed.shutdown()
+        if group is not None:
+            group.shutdown()
+        if own_ray:
+            ray.shutdown()
+    times.merge_max([s.get("startup", {}) for s in summaries])
+    print(f"piflow: {times.format()}")
+    print(format_summary(summaries, data_metrics), flush=True)
+    return summaries
+
+
+def format_summary(summaries: list[dict], data_metrics: dict) -> str:
+    """The end-of-run lines: steps, where the metrics/checkpoints went, the last loss, teacher and data stats."""
+    from pathlib import Path
+
+    from trainer.metrics import read_metrics
+
+    s0 = summaries[0]
+    lines = [f"done: {s0['steps']} steps on {len(summaries)} ranks (started at step {s0.get('start_step', 0)}"
+             + (f", resumed from {s0['resumed_from']}" if s0.get("resumed_from") else "") + ")",
+             f"  metrics: {s0['metrics_path']}"]
+    if Path(s0["metrics_path"]).exists():
+        records = read_metrics(s0["metrics_path"])
+        if records:
+            last = records[-1]
+            lines.append(f"  last step {last['step']}: loss {last['loss']:.6g} (mean over ranks)")
+    if s0.get("checkpoint_steps"):
+        lines.append(f"  checkpoints written this session: steps {s0['checkpoint_steps']}")
+    for stats in s0.get("teacher_stats", []):
+        lines.append(f"  teacher: {stats['requests']} requests in {stats['batches']} batches, "
+                     f"mean latency {stats['mean_latency_s'] * 1000:.1f} ms, cond puts {stats['cond_puts']}")
+    if data_metrics:
+        lines.append("  data: " + ", ".join(f"{k} {v:g}" for k, v in sorted(data_metrics.items())))
+    return "\n".join(lines)

@@ -74,6 +74,8 @@ def start_teacher_group(cfg: Config) -> Optional[TeacherGroup]:
 
     t = cfg.teacher
     bundle = _bundle(t.cpus_per_replica, t.gpus_per_replica)
+    if t.custom_resource:  # issue 7: replicas only on the nodes that advertise it
+        bundle[t.custom_resource] = 1.0
     pg = None
     if bundle:  # a zero-resource replica (CPU tests) needs no reservation
         pg = placement_group([bundle] * t.replicas, strategy="PACK" if t.gpus_per_replica < 1 else "SPREAD")
@@ -82,7 +84,11 @@ def start_teacher_group(cfg: Config) -> Optional[TeacherGroup]:
     servers = []
     for i in range(t.replicas):
         opts: dict[str, Any] = {"num_cpus": t.cpus_per_replica, "num_gpus": t.gpus_per_replica,
-                                "max_concurrency": 64}
+                                "max_concurrency": 64,
+                                # issue 7: a dead replica is restarted (reloads the teacher); clients resend
+                                "max_restarts": t.max_restarts}
+        if t.custom_resource:
+            opts["resources"] = {t.custom_resource: 1.0}
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
         servers.append(actor.options(**opts).remote(cfg.to_dict(), t.max_batch, t.batch_wait_ms))

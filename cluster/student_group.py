@@ -2,7 +2,9 @@
 group, gloo on CPU / nccl on GPU, and DeepSpeed ZeRO-3 runs inside), restarted by a `FailureConfig`.
 
 Each worker runs `trainer.rank_program.run_rank` with a `RemoteTeacher` over the TeacherServer handles
-(separate placement) or none (shared), and writes its summary to `<output>/rank_summaries/rank_R.json`.
+(separate placement) or none (shared), and a `FeedIterator` factory over the launcher's BatchFeed actor
+(prompt data) or none (data-free synthetic batches), and writes its summary to
+`<output>/rank_summaries/rank_R.json`.
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ def _worker(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
 
+    from cluster.data_worker import FeedIterator
     from cluster.teacher_server import RemoteTeacher
     from trainer.config import config_from_dict
-    from trainer.distributed import rank_info
-    from trainer.rank_program import run_rank, synthetic_batches
+    from trainer.rank_program import run_rank
 
     cfg = config_from_dict(config["cfg"], source="<student group>")
     if config.get("num_threads"):
@@ -39,10 +41,17 @@ def _worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     teacher = RemoteTeacher(config["servers"], rank) if config["servers"] else None
-    if cfg.data.shards:
-        raise NotImplementedError("prompt shards on the student group: wire data_pipeline RankBatches here")
-    batches = synthetic_batches(cfg, rank_info(), config["cond_shapes"])
-    summary = run_rank(cfg, batches, teacher, output_dir=config["output"])
+    feed = config["feed"]
+    prompt_batches = None
+    if feed is not None:  # this rank's slices of the one global stream the BatchFeed actor serves
+
+        def prompt_batches(info):
+            return FeedIterator(feed, info.rank, info.world_size, cfg.data.layout)
+
+    elif cfg.data.shards:
+        raise ValueError("data.shards is set but the student group got no data feed (cluster.launch starts it)")
+    summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
+                       output_dir=config["output"])
     if teacher is not None:
         summary["teacher_stats"] = teacher.stats()
     summary["node_id"] = ray.get_runtime_context().get_node_id()  # issue 7: where the rank ran
@@ -50,6 +59,25 @@ def _worker(config: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary))
     ray.train.report({"steps": summary["steps"]})
+
+
+def absolute_local_paths(cfg: Config) -> Config:
+    """A copy of `cfg` with relative local paths made absolute: Ray workers do not run in the driver's working
+    directory, so `run.output: runs/x` or a relative `data.shards` would land (or be looked for) elsewhere."""
+    import copy
+
+    def fix(value: str, must_exist: bool) -> str:
+        if not value or "://" in value or os.path.isabs(value) or (must_exist and not os.path.exists(value)):
+            return value
+        return os.path.abspath(value)
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.output = fix(cfg.run.output, must_exist=False)
+    cfg.model.pretrained = fix(cfg.model.pretrained, must_exist=True)  # a hub id stays as it is
+    cfg.model.text_encoder = fix(cfg.model.text_encoder, must_exist=True)
+    cfg.data.shards = fix(cfg.data.shards, must_exist=True)  # brace patterns and lists stay as they are
+    cfg.cluster.storage_path = fix(cfg.cluster.storage_path, must_exist=False)
+    return cfg
 
 
 def cond_shapes_without_prompts(cfg: Config) -> dict[str, list[int]]:
@@ -69,17 +97,23 @@ def cond_shapes_without_prompts(cfg: Config) -> dict[str, list[int]]:
             "pooled_prompt_embeds": [net_cfg["pooled_projection_dim"]]}
 
 
-def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: dict[str, list[int]],
-                      output: Optional[str] = None, num_threads: int = 0) -> list[dict[str, Any]]:
-    """Train under Ray Train; returns the per-rank summaries (index = rank)."""
+def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optional[dict[str, list[int]]] = None,
+                      output: Optional[str] = None, num_threads: int = 0, feed: Any = None) -> list[dict[str, Any]]:
+    """Train under Ray Train; returns the per-rank summaries (index = rank).
+
+    `feed`: the BatchFeed actor of the prompt data (`cluster.data_worker.start_data_feed`) when `data.shards`
+    is set; otherwise `cond_shapes` sizes the random conditioning of data-free batches."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.cluster.student
     use_gpu = s.gpus_per_worker > 0
-    out = Path(output or cfg.run.output).resolve()
     if "://" in str(output or cfg.run.output):
         raise NotImplementedError("run.output on object storage: the student group writes metrics locally")
+    cfg = absolute_local_paths(cfg)
+    if output:
+        cfg.run.output = os.path.abspath(output)
+    out = Path(cfg.run.output)
     storage = cfg.cluster.storage_path or str(out / "ray_train")
     resources = {"CPU": s.cpus_per_worker}
     if use_gpu:
@@ -89,12 +123,33 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: dict[st
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "servers": servers or [], "cond_shapes": cond_shapes,
-                           "output": str(out), "num_threads": num_threads},
+                           "output": str(out), "num_threads": num_threads, "feed": feed},
         torch_config=TorchConfig(backend=_backend(cfg, use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy="PACK"),
         run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=s.max_failures)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:  # issue 7: a clear stop once every restart has failed, naming what is left
+        raise StudentGroupFailed(_failure_message(cfg, e)) from e
     return [json.loads((out / "rank_summaries" / f"rank_{r}.json").read_text()) for r in range(s.workers)]
+
+
+class StudentGroupFailed(RuntimeError):
+    """The student group failed and Ray Train's restarts (cluster.student.max_failures) are used up."""
+
+
+def _failure_message(cfg: Config, error: BaseException) -> str:
+    from trainer.checkpoint import latest_valid
+
+    try:
+        newest = latest_valid(cfg.run.output)
+        where = (f"the last good checkpoint is {newest.url} (step {newest.step}); run the same command again to "
+                 f"resume from it" if newest else f"no valid checkpoint under {cfg.run.output}")
+    except Exception as e2:  # noqa: BLE001 - the storage itself may be what failed; still report the run's error
+        where = f"the checkpoints under {cfg.run.output} could not be listed ({e2})"
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"the student group failed and cluster.student.max_failures={cfg.cluster.student.max_failures} "
+            f"restart(s) did not recover it ({type(error).__name__}: {cause[:500]}); {where}")

@@ -172,10 +172,23 @@ class RemoteTeacher:
         rows = x.shape[0] if cond is None else next(iter(cond.values())).shape[0]
         if x.shape[0] % rows:
             raise ValueError(f"teacher request of {x.shape[0]} samples is not a multiple of the {rows} cond rows")
-        key = self._cond_key(i, cond)
-        ref = self.servers[i].velocity.remote(x.detach().float().cpu(), sigma.detach().float().cpu(), key,
-                                              x.shape[0] // rows)
-        return _RayFuture(ref, x.device)
+        x_cpu, sigma_cpu = x.detach().float().cpu(), sigma.detach().float().cpu()
+
+        def send(resend: bool = False):
+            from ray.exceptions import RayActorError
+
+            for attempt in range(_RayFuture.MAX_RETRIES + 1):
+                if resend or attempt:  # issue 7: replica i died; Ray restarted it (teacher.max_restarts) with
+                    self._keys.pop(i, None)  # an empty conditioning cache: the embeddings go out again first
+                try:
+                    key = self._cond_key(i, cond)
+                    break
+                except RayActorError:  # it died during put_cond: the next put waits for the restart
+                    if attempt == _RayFuture.MAX_RETRIES:
+                        raise
+            return self.servers[i].velocity.remote(x_cpu, sigma_cpu, key, x.shape[0] // rows)
+
+        return _RayFuture(send(), x.device, lambda: send(resend=True), f"teacher replica {i}")
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict]) -> torch.Tensor:
         return self.submit(x, sigma, cond).result()
@@ -187,10 +200,31 @@ class RemoteTeacher:
 
 
 class _RayFuture:
-    def __init__(self, ref, device: torch.device):
-        self.ref, self.device = ref, device
+    """A pending teacher request. If its replica dies (issue 7), the request is sent again, to the same
+    replica once Ray has restarted it: the teacher is frozen, so the retried velocity is the same."""
+
+    MAX_RETRIES = 5
+
+    def __init__(self, ref, device: torch.device, resend=None, where: str = "teacher"):
+        self.ref, self.device, self.resend, self.where = ref, device, resend, where
 
     def result(self) -> torch.Tensor:
         import ray
+        from ray.exceptions import RayActorError
 
-        return ray.get(self.ref).to(self.device)
+        for attempt in range(self.MAX_RETRIES + 1):
+            try:
+                return ray.get(self.ref).to(self.device)
+            except (RayActorError, KeyError) as e:
+                # KeyError: a request queued for the restarting replica named a key its new cache lacks
+                lost_cond = isinstance(e, KeyError) and "unknown conditioning key" in str(e)
+                if self.resend is None or not (isinstance(e, RayActorError) or lost_cond):
+                    raise
+                if attempt == self.MAX_RETRIES:
+                    raise RuntimeError(f"{self.where}: request failed {attempt + 1} times (the replica keeps "
+                                       f"dying; teacher.max_restarts may be used up): {e}") from e
+                try:
+                    self.ref = self.resend()
+                except RayActorError as e2:  # put_cond on a replica that is dead for good
+                    raise RuntimeError(f"{self.where} is gone and was not restarted: {e2}") from e
+        raise AssertionError("unreachable")

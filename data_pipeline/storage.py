@@ -196,6 +196,12 @@ def download(url: str, local_path: str) -> None:
     retry(lambda: fs.get_file(_fs_path(url), local_path), f"download {url}")
 
 
+def size(url: str) -> int:
+    """Size in bytes of the object/file at `url` (S3: one HEAD; FileNotFoundError when missing)."""
+    fs = filesystem(url)
+    return int(retry(lambda: fs.size(_fs_path(url)), f"size {url}"))
+
+
 def exists(url: str) -> bool:
     fs = filesystem(url)
     return bool(retry(lambda: fs.exists(_fs_path(url)), f"exists {url}"))

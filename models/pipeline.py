@@ -219,13 +219,16 @@ class PiFlowPipeline(DiffusionPipeline):
         if output_type == "latent":
             return x0
         vae = self.vae()
-        if vae is None:
+        if vae is None and not self.family.uses_vae:  # the latents are the images (digits)
+            images = (self.family.decode(None, x0) + 1) / 2
+        elif vae is None:
             raise ValueError(f"output_type={output_type!r} needs the base model's VAE; this export's base "
                              f"({base_model_reference(self.student.config.piflow)}) has none: use 'latent'")
-        images = (self.family.decode(vae, x0).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
+        else:
+            images = (self.family.decode(vae, x0).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
         if output_type == "pt":
             return images
         from PIL import Image
 
         arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        return [Image.fromarray(a) for a in arrays]
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]  # 1 channel: grey

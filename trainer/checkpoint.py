@@ -197,9 +197,7 @@ def verify(ckpt_url: str, manifest: dict[str, Any], mode: Literal["size", "sha25
 
 
 def _size(url: str) -> int:
-    # seeking to the end reads no data (S3: a HEAD); storage.py has no size() of its own
-    with storage.open_url(url, "rb") as f:
-        return f.seek(0, os.SEEK_END)
+    return storage.size(url)
 
 
 def latest_valid(run_output: str, verify_mode: Literal["size", "sha256"] = "size") -> Optional[CheckpointInfo]:

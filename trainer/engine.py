@@ -298,7 +298,8 @@ def build_partitioned_student(cfg: Config, build_trunk: Callable[[], torch.nn.Mo
     """
     with partitioned_construction(cfg):
         trunk = build_trunk()
-    load_partitioned(trunk, weights)
+    if weights is not None:  # None: keep the constructed values (tiny seeded models, identical on every rank)
+        load_partitioned(trunk, weights)
     if cfg.train.engine == "deepspeed":
         ds = _import_deepspeed()
         for name in plain_modules:

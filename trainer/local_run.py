@@ -34,11 +34,12 @@ class LocalRun:
 
 
 def build_family(cfg: Config):
-    """model.family -> the family object that runs in process (the large families run distributed)."""
+    """model.family -> the family object, for the families that run in process (the toy; the others need
+    prompt batches and run distributed)."""
     if cfg.model.family == "toy2d":
-        from models.families.toy2d import Toy2DFamily
+        from models.families import get_family
 
-        return Toy2DFamily()
+        return get_family(cfg.model.family)
     raise ConfigError(f"model.family: in-process training (train.engine: torch) supports 'toy2d'; "
                       f"{cfg.model.family!r} runs with train.engine: deepspeed")
 
@@ -86,7 +87,7 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
     torch.manual_seed(cfg.run.seed)
     family = build_family(cfg)
     teacher = build_teacher(cfg, family, progress=progress)
-    student = family.build_student(cfg, teacher, generator=torch.Generator().manual_seed(cfg.run.seed))
+    student = family.build_student(cfg, teacher)  # head noise from the global RNG, seeded above
     engine = build_engine(cfg, student)
     ema = PowerEMA(student.parameters(), gamma=cfg.ema.gamma, start=cfg.ema.start)
     generators = {"noise": torch.Generator().manual_seed(cfg.run.seed + 1),
@@ -103,7 +104,8 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
     if eval_hook is None and cfg.eval.every and cfg.model.family == "toy2d":
         eval_hook = toy_eval_hook(cfg, family, teacher, student)
 
-    logger = MetricsLogger(cfg, out, run_id=(state.wandb_run_id or None) if state else None)
+    logger = MetricsLogger(cfg, out, run_id=(state.wandb_run_id or None) if state else None,
+                           resume_step=(state.step if state else 0) if checkpoints else None)
     if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/rollouts.py, issue 6)
         from trainer.rollouts import RolloutHook, chain_hooks
 

@@ -1,8 +1,9 @@
 """Training metrics: the only module that imports wandb.
 
 Every step goes to `metrics.jsonl` (one JSON object per line, at least `step` and `loss`) in a local
-directory; every `console_every` steps a one-line summary is printed; wandb gets the same dict when
-`wandb.mode` is `offline` or `online` (`disabled` never imports it). Only rank 0 logs.
+directory (with `resume_step`, records after the resumed checkpoint are dropped on open, so a resumed run
+never leaves duplicate steps); every `console_every` steps a one-line summary is printed; wandb gets the
+same dict when `wandb.mode` is `offline` or `online` (`disabled` never imports it). Only rank 0 logs.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _plain(value: Any) -> Any:
 
 class MetricsLogger:
     def __init__(self, cfg: Config, local_dir: str | Path, rank: int = 0, console_every: int | None = None,
-                 stream: TextIO | None = None, run_id: str | None = None):
+                 stream: TextIO | None = None, run_id: str | None = None, resume_step: int | None = None):
         self.rank = rank
         self.console_every = cfg.train.log_every if console_every is None else console_every
         self.stream = stream if stream is not None else sys.stdout
@@ -41,6 +42,8 @@ class MetricsLogger:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_records(self.path, resume_step)
         self._file = self.path.open("a")
         if cfg.wandb.mode != "disabled":
             import wandb
@@ -97,6 +100,31 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def truncate_records(path: str | Path, last_step: int) -> int:
+    """Keep only the records of a JSON-lines file with step <= `last_step` (a run resumed from the checkpoint
+    of `last_step` logs the later steps again; without this they would appear twice). Atomic rewrite; a
+    partial last line (a killed writer) is dropped too. Returns how many records were dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -2,13 +2,19 @@
 launcher): build the student partitioned from the teacher's weights, the ZeRO-3 engine, the sharded power
 EMA, then run `train_loop` with the teacher it is given. No ray here: the teacher arrives as an object
 (`cluster.teacher_server.RemoteTeacher` in separate placement; None in shared placement, where the teacher is
-the student's own LoRA base with the adapters off).
+the student's own LoRA base with the adapters off), the prompt batches as an iterator factory.
+
+`run_rank` is the whole run of one rank, as `trainer/local_run.py` is for one process: fresh start or exact
+resume (`trainer/resume.py`: engine shards, EMA shard, RNGs, data cursor), batches from the prompt feed
+(noise a function of the global sample index) or data-free synthetic ones, a checkpoint every
+`train.ckpt_every` steps, validation rollouts every `eval.every` steps (all ranks sample, rank 0 writes),
+metrics with the loss averaged over ranks, and a per-rank log of the consumed sample keys.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -73,13 +79,9 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
 
 
 def _build_without_file(cfg: Config, build_trunk, family, finish) -> torch.nn.Module:
-    """Tiny teachers have no weights file: every rank builds the same seeded trunk partitioned (zero.Init)
-    and the output modules are gathered as in `build_partitioned_student`."""
-    return build_partitioned_student(cfg, build_trunk, _NoWeights(), family.output_modules, finish)
-
-
-class _NoWeights(dict):
-    """An empty weights source: keep the (seeded) constructed values."""
+    """Tiny teachers have no weights file: every rank builds the same seeded trunk partitioned (zero.Init),
+    keeps the constructed values, and the output modules are gathered as in `build_partitioned_student`."""
+    return build_partitioned_student(cfg, build_trunk, None, family.output_modules, finish)
 
 
 def iteration_for(cfg: Config):
@@ -91,42 +93,219 @@ def iteration_for(cfg: Config):
     return None  # the loop's sequential data_free_iteration
 
 
-def run_rank(cfg: Config, batches: Iterator[tuple[torch.Tensor, Any]], remote_teacher: Any = None,
-             output_dir: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
-    """Train `cfg.train.iters` iterations on this rank; returns this rank's summary (rank 0 logs metrics)."""
-    from trainer.loop import train_loop
-    from trainer.metrics import MetricsLogger
+class PromptBatches:
+    """(noise (B_rank,C,H,W), cond) per step from a rank's `PromptBatch` iterator (a `FeedIterator` over the
+    launcher's data feed, or a `RankBatches`), with the stream's cursor as `state_dict()`.
 
+    cond is the batch's prompt embeddings (encoded on the data workers, sliced for this rank). The noise of a
+    sample is drawn from its own generator seeded by (run.seed, global sample index), the index being
+    batch number x global batch + position in the global batch: the same sample gets the same noise with
+    any number of ranks and any layout. `consumed` lists the keys of every batch handed out."""
+
+    def __init__(self, cfg: Config, source: Iterator[Any], info: RankInfo, latent_shape: tuple[int, ...]):
+        self.source, self.info = source, info
+        self.seed, self.batch_size, self.layout = cfg.run.seed, cfg.train.batch_size, cfg.data.layout
+        self.latent_shape = tuple(latent_shape)
+        self.consumed: list[list[str]] = []
+        self._cursor: Optional[dict[str, Any]] = None
+
+    def __iter__(self) -> "PromptBatches":
+        return self
+
+    def global_positions(self) -> list[int]:
+        n, r, w = self.batch_size, self.info.rank, self.info.world_size
+        if n % w:
+            raise ValueError(f"train.batch_size {n} does not split over {w} ranks")
+        return list(range(r, n, w)) if self.layout == "strided" else list(range(r * (n // w), (r + 1) * (n // w)))
+
+    def __next__(self) -> tuple[torch.Tensor, Any]:
+        batch = next(self.source)
+        if batch.embeddings is None:
+            raise ValueError(f"prompt batch (keys {batch.keys[:3]}...) carries no embeddings: the data feed needs "
+                             "an encoder (the launcher passes models.text_encoders.load_text_encoder) or "
+                             "data.pre_encoded shards")
+        positions = self.global_positions()
+        if len(positions) != len(batch.keys):
+            raise ValueError(f"rank {self.info.rank} got {len(batch.keys)} prompts, expected {len(positions)} "
+                             f"(train.batch_size {self.batch_size} over {self.info.world_size} ranks)")
+        first = (int(batch.cursor["batches"]) - 1) * self.batch_size  # global index of the batch's sample 0
+        noise = torch.stack([sample_noise(self.seed, first + p, self.latent_shape) for p in positions])
+        self.consumed.append(list(batch.keys))
+        self._cursor = batch.cursor
+        return noise, batch.embeddings  # (B_rank, C, H, W), {name: (B_rank, ...)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+    def metrics(self) -> dict[str, float]:
+        """The stream's cumulative counters (samples, bad records by reason, skipped shards) at the last batch."""
+        from data_pipeline.records import DataStats
+
+        if self._cursor is None:
+            return {}
+        stats = DataStats()
+        stats.load_state_dict(self._cursor["stats"])
+        return stats.metrics()
+
+
+def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The source noise of global sample `index`: its own generator, seeded by (seed, index)."""
+    g = torch.Generator().manual_seed((seed % (1 << 31)) * (1 << 32) + index)
+    return torch.randn(shape, generator=g)
+
+
+class _RankLogger:
+    """Wraps the metrics logger for a rank: the loss keys are averaged over ranks (an all_reduce every rank
+    joins) before rank 0 logs them (rank 0's own loss stays as `loss_rank0`), the data counters are added,
+    and each step's consumed sample keys go to the rank's `KeyLog`."""
+
+    def __init__(self, logger, world_size: int, keys: Optional["KeyLog"] = None,
+                 data: Optional[PromptBatches] = None):
+        self.logger, self.world_size, self.keys, self.data = logger, world_size, keys, data
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if self.keys is not None:
+            self.keys.log(step, self.data.consumed[-1])
+        if self.data is not None:
+            values = {**values, **self.data.metrics()}  # bad records are counted in the metrics, never silent
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            names = sorted(k for k in values if k == "loss" or k.startswith(("loss/", "mse/")))
+            t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64)
+            dist.all_reduce(t)
+            values = {**values, "loss_rank0": values["loss"], **dict(zip(names, (t / self.world_size).tolist()))}
+        self.logger.log(step, values)
+
+
+class KeyLog:
+    """`<output>/data_keys/rank_R.jsonl`: the sample keys each step consumed on this rank (an audit that a
+    resume neither replays nor skips data). Truncated to the resumed step on open, like metrics.jsonl."""
+
+    def __init__(self, local_dir: str | Path, rank: int, resume_step: int):
+        from trainer.metrics import truncate_records
+
+        self.path = Path(local_dir) / "data_keys" / f"rank_{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_records(self.path, resume_step)
+        self._file = self.path.open("a")
+
+    def log(self, step: int, keys: list[str]) -> None:
+        import json
+
+        self._file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _validation_encoder(cfg: Config):
+    """Prompts -> cond for the validation rollouts (None for families without prompts)."""
+    if cfg.model.family in ("toy2d",):
+        return None
+    from models.text_encoders import load_text_encoder
+
+    return load_text_encoder(cfg)
+
+
+def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optional[Callable[[RankInfo], Any]] = None,
+             cond_shapes: Optional[dict[str, list[int]]] = None, output_dir: Optional[str] = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Train to `cfg.train.iters` on this rank, resuming from the newest valid checkpoint under run.output.
+
+    Batches: `prompt_batches(info)` returns this rank's `PromptBatch` iterator with `state_dict` /
+    `load_state_dict` (cluster/ builds it over the data feed; the trainer never sees ray); without it
+    (`data.shards` empty) data-free batches with random conditioning of `cond_shapes`. Every rank writes its
+    checkpoint part; rank 0 logs metrics (loss averaged over ranks), rollouts and the manifest.
+    Returns this rank's summary."""
     import time
 
+    import torch.distributed as dist
+
+    from trainer import resume
+    from trainer.loop import train_loop
+    from trainer.metrics import MetricsLogger
+    from trainer.rollouts import RolloutHook
     from trainer.timing import FirstStepClock, PhaseTimes
 
     t_init = time.perf_counter()
     setup = build_rank(cfg, remote_teacher)
+    info = setup.info
     # startup timing (issue 7): rank 0 prints each phase as it ends; every rank reports its own in the summary
-    times = PhaseTimes(print_each=setup.info.is_rank0)
+    times = PhaseTimes(print_each=info.is_rank0)
     times.add("student_init", time.perf_counter() - t_init)
-    batches = FirstStepClock(batches, times)
-    out = Path(output_dir or cfg.run.output)
-    logger = MetricsLogger(cfg, out, rank=setup.info.rank)
-    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + 2 + setup.info.rank)
+    barrier = dist.barrier if dist.is_available() and dist.is_initialized() else None
+
+    ckpt_info = resume.prepare_output(cfg, info.rank, barrier)
+    manager = resume.make_manager(cfg, info.rank, info.world_size, barrier)
+    generators = {"piid": torch.Generator().manual_seed(cfg.run.seed * 7919 + 2 + info.rank)}
+    ok = False
+    logger = keys = None
     try:
-        steps = train_loop(cfg, setup.engine, setup.student.make_policy, setup.teacher, batches, ema=setup.ema,
-                           logger=logger, generator=generator, progress=progress, iteration=iteration_for(cfg))
+        # built before the RNGs are restored, so whatever its construction draws cannot shift a resumed run
+        encode = _validation_encoder(cfg) if cfg.eval.every else None
+        state = resume.resume_state(cfg, manager, ckpt_info, setup.engine, setup.ema, setup.student, generators)
+        start = state.step if state else 0
+        if prompt_batches is not None:
+            batches: Any = PromptBatches(cfg, prompt_batches(info), info, setup.family.latent_shape(cfg))
+            if state is not None:
+                batches.load_state_dict(state.data_state)  # the cursor of the batches consumed up to `start`
+        else:
+            if cond_shapes is None:
+                raise ValueError("run_rank: without prompt batches (data.shards) give cond_shapes")
+            batches = synthetic_batches(cfg, info, cond_shapes, start_step=start)
+        out = Path(output_dir or cfg.run.output)
+        logger = MetricsLogger(cfg, out, rank=info.rank, run_id=(state.wandb_run_id or None) if state else None,
+                               resume_step=start)
+        keys = KeyLog(out, info.rank, start) if prompt_batches is not None else None
+        clock = FirstStepClock(batches, times)
+
+        def checkpoint_hook(step: int) -> float:
+            # the cursor just past the batches CONSUMED so far (the rank reads no batch ahead of the loop)
+            data = batches.state_dict() if prompt_batches is not None else {"synthetic_step": step}
+            return resume.save_state(cfg, manager, step, setup.engine, setup.ema, setup.student,
+                                     data_state=data, generators=generators,
+                                     wandb_run_id=logger.wandb_run_id or "")
+
+        eval_hook = None
+        if cfg.eval.every:  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
+            eval_hook = RolloutHook(cfg, setup.family, setup.student, rank=info.rank, logger=logger, encode=encode)
+        encode = None  # the validation prompts are encoded once: the encoders need not stay in memory
+        log = _RankLogger(logger, info.world_size, keys, batches if prompt_batches is not None else None)
+        steps = train_loop(cfg, setup.engine, setup.student.make_policy, setup.teacher, clock, ema=setup.ema,
+                           logger=log, eval_hook=eval_hook, checkpoint_hook=checkpoint_hook, start_step=start,
+                           generator=generators["piid"], progress=progress, iteration=iteration_for(cfg))
+        clock.finish()
+        ok = True
     finally:
-        logger.close()
-    batches.finish()
+        if logger is not None:
+            logger.close()
+        if keys is not None:
+            keys.close()
+        if not ok:
+            manager.barrier = None  # a failing rank must not wait in a collective for ranks that carry on
+        manager.close()  # uploads finished (and, on success, every rank synced) before the process exits
     local = sum(p.ds_tensor.numel() for p in setup.engine.params if hasattr(p, "ds_tensor"))
     full = sum(getattr(p, "ds_numel", p.numel()) for p in setup.engine.params)
-    return {"rank": setup.info.rank, "steps": steps, "local_numel": local, "full_numel": full,
-            "metrics_path": str(logger.path), "startup": times.seconds}
+    summary = {"rank": info.rank, "steps": steps, "start_step": start, "local_numel": local, "full_numel": full,
+               "metrics_path": str(logger.path), "startup": times.seconds,
+               "checkpoint_steps": list(manager.completed_steps),
+               "resumed_from": state.checkpoint_url if state else ""}
+    if prompt_batches is not None:
+        summary["data"] = batches.state_dict()
+    return summary
 
 
-def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[int]]
+def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[int]], start_step: int = 0
                       ) -> Iterator[tuple[torch.Tensor, Any]]:
     """Data-free batches without prompt shards: per step, the global batch's noise and random conditioning
     (shapes per sample in `cond_shapes`, e.g. {"prompt_embeds": [T, D]}) from generators seeded by
-    (run.seed, step), sliced for this rank by `data.layout` (the same samples whatever the world size)."""
+    (run.seed, step), sliced for this rank by `data.layout` (the same samples whatever the world size).
+    A resume starts at `start_step` (the batches are a function of the step alone)."""
     from models.families import get_family
 
     shape = get_family(cfg.model.family).latent_shape(cfg)
@@ -136,7 +315,7 @@ def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[i
     per = n // info.world_size
     idx = (torch.arange(info.rank, n, info.world_size) if cfg.data.layout == "strided"
            else torch.arange(info.rank * per, (info.rank + 1) * per))
-    step = 0
+    step = start_step
     while True:
         g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         noise = torch.randn((n, *shape), generator=g)  # (B_global, C, H, W)

@@ -21,6 +21,10 @@ from trainer.config import Config, ConfigError
 
 def teacher_spec(cfg: Config) -> dict:
     """What determines the teacher's weights (the cache key is a hash of this)."""
+    if cfg.model.family == "digits":
+        from trainer.digits_teacher import digits_teacher_spec
+
+        return digits_teacher_spec(cfg)
     if cfg.model.family == "toy2d":
         from models.families.toy2d import DATA_VERSION
 
@@ -28,7 +32,7 @@ def teacher_spec(cfg: Config) -> dict:
         return {"family": "toy2d", "data": DATA_VERSION, "hidden_dim": m.hidden_dim, "num_layers": m.num_layers,
                 "iters": m.teacher_iters, "batch_size": m.teacher_batch_size, "lr": m.teacher_lr,
                 "seed": m.teacher_seed, "objective": "flow-matching sigma~U(0,1), cosine lr, EMA 0.999"}
-    raise ConfigError(f"model.family: the project trains its own teacher only for 'toy2d', "
+    raise ConfigError(f"model.family: the project trains its own teachers only for 'toy2d' and 'digits', "
                       f"got {cfg.model.family!r} (set model.pretrained for the large families)")
 
 
@@ -39,23 +43,53 @@ def cache_dir(cfg: Config) -> Path:
 
 
 def teacher_path(cfg: Config) -> Path:
+    """toy2d: one safetensors file; digits: a diffusers-layout directory (trainer/digits_teacher.py)."""
     spec = teacher_spec(cfg)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir(cfg) / f"{spec['family']}-{key}.safetensors"
+    suffix = ".safetensors" if spec["family"] == "toy2d" else ""
+    return cache_dir(cfg) / f"{spec['family']}-{key}{suffix}"
 
 
 def ensure_teacher(cfg: Config, force: bool = False, progress: bool = True) -> Path:
     """Return the cached teacher's path, training (and caching) it first when absent or when `force`."""
+    if cfg.model.family == "digits":
+        return _ensure_digits_teacher(cfg, force, progress)
     path = teacher_path(cfg)
     if path.exists() and not force:
         return path
-    net = train_toy_teacher(cfg, progress=progress)
+    # Training seeds and draws from the global RNG: fork it, so a run that trains its teacher first draws the
+    # same numbers afterwards as a run that loads the cached one.
+    with torch.random.fork_rng(devices=[]):
+        net = train_toy_teacher(cfg, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     meta = {k: str(v) for k, v in teacher_spec(cfg).items()}
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
     tmp.replace(path)  # atomic: a half-written file never looks like a cached teacher
     return path
+
+
+def _ensure_digits_teacher(cfg: Config, force: bool, progress: bool) -> Path:
+    """The digits teacher lives at `model.pretrained` (the demo commits it under assets/): reused when its
+    recorded spec matches the config, trained there when absent or with `force`, an error when it differs."""
+    if not cfg.model.pretrained:
+        raise ConfigError("model.pretrained: the digits family needs the teacher directory (e.g. "
+                          "assets/teachers/digits); `piflow teacher CONFIG` trains it there")
+    path = Path(cfg.model.pretrained)
+    record = path / "teacher.json"  # written last: its presence marks a complete teacher
+    if record.exists() and not force:
+        found = json.loads(record.read_text()).get("spec")
+        wanted = json.loads(json.dumps(teacher_spec(cfg)))
+        if found != wanted:
+            changed = sorted(k for k in set(found or {}) | set(wanted) if (found or {}).get(k) != wanted.get(k))
+            raise ConfigError(f"model.pretrained: the teacher at {path} was trained with a different spec "
+                              f"({', '.join(changed)} differ); retrain it with `piflow teacher CONFIG --force`")
+        return path
+    from trainer.digits_teacher import train_digits_teacher
+
+    # Training seeds and draws from the global RNG: fork it (see below).
+    with torch.random.fork_rng(devices=[]):
+        return train_digits_teacher(cfg, path, progress=progress)  # replaces `path` atomically
 
 
 def load_teacher(cfg: Config, progress: bool = True):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 RAY = str(Path(sys.executable).with_name("ray"))
+OBJECT_STORE_BYTES = 300 * 1024 * 1024
 
 
 def free_ports(n: int) -> list[int]:
@@ -44,7 +45,10 @@ def _node_ports() -> list[str]:
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
             # workers bind ports in a window of their own (a few ranks + actors per test)
-            f"--min-worker-port={lo}", f"--max-worker-port={lo + 40}"]
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 40}",
+            # a small object store per node: the default (30% of RAM each) on two nodes of one shared machine
+            # leaves a driver unable to map torch's libraries ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so")
+            f"--object-store-memory={OBJECT_STORE_BYTES}"]
 
 
 @dataclass
@@ -88,7 +92,10 @@ class LoopbackCluster:
     def add_node(self, num_cpus: int, resources: Optional[dict] = None) -> None:
         n = len(self.procs)
         self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-                     f"--resources={json.dumps(resources or {})}", *_node_ports()], f"node{n}.log")
+                     f"--resources={json.dumps(resources or {})}",
+                     # its own temp dir: nodes sharing one would share runtime_resources/, and one node's
+                     # runtime-env cleanup deletes the working dir a job driver on the other runs in
+                     f"--temp-dir={self.root / f'rtmp{n}'}", *_node_ports()], f"node{n}.log")
         self.wait_for_nodes(n + 1)
 
     def wait_for_nodes(self, n: int, timeout: float = 120.0) -> None:

@@ -34,3 +34,16 @@ def test_help_lists_demo_and_teacher(capsys):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "demo" in out and "teacher" in out and "train" in out
+
+
+def test_train_address_flag_overrides_cluster_address(tmp_path, monkeypatch):
+    import cluster.launch
+
+    seen = {}
+    monkeypatch.setattr(cluster.launch, "launch_training", lambda cfg, config_path=None: seen.update(cfg=cfg))
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("cluster:\n  address: local\n")
+    assert main(["train", str(cfg_path), "--address", "10.0.0.5:6379", "train.iters=3"]) == 0
+    assert seen["cfg"].cluster.address == "10.0.0.5:6379" and seen["cfg"].train.iters == 3
+    assert main(["train", str(cfg_path)]) == 0
+    assert seen["cfg"].cluster.address == "local"

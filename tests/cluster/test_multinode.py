@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster.flux_fixtures import save_tiny_teacher
 from tests.cluster.loopback_ray import LoopbackCluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,8 +23,10 @@ TINY = ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
 
-def tiny_distributed(out: Path, iters: int = 4) -> list[str]:
-    return ["train.engine=deepspeed", "cluster.student.workers=2", "cluster.student.custom_resource=student_slot",
+def tiny_distributed(out: Path, teacher_dir: str, iters: int = 4) -> list[str]:
+    """The tiny FLUX recipe under DeepSpeed on 2 ranks; the teacher weights from a saved tiny transformer
+    (distributed ranks partition a weights file, they never build a random trunk each)."""
+    return [f"model.pretrained={teacher_dir}", "model.tiny=false", "train.engine=deepspeed", "cluster.student.workers=2", "cluster.student.custom_resource=student_slot",
             "cluster.student.max_failures=0", "train.batch_size=2", f"train.iters={iters}", "train.ckpt_every=2",
             "train.log_every=1", "distill.total_substeps=16", "distill.num_intermediate=2", f"run.output={out}"]
 
@@ -49,11 +52,12 @@ def two_nodes():
 
 def test_two_ranks_on_two_nodes_train_checkpoint_and_finish(two_nodes, tmp_path):
     out = tmp_path / "run"
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"HOME": str(tmp_path), "RAY_AUTH_TOKEN": two_nodes.token})
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", str(TINY), "--address",
                            two_nodes.dashboard_url, "--working-dir", str(ROOT), "--job-id", "two-nodes",
-                           *tiny_distributed(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+                           *tiny_distributed(out, teacher_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:] + two_nodes.logs()[-3000:]
     assert "piflow: job two-nodes SUCCEEDED" in proc.stdout
@@ -65,6 +69,14 @@ def test_two_ranks_on_two_nodes_train_checkpoint_and_finish(two_nodes, tmp_path)
     for s in summaries:
         assert s["steps"] == 4
         assert s["full_numel"] / 2 <= s["local_numel"] <= s["full_numel"] / 2 + 100  # ZeRO-3 across nodes
+
+    from trainer.checkpoint import latest_valid, list_steps, rank_dirname
+
+    assert list_steps(str(out)) == [2, 4]  # train.ckpt_every=2, both kept (ckpt_keep_last=2)
+    newest = latest_valid(str(out))
+    assert newest is not None and newest.step == 4
+    assert newest.manifest["world_size"] == 2  # one ZeRO shard set per rank, from both nodes
+    assert {rel.split("/")[0] for rel in newest.manifest["files"]} >= {rank_dirname(0), rank_dirname(1)}
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]

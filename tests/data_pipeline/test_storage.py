@@ -14,6 +14,7 @@ def _roundtrip(root: str) -> None:
     storage.put_bytes(url, b"hello")
     assert storage.exists(url)
     assert storage.get_bytes(url) == b"hello"
+    assert storage.size(url) == 5
     storage.put_bytes(url, b"world")  # overwrite
     assert storage.get_bytes(url) == b"world"
     storage.put_bytes(storage.join(root, "a", "c.bin"), b"x")
@@ -29,6 +30,8 @@ def _roundtrip(root: str) -> None:
     assert storage.listdir(storage.join(root, "missing")) == []
     with pytest.raises(FileNotFoundError):
         storage.get_bytes(storage.join(root, "missing.bin"))
+    with pytest.raises(FileNotFoundError):
+        storage.size(storage.join(root, "missing.bin"))
 
 
 def test_local_roundtrip(tmp_path):

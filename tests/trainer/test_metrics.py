@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.config import load_config
+from trainer.config import config_from_dict, load_config
 from trainer.metrics import MetricsLogger, read_metrics
 
 
@@ -52,3 +52,18 @@ def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.0
+
+
+def test_resume_step_drops_records_after_the_checkpoint(tmp_path):
+    cfg = config_from_dict({"train": {"log_every": 0}})
+    with MetricsLogger(cfg, tmp_path) as logger:
+        for step in range(1, 7):
+            logger.log(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a writer killed mid-line
+    with MetricsLogger(cfg, tmp_path, resume_step=4) as logger:  # resumed from the checkpoint of step 4
+        for step in range(5, 8):
+            logger.log(step, {"loss": 10.0 * step})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 4.0, 50.0, 60.0, 70.0]

@@ -63,3 +63,16 @@ def test_unsupported_family_is_a_config_error(tmp_path):
     cfg = tiny_toy_config(tmp_path, "model.family=flux")
     with pytest.raises(ConfigError, match="model.family"):
         teachers.ensure_teacher(cfg)
+
+
+def test_training_the_teacher_leaves_the_global_rng_alone(tmp_path, one_thread):
+    # a run that trains its teacher first must draw the same numbers afterwards as one that loads it cached
+    cfg = tiny_toy_config(tmp_path, "model.teacher_iters=5")
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    teachers.ensure_teacher(cfg, progress=False)  # trains (not cached yet)
+    assert torch.equal(torch.get_rng_state(), before)
+    trained_first = torch.rand(3)
+    torch.manual_seed(11)
+    teachers.ensure_teacher(cfg, progress=False)  # cached now
+    assert torch.equal(torch.rand(3), trained_first)
