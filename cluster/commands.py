@@ -327,6 +327,8 @@ def _add_template(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="", help="SLURM: the checkout on the shared filesystem (default: cwd)")
     p.add_argument("--image", default="rayproject/ray:2.60.0-py311", help="KubeRay: container image with piflow")
     p.add_argument("--namespace", default="default", help="KubeRay namespace")
+    p.add_argument("--gcs-port", type=int, default=6379, help="SLURM: the Ray head's GCS port")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="SLURM: the Ray dashboard (Jobs API) port")
 
     def run(args: argparse.Namespace) -> int:
         from cluster.job_templates import TemplateError, TemplateParams, render
@@ -335,7 +337,7 @@ def _add_template(sub: argparse._SubParsersAction) -> None:
                                 gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
                                 mem_per_node=args.mem_per_node, time=args.time, partition=args.partition,
                                 account=args.account, venv=args.venv, workdir=args.workdir, image=args.image,
-                                namespace=args.namespace)
+                                namespace=args.namespace, gcs_port=args.gcs_port, dashboard_port=args.dashboard_port)
         try:
             text = render(args.kind, params)
         except TemplateError as e:

@@ -34,6 +34,14 @@ def launch_distributed(cfg: Config) -> list[dict]:
     from cluster.student_group import cond_shapes_without_prompts, run_student_group
     from trainer.timing import PhaseTimes
 
+    import dataclasses
+
+    from trainer import resume
+
+    # Fresh start vs resume is decided here, once per run (applying --force); the ranks, also when Ray Train
+    # restarts them, only resume from the newest valid checkpoint.
+    resume.prepare_output(cfg, rank=0)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, force=False))
     times = PhaseTimes()  # startup per phase (issue 7); the ranks print student_init / first_step
     own_ray = not ray.is_initialized()  # a Ray this call starts is shut down here; a caller's is left alone
     group = feed = None

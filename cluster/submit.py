@@ -180,7 +180,10 @@ def submit(req: SubmitRequest, address: Optional[str]) -> str:
     """Submit; returns the job id."""
     kwargs = build_submission(req)
     client = make_client(address)
-    return client.submit_job(**kwargs)
+    try:
+        return client.submit_job(**kwargs)
+    except RuntimeError as e:  # e.g. the job id exists already, or the package is too large to upload
+        raise SubmitError(f"the cluster refused the submission: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ follow / stop
@@ -193,7 +196,11 @@ def stream_logs(address: Optional[str], job_id: str, out: TextIO = sys.stdout) -
             out.write(chunk)
             out.flush()
 
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except RuntimeError as e:  # the log stream broke (head restarted, network): the job itself may go on
+        print(f"piflow: lost the log stream of {job_id} ({e}); waiting for its status", file=sys.stderr)
+        return wait_terminal(client, job_id, timeout_s=float("inf"), poll_s=5.0)
     return wait_terminal(client, job_id, timeout_s=60.0)
 
 

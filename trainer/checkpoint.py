@@ -252,6 +252,11 @@ class _Job:
     uploaded: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> size/sha256, kept across retries
 
 
+def default_staging_dir(run_output: str, rank: int) -> str:
+    key = hashlib.sha256(run_output.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "piflow-staging", f"{key}-r{rank}")
+
+
 class CheckpointManager:
     """Saves and loads this rank's part of a checkpoint; rank 0 also writes the manifest and prunes.
 
@@ -272,7 +277,11 @@ class CheckpointManager:
         self.barrier = barrier
         self.part_timeout_s = part_timeout_s
         self._own_staging = staging_dir is None
-        self.staging = staging_dir or tempfile.mkdtemp(prefix=f"piflow-ckpt-r{rank}-")
+        # One staging dir per (run, rank), emptied on start: a killed process cannot leave copies piling up.
+        self.staging = staging_dir or default_staging_dir(run_output, rank)
+        if self._own_staging:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            os.makedirs(self.staging)
         self._queue: queue.Queue[Optional[_Job]] = queue.Queue(maxsize=queue_size)
         self._worker: Optional[threading.Thread] = None
         self.failed_steps: list[int] = []  # uploads that failed after every retry (logged; close() raises)

@@ -240,7 +240,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     times.add("student_init", time.perf_counter() - t_init)
     barrier = dist.barrier if dist.is_available() and dist.is_initialized() else None
 
-    ckpt_info = resume.prepare_output(cfg, info.rank, barrier)
+    # The launcher decided fresh vs resume (and applied --force) once for the run; a group that Ray Train
+    # restarts lands here again and must resume from the newest valid checkpoint, not re-decide.
+    ckpt_info = resume.prepare_output(cfg, info.rank, barrier, decided=True)
     manager = resume.make_manager(cfg, info.rank, info.world_size, barrier)
     generators = {"piid": torch.Generator().manual_seed(cfg.run.seed * 7919 + 2 + info.rank)}
     ok = False

@@ -64,20 +64,25 @@ def output_is_used(run_output: str) -> bool:
     return any(storage.listdir(storage.join(run_output, d)) for d in ("checkpoints", "rollouts") if d in names)
 
 
-def prepare_output(cfg: Config, rank: int = 0, barrier: Optional[Callable[[], None]] = None
-                   ) -> Optional[CheckpointInfo]:
+def prepare_output(cfg: Config, rank: int = 0, barrier: Optional[Callable[[], None]] = None,
+                   decided: bool = False) -> Optional[CheckpointInfo]:
     """Decide fresh start vs resume (same answer on every rank) and clean run.output accordingly (rank 0).
-    Returns the checkpoint to resume from, or None for a fresh start. Call on every rank."""
+    Returns the checkpoint to resume from, or None for a fresh start. Call on every rank.
+
+    `decided=True` is for ranks whose launcher already made that decision (and applied --force) once for the
+    whole run: a group restarted by Ray Train then resumes from the newest valid checkpoint, or restarts from
+    step 0 when it failed before the first one, instead of tripping over its own partial output."""
     sync = barrier or (lambda: None)
     out = cfg.run.output
-    info = None if cfg.run.force else latest_valid(out)
-    if info is None and not cfg.run.force and output_is_used(out):
+    force = cfg.run.force and not decided
+    info = None if force else latest_valid(out)
+    if info is None and not force and not decided and output_is_used(out):
         raise ResumeError(f"run.output {out} holds a previous run but no valid checkpoint to resume "
                           f"(none under {checkpoints_url(out)} has a complete MANIFEST.json); pass --force to "
                           f"start fresh (this deletes its checkpoints, rollouts, export and metrics.jsonl)")
     sync()  # every rank has read the storage state before rank 0 changes it
     if rank == 0:
-        if cfg.run.force:
+        if force:
             for entry in _RUN_ENTRIES:
                 url = storage.join(out, entry)
                 if storage.exists(url):

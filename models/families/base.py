@@ -8,7 +8,7 @@ x (B, C, H, W), sigmas (B,) and a conditioning dict `cond` of tensors with a lea
 
 `Family` is the whole interface (an MLP teacher such as toy2d implements it directly); `TransformerFamily`
 implements most of it for diffusers transformers, so a new large teacher only writes the few hooks it marks
-abstract (see docs/adding_a_teacher.md).
+abstract (see "Adding a teacher" in the README).
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +139,7 @@ class LoopbackCluster:
                 pass
         _kill_sessions(sessions)
         self.procs = []
+        shutil.rmtree(self.root, ignore_errors=True)  # session logs, sockets, unpacked job packages
 
 
 def _kill_sessions(sessions: list[int]) -> None:

@@ -145,9 +145,9 @@ class Killer(threading.Thread):
     later generation (processes not yet seen at an earlier kill: a restarted group), `times` times in all.
     Records what it killed; `stop()` ends it."""
 
-    def __init__(self, after: Path, find, times: int = 1):
+    def __init__(self, after: Path, find, times: int = 1, before_kill=None):
         super().__init__(daemon=True)
-        self.after, self.find, self.times = after, find, times
+        self.after, self.find, self.times, self.before_kill = after, find, times, before_kill
         self.killed: list[int] = []
         self._seen: set[int] = set()  # every process alive at an earlier kill (its generation is done for)
         self._stop_event = threading.Event()
@@ -158,6 +158,8 @@ class Killer(threading.Thread):
                 current = self.find()
                 fresh = [p for p in current if p not in self._seen]
                 if fresh:
+                    if self.before_kill is not None and not self.killed:
+                        self.before_kill()
                     try:
                         kill(fresh[0])
                         self.killed.append(fresh[0])
@@ -242,12 +244,19 @@ def test_when_every_restart_dies_the_run_stops_clearly_and_keeps_its_checkpoint(
     from cluster.student_group import StudentGroupFailed
     from trainer.checkpoint import latest_valid, verify
 
+    import shutil
+
+    weights = Path(tmp_path / "teacher")
+    shutil.copytree(teacher_dir, weights)  # this run's own copy: it is taken away mid-run
     out = tmp_path / "run"
-    cfg = _run_cfg(teacher_dir, out, max_failures=1)
-    # the first group and its one restart are both killed
-    killer = Killer(_manifest(out, 2), lambda: _session_pids("ray::RayTrainWorker"), times=2)
+    cfg = _run_cfg(str(weights), out, max_failures=1)
+    # A worker dies after the step-2 checkpoint, and at the same moment the teacher weights every rank
+    # builds its student from disappear (a lost mount): the restart, and any further one, cannot start.
+    killer = Killer(_manifest(out, 2), lambda: _session_pids("ray::RayTrainWorker"),
+                    before_kill=lambda: (weights / "transformer").rename(weights / "gone"))
     with pytest.raises(StudentGroupFailed) as err:
         _train(cfg, killer)
+    assert len(killer.killed) == 1
     message = str(err.value)
     assert "cluster.student.max_failures=1" in message and "last good checkpoint" in message
     newest = latest_valid(str(out), verify_mode="sha256")  # every file re-hashed against the manifest

@@ -188,3 +188,17 @@ def test_stop_ends_a_long_job(head, tmp_path):
     n = len(metrics.read_text().splitlines())
     time.sleep(2)
     assert len(metrics.read_text().splitlines()) == n  # nothing trains any more
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_taken_job_id_is_refused_clearly(head, tmp_path):
+    args = ["submit", str(TOY), "--address", head.dashboard_url, "--working-dir", str(ROOT), "--no-wait",
+            "--job-id", "toy-twice", *toy_overrides(tmp_path, iters=1)]
+    first = piflow(head, tmp_path, *args)
+    assert first.returncode == 0, _all(first)
+    second = piflow(head, tmp_path, *args)
+    assert second.returncode == 2 and "the cluster refused the submission" in second.stderr
+    assert "toy-twice" in second.stderr and head.token not in _all(second)
+    piflow(head, tmp_path, "stop", "toy-twice", "--address", head.dashboard_url)

@@ -109,3 +109,66 @@ def test_config_outside_the_workdir_is_refused(tmp_path):
     with pytest.raises(TemplateError, match="inside the working dir"):
         render("slurm", TemplateParams(config=str(cfg), workdir=str(ROOT)))
     assert f"WORKDIR={shlex.quote(str(ROOT))}" in _sbatch(nodes=3, gpus_per_node=2)
+
+
+# SLURM's `scontrol` and `srun` do not exist here: test doubles (named as such) run each step on this machine.
+SRUN_DOUBLE = """#!/bin/bash
+# test double for srun: drop the step options (and -w's host), run the command here
+while [[ $# -gt 0 ]]; do case "$1" in -w) shift 2;; -*) shift;; *) break;; esac; done
+exec "$@"
+"""
+SCONTROL_DOUBLE = """#!/bin/bash
+# test double for `scontrol show hostnames LIST`: the allocation is this one machine
+echo localhost
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rendered_sbatch_runs_a_ray_head_and_the_submitted_run(tmp_path):
+    """The rendered script run by bash (1 node, SLURM's commands replaced by test doubles): it starts a real
+    Ray head with token auth, waits for it, submits a tiny toy run through the Jobs API and exits with the
+    job's status; then its trap stops Ray."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    from tests.cluster.loopback_ray import _kill_sessions, _node_ports, free_ports
+    from tests.cluster.test_submit import TOY, toy_overrides
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN_DOUBLE), ("scontrol", SCONTROL_DOUBLE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    gcs, dash, client = free_ports(3)
+    ray_tmp = tempfile.mkdtemp(prefix="pfs-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    script = tmp_path / "run.sbatch"
+    script.write_text(render("slurm", TemplateParams(config=str(TOY), overrides=toy_overrides(tmp_path, iters=2),
+                                                     workdir=str(ROOT), nodes=1, cpus_per_node=2, gcs_port=gcs,
+                                                     dashboard_port=dash)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update({"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{env['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+                "SLURM_JOB_ID": "4242", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
+                # ports and temp dir of our own: other Ray clusters may run on this machine
+                "PIFLOW_RAY_START_ARGS": " ".join([f"--ray-client-server-port={client}",
+                                                   f"--temp-dir={ray_tmp}", *_node_ports()])})
+    proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        _kill_sessions([proc.pid])
+        out, _ = proc.communicate()
+        pytest.fail(f"the sbatch script did not finish in 240 s:\n{out[-6000:]}")
+    finally:
+        _kill_sessions([proc.pid])  # whatever the script's trap did not stop
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, out[-5000:]
+    assert "piflow: startup ray_nodes_up" in out
+    assert "piflow: submitted job toy2d-4242" in out  # <run.name>-<SLURM job id>
+    assert "piflow: job toy2d-4242 SUCCEEDED" in out
+    assert "done: 2 steps" in out
+    assert env["PIFLOW_RAY_START_ARGS"] and "RAY_AUTH_TOKEN=" not in out

@@ -155,6 +155,27 @@ def test_prepare_output_cleans_partial_and_requires_force_on_used_output(tmp_pat
     assert prepare_output(make_cfg(tmp_path / "fresh")) is None  # an unused output starts fresh
 
 
+def test_prepare_output_decided_by_the_launcher_never_wipes_or_refuses(tmp_path):
+    """Ranks restarted by Ray Train call prepare_output(decided=True): the launcher already applied --force once,
+    so a restart resumes from the newest valid checkpoint (never deleting it) and a restart before the first
+    checkpoint starts over instead of asking for --force."""
+    cfg = make_cfg(tmp_path / "run")
+    cfg.run.force = True
+    module, engine, ema = make_state(cfg)
+    manager = CheckpointManager(cfg.run.output)
+    manager.save(1, engine, ema, {}, module=module)
+    manager.close()
+    assert prepare_output(cfg, decided=True).step == 1
+    assert ckpt.list_steps(cfg.run.output) == [1]
+
+    early = make_cfg(tmp_path / "early")
+    Path(early.run.output).mkdir(parents=True)
+    (Path(early.run.output) / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with pytest.raises(ResumeError, match="--force"):
+        prepare_output(early)  # a user restarting a crashed run must choose
+    assert prepare_output(early, decided=True) is None  # a restarted group starts over
+
+
 def test_resume_warns_on_changed_config(tmp_path, caplog):
     cfg = make_cfg(tmp_path / "run")
     module, engine, ema = make_state(cfg)
