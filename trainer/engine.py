@@ -35,6 +35,14 @@ def lr_factor(cfg: Config, step: int) -> float:
     return start + (1.0 - start) * step / warm
 
 
+def apply_lr(cfg: Config, optimizer: torch.optim.Optimizer, step: int) -> float:
+    """Write the scheduled LR of `step` into every param group; returns it."""
+    lr = cfg.optim.lr * lr_factor(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def grad_clip_for(cfg: Config, step: int) -> float:
     """Global-norm clipping starts at `grad_clip_start` (PIFLOW.md §5); inf = no clipping."""
     if cfg.optim.grad_clip <= 0 or step < cfg.optim.grad_clip_start:
@@ -58,10 +66,7 @@ class TorchEngine:
         self._set_lr()
 
     def _set_lr(self) -> float:
-        lr = self.cfg.optim.lr * lr_factor(self.cfg, self.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return apply_lr(self.cfg, self.optimizer, self.global_step)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -343,10 +348,7 @@ class DeepSpeedEngine:
 
     # ---- the engine interface
     def _set_lr(self) -> float:
-        lr = self.cfg.optim.lr * lr_factor(self.cfg, self.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return apply_lr(self.cfg, self.optimizer, self.global_step)
 
     def _set_clip(self) -> float:
         max_norm = grad_clip_for(self.cfg, self.global_step)
