@@ -211,6 +211,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         images = None
         if pipe.vae() is not None:
             images = pipe.family.decode(pipe.vae(), latents).clamp(-1, 1)
+        elif not pipe.family.uses_vae:  # the latents are the images (digits)
+            images = pipe.family.decode(None, latents)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "wb") as f:
             f.write(preview_png(latents, images))

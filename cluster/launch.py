@@ -55,9 +55,10 @@ def launch_distributed(cfg: Config) -> list[dict]:
 
             with times.phase("data_feed"):
                 feed = start_data_feed(cfg, data_placement(cfg))
-        summaries = run_student_group(cfg, group.servers if group else None,
-                                      None if feed else cond_shapes_without_prompts(cfg),
-                                      feed=feed.actor if feed else None)
+        with MetricsProgress(cfg):
+            summaries = run_student_group(cfg, group.servers if group else None,
+                                          None if feed else cond_shapes_without_prompts(cfg),
+                                          feed=feed.actor if feed else None)
         data_metrics = feed.metrics() if feed else {}
     finally:
         if feed is not None:
@@ -70,6 +71,60 @@ def launch_distributed(cfg: Config) -> list[dict]:
     print(f"piflow: {times.format()}")
     print(format_summary(summaries, data_metrics), flush=True)
     return summaries
+
+
+class MetricsProgress:
+    """A progress bar in the driver that follows rank 0's `metrics.jsonl` (the ranks run in Ray workers, whose
+    output reaches the driver line by line). Local `run.output` only; elsewhere it shows nothing."""
+
+    def __init__(self, cfg: Config, poll_s: float = 1.0):
+        import threading
+        from pathlib import Path
+
+        self.path = None if "://" in cfg.run.output else Path(cfg.run.output) / "metrics.jsonl"
+        self.total = cfg.train.iters
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="metrics-progress", daemon=True)
+
+    def __enter__(self) -> "MetricsProgress":
+        if self.path is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        import json
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total, desc="pi-ID", unit="step", dynamic_ncols=True)
+        offset, done = 0, False
+        while not done:
+            done = self._stop.wait(self.poll_s)  # one last read after the run ends
+            if not self.path.exists():
+                continue
+            if self.path.stat().st_size < offset:
+                offset = 0  # a resuming rank 0 truncated the records past its checkpoint
+            with open(self.path) as f:
+                f.seek(offset)
+                for line in f:
+                    if not line.endswith("\n"):
+                        break  # half-written: read it next time
+                    offset += len(line.encode())
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    bar.n = int(record.get("step", bar.n))
+                    if "loss" in record:
+                        bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
+            bar.refresh()
+        bar.close()
 
 
 def format_summary(summaries: list[dict], data_metrics: dict) -> str:

@@ -142,6 +142,8 @@ class RolloutHook:
     def __init__(self, cfg: Config, family, student: torch.nn.Module, rank: int = 0, logger=None,
                  encode: Optional[Callable[[list[str]], Any]] = None,
                  decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        if decode is None and not getattr(family, "uses_vae", True):  # the latents are the images (digits)
+            decode = lambda x0: family.decode(None, x0)  # noqa: E731
         self.cfg, self.student, self.rank, self.logger, self.decode = cfg, student, rank, logger, decode
         self.prompts = validation_prompts(cfg)
         if encode is not None and not self.prompts:

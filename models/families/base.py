@@ -28,7 +28,7 @@ class Family(abc.ABC):
     """The interface every family implements. Stateless: each method receives the config it needs."""
 
     name: str = ""
-    uses_vae: bool = True  # False where the policy's latents are the images themselves (toy2d, digits)
+    uses_vae: bool = True  # False where the latents are the images themselves (digits): `decode(None, x)`
 
     @abc.abstractmethod
     def latent_shape(self, cfg: Config) -> tuple[int, int, int]:
