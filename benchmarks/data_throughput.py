@@ -77,7 +77,7 @@ def main() -> int:
     try:
         for workers in (1, 2):
             pool = DataWorkerPool(url, args.batch_size, seed=0, num_workers=workers, prefetch=2)
-            rows.append((f"DataWorkerPool", workers, measure(pool, args.batches)))
+            rows.append(("DataWorkerPool", workers, measure(pool, args.batches)))
             pool.shutdown()
     finally:
         ray.shutdown()

@@ -45,9 +45,10 @@ def _worker(config: dict) -> None:
     prompt_batches = None
     if feed is not None:  # this rank's slices of the one global stream the BatchFeed actor serves
 
-        def prompt_batches(info):
+        def feed_batches(info):
             return FeedIterator(feed, info.rank, info.world_size, cfg.data.layout)
 
+        prompt_batches = feed_batches
     elif cfg.data.shards:
         raise ValueError("data.shards is set but the student group got no data feed (cluster.launch starts it)")
     summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],

@@ -7,7 +7,7 @@ from data_pipeline import storage
 from data_pipeline.order import Cursor, tasks
 from data_pipeline.reader import ReadOptions, ShardReader
 from data_pipeline.stream import PromptStream
-from tests.data_pipeline.helpers import new_bucket, prompt_samples, tar_bytes, write_shards
+from tests.data_pipeline.helpers import new_bucket, tar_bytes, write_shards
 
 SIZES = [5, 7, 3, 6, 4]
 OPTS = ReadOptions(max_prompt_chars=8, overlong="skip", read_attempts=1, read_backoff_s=0.01, encode_batch_size=3)

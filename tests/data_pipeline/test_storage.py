@@ -1,5 +1,4 @@
 import errno
-import io
 import os
 
 import pytest

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from models.families import get_family
 from models.heads import GMHead
 from models.piid import PiIDParams, data_free_iteration
 from models.policies import DXPolicy, GMPolicy
 from trainer.config import config_from_dict
+from trainer.planner import lora_parameter_count
 
 C, S = 4, 8
 FLUX_LORA = ["proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -93,15 +93,6 @@ def test_dx_student_grid_starts_at_teacher_x0(family):
     assert torch.allclose(policy.x0_grid, x0_teacher.unsqueeze(1).expand(-1, 10, -1, -1, -1), atol=1e-5)
 
 
-def _expected_lora_params(network: nn.Module, targets: list[str], rank: int, excluded: set[str]) -> int:
-    total = 0
-    for name, module in network.named_modules():
-        if isinstance(module, nn.Linear) and "." in name and name not in excluded \
-                and any(name.endswith("." + t) for t in targets):
-            total += rank * (module.in_features + module.out_features)
-    return total
-
-
 @pytest.mark.parametrize("family,targets", [("flux", FLUX_LORA), ("qwen_image", QWEN_LORA)])
 def test_lora_trains_only_adapters_heads_and_norm_out(family, targets):
     fam = get_family(family)
@@ -110,7 +101,8 @@ def test_lora_trains_only_adapters_heads_and_norm_out(family, targets):
     excluded = set()
     if family == "qwen_image":  # the last block's text MLP has no consumer: no adapter (PIFLOW.md §5)
         excluded = {f"transformer_blocks.1.txt_mlp.{t}" for t in ("net.0.proj", "net.2")}
-    expected = _expected_lora_params(reference, targets, 4, excluded)
+    # the planner's closed form r * (in + out) per adapted Linear, checked here against peft's real adapters
+    expected = lora_parameter_count(reference, targets, 4, excluded)
     student = fam.build_student(cfg, fam.build_teacher(cfg))
     head = sum(p.numel() for p in student.head.parameters())
     norm_out = sum(p.numel() for p in student.tail.parameters())

@@ -4,7 +4,6 @@ export); `piflow sample` writes a PNG and the latents; ZeRO-3 partitions consoli
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
