@@ -41,10 +41,9 @@ def build_prompt_shards(cfg: Config, repeats: int) -> str:
     """Digit prompts (every digit `repeats` times, unique keys) as webdataset shards at `data.shards`."""
     import tempfile
 
+    from data_pipeline import storage
     from data_pipeline.digits import digit_prompts
     from data_pipeline.shards import build_shards
-
-    from data_pipeline import storage
 
     out = cfg.data.shards
     if "{" in out or out.endswith(".tar"):
