@@ -43,11 +43,10 @@ def cache_dir(cfg: Config) -> Path:
 
 
 def teacher_path(cfg: Config) -> Path:
-    """toy2d: one safetensors file; digits: a diffusers-layout directory (trainer/digits_teacher.py)."""
+    """The cached toy2d teacher (one safetensors file); the digits teacher lives at `model.pretrained`."""
     spec = teacher_spec(cfg)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    suffix = ".safetensors" if spec["family"] == "toy2d" else ""
-    return cache_dir(cfg) / f"{spec['family']}-{key}{suffix}"
+    return cache_dir(cfg) / f"{spec['family']}-{key}.safetensors"
 
 
 def ensure_teacher(cfg: Config, force: bool = False, progress: bool = True) -> Path:

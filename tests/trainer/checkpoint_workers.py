@@ -8,26 +8,17 @@ def ds_checkpoint_run(output: str, teacher_path: str) -> dict:
     """ZeRO-3 tiny FLUX: 4 steps with checkpoints after steps 2 and 4 through CheckpointManager (shards staged
     locally per rank, uploaded, manifest by rank 0), then resume from step 2 and replay steps 3-4."""
     import torch.distributed as dist
-    from safetensors import safe_open
 
-    from tests.trainer.engine_workers import _batch, make_cfg
-    from tests.trainer.tiny_flux import TinyFlux
+    from tests.trainer.engine_workers import _batch, make_cfg, student_and_teacher
     from trainer.checkpoint import CheckpointInfo, CheckpointManager, read_manifest, step_dirname
     from trainer.config import config_from_dict
     from trainer.distributed import rank_info
     from trainer.ema import PowerEMA
-    from trainer.engine import build_engine, load_partitioned, partitioned_construction
+    from trainer.engine import build_engine
     from trainer.resume import resume_state, save_state
 
     cfg = config_from_dict({**make_cfg(2), "run": {"output": output}})
-    torch.manual_seed(123)
-    with partitioned_construction(cfg):
-        student = TinyFlux()
-    with safe_open(teacher_path, framework="pt") as f:
-        load_partitioned(student, f)
-    teacher = TinyFlux().requires_grad_(False).eval()
-    with safe_open(teacher_path, framework="pt") as f:
-        load_partitioned(teacher, f)
+    student, teacher = student_and_teacher(cfg, teacher_path)
     engine = build_engine(cfg, student)
     ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=engine.local_master)
     info = rank_info()

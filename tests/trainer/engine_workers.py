@@ -30,15 +30,10 @@ def _batch(step: int, global_batch: int, info) -> tuple:
     return x, sigma, cond
 
 
-def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: bool = False,
-                     ckpt_dir: str = "", ckpt_step: int = -1) -> dict:
-    """Student initialised from the teacher file (partitioned), L2 regression to `teacher + 0.1 x`.
-
-    With `ckpt_dir`, saves a checkpoint (ZeRO shards + EMA shard) after step `ckpt_step`, and after the last
-    step reloads it and replays the remaining steps (`replay_loss`, `replay_ema_equal`)."""
+def student_and_teacher(cfg, teacher_path: str) -> tuple[TinyFlux, TinyFlux]:
+    """The student built partitioned (zero.Init under deepspeed) and the frozen teacher, both from the file."""
     from safetensors import safe_open
 
-    cfg = config_from_dict({**cfg_dict, "model": {"gradient_checkpointing": grad_ckpt}})
     torch.manual_seed(123)  # construction RNG: the teacher file overwrites every weight anyway
     with partitioned_construction(cfg):
         student = TinyFlux()
@@ -47,6 +42,17 @@ def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: b
     teacher = TinyFlux().requires_grad_(False).eval()
     with safe_open(teacher_path, framework="pt") as f:
         load_partitioned(teacher, f)
+    return student, teacher
+
+
+def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: bool = False,
+                     ckpt_dir: str = "", ckpt_step: int = -1) -> dict:
+    """Student initialised from the teacher file (partitioned), L2 regression to `teacher + 0.1 x`.
+
+    With `ckpt_dir`, saves a checkpoint (ZeRO shards + EMA shard) after step `ckpt_step`, and after the last
+    step reloads it and replays the remaining steps (`replay_loss`, `replay_ema_equal`)."""
+    cfg = config_from_dict({**cfg_dict, "model": {"gradient_checkpointing": grad_ckpt}})
+    student, teacher = student_and_teacher(cfg, teacher_path)
     engine = build_engine(cfg, student)
     info = rank_info()
     ds = cfg.train.engine == "deepspeed"
