@@ -54,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from trainer.config import ConfigError
+    from trainer.lease import LeaseHeld, LeaseLost
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"piflow: config error: {e}", file=sys.stderr)
         return 2
+    except (LeaseHeld, LeaseLost) as e:  # issue 11: another run writes to run.output
+        print(f"piflow: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -9,22 +9,39 @@ from trainer.config import Config, ConfigError
 
 
 def launch_training(cfg: Config, config_path: str | None = None) -> None:
+    """Preflight (cluster/preflight.py: config, output URL and a storage round trip, shards, teacher weights,
+    resume world size; before anything is deleted or started), then the output's single-writer lease
+    (trainer/lease.py) for the whole run, then the run itself."""
     engine, workers = cfg.train.engine, cfg.cluster.student.workers
-    if engine == "torch":
-        if workers != 1:
-            raise ConfigError(f"{config_path or '<config>'}: key 'cluster.student.workers': train.engine: torch "
-                              f"runs in one process, got {workers} workers (use train.engine: deepspeed)")
-        from trainer.local_run import run_local
-
-        run = run_local(cfg)
-        print(f"done: {run.steps} steps; metrics in {run.metrics_path}")
-    elif engine == "deepspeed":
-        launch_distributed(cfg)
-    else:  # the config's Literal makes this unreachable; kept so a new engine value cannot fall through
+    if engine == "torch" and workers != 1:
+        raise ConfigError(f"{config_path or '<config>'}: key 'cluster.student.workers': train.engine: torch "
+                          f"runs in one process, got {workers} workers (use train.engine: deepspeed)")
+    if engine not in ("torch", "deepspeed"):  # the config's Literal makes this unreachable
         raise ConfigError(f"{config_path or '<config>'}: key 'train.engine': unknown engine {engine!r}")
+    from cluster.preflight import preflight
+    from trainer.lease import Lease, new_run_id
+
+    preflight(cfg, config_path)
+    run_id = new_run_id(cfg.run.name)
+    with Lease(cfg.run.output, run_id, cfg.run.lease_heartbeat_s) as lease:
+        if engine == "torch":
+            from trainer.local_run import run_local
+
+            run = run_local(cfg, guard=lease.check)
+            print(f"done: {run.steps} steps; metrics in {run.metrics_path}")
+        else:
+            launch_distributed(cfg, run_id=run_id)
 
 
-def launch_distributed(cfg: Config) -> list[dict]:
+def write_config(cfg: Config) -> None:
+    """`<run.output>/config.yaml`: the resolved config of every run (local or object storage)."""
+    from data_pipeline import storage
+    from trainer.config import dump_config
+
+    storage.put_bytes(storage.join(cfg.run.output, "config.yaml"), dump_config(cfg).encode())
+
+
+def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
     """`train.engine: deepspeed`: Ray up (embedded `local` or `cluster.address`), the TeacherServer group
     (separate placement), the prompt feed (`data.shards`), the student group under Ray Train; everything
     started here is stopped in `finally`. Prints the startup phases and a summary; returns the rank summaries."""
@@ -42,6 +59,7 @@ def launch_distributed(cfg: Config) -> list[dict]:
     # restarts them, only resume from the newest valid checkpoint.
     resume.prepare_output(cfg, rank=0)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, force=False))
+    write_config(cfg)
     times = PhaseTimes()  # startup per phase (issue 7); the ranks print student_init / first_step
     own_ray = not ray.is_initialized()  # a Ray this call starts is shut down here; a caller's is left alone
     group = feed = None
@@ -58,7 +76,7 @@ def launch_distributed(cfg: Config) -> list[dict]:
         with MetricsProgress(cfg):
             summaries = run_student_group(cfg, group.servers if group else None,
                                           None if feed else cond_shapes_without_prompts(cfg),
-                                          feed=feed.actor if feed else None)
+                                          feed=feed.actor if feed else None, run_id=run_id)
         data_metrics = feed.metrics() if feed else {}
     finally:
         if feed is not None:
@@ -74,22 +92,24 @@ def launch_distributed(cfg: Config) -> list[dict]:
 
 
 class MetricsProgress:
-    """A progress bar in the driver that follows rank 0's `metrics.jsonl` (the ranks run in Ray workers, whose
-    output reaches the driver line by line). Local `run.output` only; elsewhere it shows nothing."""
+    """A progress bar in the driver that follows rank 0's metrics log on run.output (the ranks run in Ray
+    workers, maybe on other nodes): a local metrics.jsonl, or its segments on object storage, where only the
+    segments not read yet are fetched (every 5 s)."""
 
     def __init__(self, cfg: Config, poll_s: float = 1.0):
         import threading
-        from pathlib import Path
 
-        self.path = None if "://" in cfg.run.output else Path(cfg.run.output) / "metrics.jsonl"
+        from data_pipeline import storage
+
+        self.url = storage.join(cfg.run.output, "metrics.jsonl")
+        self.segmented = storage.is_s3(self.url)
         self.total = cfg.train.iters
-        self.poll_s = poll_s
+        self.poll_s = max(poll_s, 5.0) if self.segmented else poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="metrics-progress", daemon=True)
 
     def __enter__(self) -> "MetricsProgress":
-        if self.path is not None:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -97,25 +117,44 @@ class MetricsProgress:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
+    def _new_records(self):
+        """Records appended since the last call (a generator over the file or the new segments)."""
+        import json
+        import os
+
+        from data_pipeline import storage
+        from trainer.record_log import segments
+
+        if self.segmented:
+            for n, url in segments(self.url):
+                if n >= self._next_segment:
+                    self._next_segment = n + 1
+                    for line in storage.get_bytes(url).decode("utf-8").splitlines():
+                        yield line
+            return
+        if not os.path.exists(self.url):
+            return
+        if os.path.getsize(self.url) < self._offset:
+            self._offset = 0  # a resuming rank 0 truncated the records past its checkpoint
+        with open(self.url) as f:
+            f.seek(self._offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # half-written: read it next time
+                self._offset += len(line.encode())
+                yield line
+
     def _follow(self) -> None:
         import json
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total, desc="pi-ID", unit="step", dynamic_ncols=True)
-        offset, done = 0, False
+        self._offset, self._next_segment, done = 0, 0, False
         while not done:
             done = self._stop.wait(self.poll_s)  # one last read after the run ends
-            if not self.path.exists():
-                continue
-            if self.path.stat().st_size < offset:
-                offset = 0  # a resuming rank 0 truncated the records past its checkpoint
-            with open(self.path) as f:
-                f.seek(offset)
-                for line in f:
-                    if not line.endswith("\n"):
-                        break  # half-written: read it next time
-                    offset += len(line.encode())
+            try:
+                for line in self._new_records():
                     try:
                         record = json.loads(line)
                     except ValueError:
@@ -123,25 +162,27 @@ class MetricsProgress:
                     bar.n = int(record.get("step", bar.n))
                     if "loss" in record:
                         bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
+            except Exception:  # noqa: BLE001 - a progress bar never fails the run (storage hiccup)
+                pass
             bar.refresh()
         bar.close()
 
 
 def format_summary(summaries: list[dict], data_metrics: dict) -> str:
     """The end-of-run lines: steps, where the metrics/checkpoints went, the last loss, teacher and data stats."""
-    from pathlib import Path
-
     from trainer.metrics import read_metrics
 
     s0 = summaries[0]
     lines = [f"done: {s0['steps']} steps on {len(summaries)} ranks (started at step {s0.get('start_step', 0)}"
              + (f", resumed from {s0['resumed_from']}" if s0.get("resumed_from") else "") + ")",
              f"  metrics: {s0['metrics_path']}"]
-    if Path(s0["metrics_path"]).exists():
-        records = read_metrics(s0["metrics_path"])
-        if records:
-            last = records[-1]
-            lines.append(f"  last step {last['step']}: loss {last['loss']:.6g} (mean over ranks)")
+    try:
+        records = read_metrics(s0["metrics_path"])  # from run.output: local or object storage
+    except FileNotFoundError:
+        records = []
+    if records:
+        last = records[-1]
+        lines.append(f"  last step {last['step']}: loss {last['loss']:.6g} (mean over ranks)")
     if s0.get("checkpoint_steps"):
         lines.append(f"  checkpoints written this session: steps {s0['checkpoint_steps']}")
     for stats in s0.get("teacher_stats", []):

@@ -4,13 +4,15 @@ group, gloo on CPU / nccl on GPU, and DeepSpeed ZeRO-3 runs inside), restarted b
 Each worker runs `trainer.rank_program.run_rank` with a `RemoteTeacher` over the TeacherServer handles
 (separate placement) or none (shared), and a `FeedIterator` factory over the launcher's BatchFeed actor
 (prompt data) or none (data-free synthetic batches), and writes its summary to
-`<output>/rank_summaries/rank_R.json`.
+`<output>/rank_summaries/rank_R.json` on run.output (local or object storage: the driver reads the summaries
+from there, never from a node's disk). Ray Train's own run dir (`cluster.storage_path`) defaults to node-local
+scratch: the ranks report no Ray Train checkpoints, everything that must survive is under run.output.
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from functools import partial
 from typing import Any, Optional
 
 from trainer.config import Config
@@ -51,15 +53,25 @@ def _worker(config: dict) -> None:
         prompt_batches = feed_batches
     elif cfg.data.shards:
         raise ValueError("data.shards is set but the student group got no data feed (cluster.launch starts it)")
+    from data_pipeline import storage
+    from trainer.lease import check_holder
+    from trainer.scratch import scratch_root
+
+    guard = partial(check_holder, config["output"], config["run_id"]) if config.get("run_id") else None
     summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
-                       output_dir=config["output"])
+                       output_dir=config["output"], guard=guard)
     if teacher is not None:
         summary["teacher_stats"] = teacher.stats()
     summary["node_id"] = ray.get_runtime_context().get_node_id()  # issue 7: where the rank ran
-    path = Path(config["output"]) / "rank_summaries" / f"rank_{rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary))
+    summary["scratch"] = scratch_root(cfg)  # issue 11: the node-local dir this rank staged in
+    storage.put_bytes(summary_url(config["output"], rank), json.dumps(summary).encode())
     ray.train.report({"steps": summary["steps"]})
+
+
+def summary_url(output: str, rank: int) -> str:
+    from data_pipeline import storage
+
+    return storage.join(output, "rank_summaries", f"rank_{rank}.json")
 
 
 def absolute_local_paths(cfg: Config) -> Config:
@@ -78,6 +90,7 @@ def absolute_local_paths(cfg: Config) -> Config:
     cfg.model.text_encoder = fix(cfg.model.text_encoder, must_exist=True)
     cfg.data.shards = fix(cfg.data.shards, must_exist=True)  # brace patterns and lists stay as they are
     cfg.cluster.storage_path = fix(cfg.cluster.storage_path, must_exist=False)
+    cfg.run.scratch = fix(cfg.run.scratch, must_exist=False)
     return cfg
 
 
@@ -99,23 +112,27 @@ def cond_shapes_without_prompts(cfg: Config) -> dict[str, list[int]]:
 
 
 def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optional[dict[str, list[int]]] = None,
-                      output: Optional[str] = None, num_threads: int = 0, feed: Any = None) -> list[dict[str, Any]]:
+                      output: Optional[str] = None, num_threads: int = 0, feed: Any = None,
+                      run_id: str = "") -> list[dict[str, Any]]:
     """Train under Ray Train; returns the per-rank summaries (index = rank).
 
     `feed`: the BatchFeed actor of the prompt data (`cluster.data_worker.start_data_feed`) when `data.shards`
-    is set; otherwise `cond_shapes` sizes the random conditioning of data-free batches."""
+    is set; otherwise `cond_shapes` sizes the random conditioning of data-free batches. `run_id`: the holder of
+    the output's lease (trainer/lease.py); the ranks check it before they write."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.cluster.student
     use_gpu = s.gpus_per_worker > 0
-    if "://" in str(output or cfg.run.output):
-        raise NotImplementedError("run.output on object storage: the student group writes metrics locally")
+    from data_pipeline import storage as object_storage
+    from trainer.scratch import run_scratch
+
     cfg = absolute_local_paths(cfg)
     if output:
-        cfg.run.output = os.path.abspath(output)
-    out = Path(cfg.run.output)
-    storage = cfg.cluster.storage_path or str(out / "ray_train")
+        cfg.run.output = output if object_storage.is_s3(output) else os.path.abspath(output)
+    out = cfg.run.output
+    storage = cfg.cluster.storage_path or (run_scratch(cfg, "ray_train") if object_storage.is_s3(out)
+                                           else os.path.join(out, "ray_train"))
     resources = {"CPU": s.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = s.gpus_per_worker
@@ -124,7 +141,7 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "servers": servers or [], "cond_shapes": cond_shapes,
-                           "output": str(out), "num_threads": num_threads, "feed": feed},
+                           "output": out, "num_threads": num_threads, "feed": feed, "run_id": run_id},
         torch_config=TorchConfig(backend=_backend(cfg, use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy="PACK"),
@@ -135,7 +152,7 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
         trainer.fit()
     except Exception as e:  # issue 7: a clear stop once every restart has failed, naming what is left
         raise StudentGroupFailed(_failure_message(cfg, e)) from e
-    return [json.loads((out / "rank_summaries" / f"rank_{r}.json").read_text()) for r in range(s.workers)]
+    return [json.loads(object_storage.get_bytes(summary_url(out, r))) for r in range(s.workers)]
 
 
 class StudentGroupFailed(RuntimeError):

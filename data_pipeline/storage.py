@@ -196,6 +196,36 @@ def download(url: str, local_path: str) -> None:
     retry(lambda: fs.get_file(_fs_path(url), local_path), f"download {url}")
 
 
+def upload_dir(local_dir: str, url: str) -> list[str]:
+    """Copy every file under `local_dir` to `url` (same relative paths). Returns the relative paths."""
+    rels = []
+    for dirpath, _, names in sorted(os.walk(local_dir)):
+        for name in sorted(names):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            upload(path, join(url, *rel.split("/")))
+            rels.append(rel)
+    return rels
+
+
+def download_dir(url: str, local_dir: str) -> list[str]:
+    """Copy every object under the prefix/dir `url` into `local_dir`. Returns the relative paths copied;
+    FileNotFoundError when there is nothing under `url`."""
+    fs = filesystem(url)
+    root = _fs_path(url).rstrip("/")
+    files = retry(lambda: fs.find(root), f"list {url}")
+    if not files:
+        raise FileNotFoundError(f"{url}: nothing to download")
+    rels = []
+    for f in files:
+        rel = str(f)[len(root):].lstrip("/")
+        if not rel:
+            continue
+        download(join(url, *rel.split("/")), os.path.join(local_dir, *rel.split("/")))
+        rels.append(rel)
+    return rels
+
+
 def size(url: str) -> int:
     """Size in bytes of the object/file at `url` (S3: one HEAD; FileNotFoundError when missing)."""
     fs = filesystem(url)

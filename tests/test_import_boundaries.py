@@ -12,7 +12,8 @@ FORBIDDEN = {
     "trainer": {"ray", "cluster", "s3fs"},
 }
 # Each runtime has one owner.
-OWNERS = {"deepspeed": {"trainer/engine.py"}, "wandb": {"trainer/metrics.py"}, "s3fs": {"data_pipeline/storage.py"}}
+OWNERS = {"deepspeed": {"trainer/engine.py"}, "wandb": {"trainer/metrics.py"}, "s3fs": {"data_pipeline/storage.py"},
+          "huggingface_hub": {"trainer/weights.py"}}
 
 
 def imported_modules(path: Path) -> set[str]:

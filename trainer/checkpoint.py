@@ -252,9 +252,24 @@ class _Job:
     uploaded: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> size/sha256, kept across retries
 
 
-def default_staging_dir(run_output: str, rank: int) -> str:
+def default_staging_dir(run_output: str, rank: int, scratch: str = "") -> str:
+    """`<run.scratch or the system temp dir>/piflow-staging/<run key>-r<rank>`: node-local (issue 11)."""
     key = hashlib.sha256(run_output.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), "piflow-staging", f"{key}-r{rank}")
+    return os.path.join(scratch or tempfile.gettempdir(), "piflow-staging", f"{key}-r{rank}")
+
+
+def staging_bytes_estimate(engine, ema=None) -> int:
+    """Bytes a save of this rank stages, before the first one has been measured: its fp32 partition of the
+    trained parameters x (weights + 2 Adam moments + EMA), plus 10% for metadata."""
+    local = 0
+    for p in getattr(engine, "params", []):
+        if getattr(p, "requires_grad", True):
+            local += (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel())
+    return int(local * 4 * (3 + (ema is not None)) * 1.1)
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
 
 
 class CheckpointManager:
@@ -265,7 +280,7 @@ class CheckpointManager:
 
     def __init__(self, run_output: str, rank: int = 0, world_size: int = 1, keep_last: int = 2,
                  keep_every: int = 0, queue_size: int = 2, barrier: Optional[Callable[[], None]] = None,
-                 staging_dir: Optional[str] = None, part_timeout_s: float = 1800.0):
+                 staging_dir: Optional[str] = None, part_timeout_s: float = 1800.0, scratch: str = ""):
         if keep_last < 1:
             raise ValueError(f"train.ckpt_keep_last must be >= 1, got {keep_last}")
         if queue_size < 1:
@@ -278,7 +293,8 @@ class CheckpointManager:
         self.part_timeout_s = part_timeout_s
         self._own_staging = staging_dir is None
         # One staging dir per (run, rank), emptied on start: a killed process cannot leave copies piling up.
-        self.staging = staging_dir or default_staging_dir(run_output, rank)
+        self.staging = staging_dir or default_staging_dir(run_output, rank, scratch)
+        self._staged_bytes = 0  # the size of this rank's last save: the free-space check's estimate
         if self._own_staging:
             shutil.rmtree(self.staging, ignore_errors=True)
             os.makedirs(self.staging)
@@ -293,14 +309,19 @@ class CheckpointManager:
         """Snapshot this rank's state at `step` and queue its upload. Returns the seconds training waited
         for a free queue slot. `meta` (rank 0, JSON-able: config, config hash, wandb id) goes into the
         manifest."""
+        from trainer.scratch import ensure_free
+
         local = os.path.join(self.staging, step_dirname(step), rank_dirname(self.rank))
         if os.path.exists(local):
             shutil.rmtree(local)
+        ensure_free(self.staging, max(self._staged_bytes, staging_bytes_estimate(engine, ema)),
+                    f"staging the step {step} checkpoint of rank {self.rank}")
         os.makedirs(local)
         save_engine(engine, os.path.join(local, "engine"))
         if ema is not None:
             torch.save(ema_payload(ema, module), os.path.join(local, "ema.pt"))
         torch.save({"step": step, **(client_state or {})}, os.path.join(local, "client.pt"))
+        self._staged_bytes = _dir_bytes(local)
         self._ensure_worker()
         t0 = time.perf_counter()
         self._queue.put(_Job(step, local, dict(meta or {})))

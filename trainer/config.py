@@ -29,6 +29,16 @@ class RunConfig:
     output: str = "runs/piflow"  # local dir or s3://bucket/prefix
     seed: int = 0
     force: bool = False  # start fresh on an output that already holds checkpoints
+    # issue 11: node-local scratch (checkpoint staging, wandb files, hub cache, Ray Train's local dir);
+    # "" = the system temp dir. Nothing under it is read by another node; it may vanish with the node.
+    scratch: str = ""
+    # appending logs (metrics.jsonl, data_keys/) on object storage go up as numbered segments, flushed every
+    # `log_flush_steps` steps (1..100000) or `log_flush_s` seconds (> 0), and at every checkpoint
+    log_flush_steps: int = 20
+    log_flush_s: float = 30.0
+    # the single-writer lease on run.output (trainer/lease.py): renewed every `lease_heartbeat_s` (> 0);
+    # a lease older than 3 heartbeats is stale and may be taken over
+    lease_heartbeat_s: float = 30.0
 
 
 @dataclass
@@ -193,7 +203,7 @@ class ClusterConfig:
     num_cpus: int = 0  # local Ray only; 0 = all
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # student process group; auto = nccl on GPU, else gloo
     data_cpus_per_worker: float = 1.0
-    storage_path: str = ""  # Ray Train run storage; "" = <run.output>/ray_train (local output only)
+    storage_path: str = ""  # Ray Train run dir; "" = <run.output>/ray_train (local output) or node-local scratch
     student: StudentGroupConfig = field(default_factory=StudentGroupConfig)
 
 
@@ -354,6 +364,9 @@ def validate(cfg: Config, source: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: key '{key}': {msg}")
 
+    need(1 <= cfg.run.log_flush_steps <= 100_000, "run.log_flush_steps", "must be in [1, 100000]")
+    need(cfg.run.log_flush_s > 0, "run.log_flush_s", "must be > 0")
+    need(cfg.run.lease_heartbeat_s > 0, "run.lease_heartbeat_s", "must be > 0")
     need(cfg.distill.nfe >= 1, "distill.nfe", "must be >= 1")
     need(0 < cfg.distill.final_step_scale <= 1, "distill.final_step_scale", "must be in (0, 1]")
     need(cfg.distill.shift > 0, "distill.shift", "must be > 0")

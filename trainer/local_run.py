@@ -51,12 +51,6 @@ def noise_batches(cfg: Config, family, generator: torch.Generator) -> Iterator[t
         yield torch.randn((cfg.train.batch_size, *shape), generator=generator), None
 
 
-def local_dir(cfg: Config) -> Path:
-    if "://" in cfg.run.output:
-        raise ConfigError(f"run.output: in-process training writes to a local directory, got {cfg.run.output!r}")
-    return Path(cfg.run.output)
-
-
 def toy_eval_hook(cfg: Config, family, teacher, student, progress: bool = False) -> Callable[[int], dict]:
     """Distribution metrics of cfg.eval.num_samples student samples (eval.nfe steps, temperature per
     eval.temperature) against a 256-step teacher set drawn once."""
@@ -79,7 +73,10 @@ def toy_eval_hook(cfg: Config, family, teacher, student, progress: bool = False)
 
 
 def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
-              eval_hook: Optional[Callable[[int], dict]] = None) -> LocalRun:
+              eval_hook: Optional[Callable[[int], dict]] = None,
+              guard: Optional[Callable[[], None]] = None) -> LocalRun:
+    """The whole run in this process; run.output local or `s3://`. `guard()`: the output lease's check
+    (trainer/lease.py), called before logs and checkpoints are written."""
     if cfg.train.engine != "torch" or cfg.cluster.student.workers != 1:
         raise ConfigError("in-process training needs train.engine: torch and cluster.student.workers: 1")
     from trainer import resume
@@ -93,25 +90,30 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
     generators = {"noise": torch.Generator().manual_seed(cfg.run.seed + 1),
                   "piid": torch.Generator().manual_seed(cfg.run.seed + 2)}
 
-    out = local_dir(cfg)
+    from data_pipeline import storage
+
+    out = cfg.run.output
     manager = state = None
     if checkpoints:
         info = resume.prepare_output(cfg, rank=0)
         manager = resume.make_manager(cfg, rank=0, world_size=1)
         state = resume.resume_state(cfg, manager, info, engine, ema, student, generators)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    storage.makedirs(out)
+    storage.put_bytes(storage.join(out, "config.yaml"), dump_config(cfg).encode())
     if eval_hook is None and cfg.eval.every and cfg.model.family == "toy2d":
         eval_hook = toy_eval_hook(cfg, family, teacher, student)
 
     logger = MetricsLogger(cfg, out, run_id=(state.wandb_run_id or None) if state else None,
-                           resume_step=(state.step if state else 0) if checkpoints else None)
+                           resume_step=(state.step if state else 0) if checkpoints else None, guard=guard)
     if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/rollouts.py, issue 6)
         from trainer.rollouts import RolloutHook, chain_hooks
 
         eval_hook = chain_hooks(eval_hook, RolloutHook(cfg, family, student, logger=logger))
 
     def checkpoint_hook(step: int) -> float:
+        if guard is not None:
+            guard()
+        logger.flush()  # the log on storage covers every step up to the checkpoint
         return resume.save_state(cfg, manager, step, engine, ema, student, generators=generators,
                                  wandb_run_id=logger.wandb_run_id or "")
 

@@ -1,7 +1,7 @@
 """Training metrics: the only module that imports wandb.
 
-Every step goes to `metrics.jsonl` (one JSON object per line, at least `step` and `loss`) in a local
-directory (with `resume_step`, records after the resumed checkpoint are dropped on open, so a resumed run
+Every step goes to `metrics.jsonl` (one JSON object per line, at least `step` and `loss`) under run.output,
+a local file or numbered segments on object storage (trainer/record_log.py; with `resume_step`, records after the resumed checkpoint are dropped on open, so a resumed run
 never leaves duplicate steps); every `console_every` steps a one-line summary is printed; wandb gets the
 same dict when `wandb.mode` is `offline` or `online` (`disabled` never imports it). Only rank 0 logs.
 """
@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from tqdm.auto import tqdm
 
 from trainer.config import Config
+from trainer.record_log import RecordLog, read_records, truncate_file
 
 # Keys shown on the console line, in this order, when present.
 _CONSOLE_KEYS = ("loss", "grad_norm", "lr", "logstd_mean", "time/step")
@@ -31,28 +33,41 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
+    """`output` is run.output, local or `s3://` (`trainer/record_log.py`: on object storage metrics.jsonl is a
+    prefix of numbered segments, read back with `read_metrics`). wandb's own files go to node-local scratch
+    (`WANDB_DIR`, else `<run.scratch>/piflow-.../wandb`); its run id to `<output>/wandb.json` and checkpoints."""
+
     def __init__(self, cfg: Config, local_dir: str | Path, rank: int = 0, console_every: int | None = None,
-                 stream: TextIO | None = None, run_id: str | None = None, resume_step: int | None = None):
+                 stream: TextIO | None = None, run_id: str | None = None, resume_step: int | None = None,
+                 guard: Callable[[], None] | None = None):
+        from data_pipeline import storage
+
         self.rank = rank
         self.console_every = cfg.train.log_every if console_every is None else console_every
         self.stream = stream if stream is not None else sys.stdout
-        self.path = Path(local_dir) / "metrics.jsonl"
-        self._file = None
+        output = str(local_dir)
+        self.path: str | Path = (storage.join(output, "metrics.jsonl") if storage.is_s3(output)
+                                 else Path(output) / "metrics.jsonl")
+        self._log: RecordLog | None = None
         self._wandb_run = None
         if rank != 0:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            truncate_records(self.path, resume_step)
-        self._file = self.path.open("a")
+        self._log = RecordLog(self.path, resume_step=resume_step, flush_steps=cfg.run.log_flush_steps,
+                              flush_s=cfg.run.log_flush_s, guard=guard)
         if cfg.wandb.mode != "disabled":
             import wandb
 
+            from trainer.scratch import run_scratch
+
+            wandb_dir = os.environ.get("WANDB_DIR") or run_scratch(cfg, "wandb")
+            os.makedirs(wandb_dir, exist_ok=True)
             # resume="allow" with a fixed id continues the same wandb run after a checkpoint resume.
             self._wandb_run = wandb.init(
-                project=cfg.wandb.project, name=cfg.run.name, mode=cfg.wandb.mode, dir=str(self.path.parent),
+                project=cfg.wandb.project, name=cfg.run.name, mode=cfg.wandb.mode, dir=wandb_dir,
                 config=cfg.to_dict(), id=run_id, resume="allow" if run_id else None,
             )
+            storage.put_bytes(storage.join(output, "wandb.json"), json.dumps(
+                {"id": self._wandb_run.id, "project": cfg.wandb.project, "mode": cfg.wandb.mode}).encode())
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -62,8 +77,7 @@ class MetricsLogger:
         if self.rank != 0:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._log.append(record)
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
                                 step=int(step))
@@ -87,10 +101,15 @@ class MetricsLogger:
         image = Image.open(io.BytesIO(png))
         self._wandb_run.log({key: wandb.Image(image)}, step=int(step))
 
+    def flush(self) -> None:
+        """Put the buffered records on storage (called at every checkpoint: the log then covers it)."""
+        if self._log is not None:
+            self._log.flush()
+
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
@@ -103,37 +122,12 @@ class MetricsLogger:
 
 
 def truncate_records(path: str | Path, last_step: int) -> int:
-    """Keep only the records of a JSON-lines file with step <= `last_step` (a run resumed from the checkpoint
-    of `last_step` logs the later steps again; without this they would appear twice). Atomic rewrite; a
-    partial last line (a killed writer) is dropped too. Returns how many records were dropped."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            dropped += 1
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= last_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
-    return dropped
+    """Keep only the records of a local JSON-lines file with step <= `last_step` (a run resumed from the
+    checkpoint of `last_step` logs the later steps again). Returns how many records were dropped."""
+    return truncate_file(path, last_step)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (a line that is not JSON raises, naming the file and line)."""
-    records = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
-    return records
+    """All records of a metrics log: a local metrics.jsonl file, or its segments on object storage (`s3://`)
+    read back as one stream (a line that is not JSON raises, naming the file or segment and line)."""
+    return read_records(path)

@@ -183,24 +183,25 @@ class _RankLogger:
 
 class KeyLog:
     """`<output>/data_keys/rank_R.jsonl`: the sample keys each step consumed on this rank (an audit that a
-    resume neither replays nor skips data). Truncated to the resumed step on open, like metrics.jsonl."""
+    resume neither replays nor skips data). A local file or segments on object storage (trainer/record_log.py);
+    the records after the resumed step are dropped on open, like metrics.jsonl."""
 
-    def __init__(self, local_dir: str | Path, rank: int, resume_step: int):
-        from trainer.metrics import truncate_records
+    def __init__(self, cfg: Config, output: str | Path, rank: int, resume_step: int, guard=None):
+        from data_pipeline import storage
+        from trainer.record_log import RecordLog
 
-        self.path = Path(local_dir) / "data_keys" / f"rank_{rank}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_records(self.path, resume_step)
-        self._file = self.path.open("a")
+        self.path = storage.join(str(output), "data_keys", f"rank_{rank}.jsonl")
+        self._log = RecordLog(self.path, resume_step=resume_step, flush_steps=cfg.run.log_flush_steps,
+                              flush_s=cfg.run.log_flush_s, guard=guard)
 
     def log(self, step: int, keys: list[str]) -> None:
-        import json
+        self._log.append({"step": step, "keys": keys})
 
-        self._file.write(json.dumps({"step": step, "keys": keys}) + "\n")
-        self._file.flush()
+    def flush(self) -> None:
+        self._log.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._log.close()
 
 
 def _validation_encoder(cfg: Config):
@@ -214,13 +215,14 @@ def _validation_encoder(cfg: Config):
 
 def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optional[Callable[[RankInfo], Any]] = None,
              cond_shapes: Optional[dict[str, list[int]]] = None, output_dir: Optional[str] = None,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, guard: Optional[Callable[[], None]] = None) -> dict[str, Any]:
     """Train to `cfg.train.iters` on this rank, resuming from the newest valid checkpoint under run.output.
 
     Batches: `prompt_batches(info)` returns this rank's `PromptBatch` iterator with `state_dict` /
     `load_state_dict` (cluster/ builds it over the data feed; the trainer never sees ray); without it
     (`data.shards` empty) data-free batches with random conditioning of `cond_shapes`. Every rank writes its
-    checkpoint part; rank 0 logs metrics (loss averaged over ranks), rollouts and the manifest.
+    checkpoint part; rank 0 logs metrics (loss averaged over ranks), rollouts and the manifest. `guard()`
+    (the single-writer lease's check, trainer/lease.py) runs before every write of logs and checkpoints.
     Returns this rank's summary."""
     import time
 
@@ -260,15 +262,20 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
             if cond_shapes is None:
                 raise ValueError("run_rank: without prompt batches (data.shards) give cond_shapes")
             batches = synthetic_batches(cfg, info, cond_shapes, start_step=start)
-        out = Path(output_dir or cfg.run.output)
+        out = str(output_dir or cfg.run.output)  # local dir or s3:// (issue 11)
         logger = MetricsLogger(cfg, out, rank=info.rank, run_id=(state.wandb_run_id or None) if state else None,
-                               resume_step=start)
-        keys = KeyLog(out, info.rank, start) if prompt_batches is not None else None
+                               resume_step=start, guard=guard)
+        keys = KeyLog(cfg, out, info.rank, start, guard=guard) if prompt_batches is not None else None
         clock = FirstStepClock(batches, times)
 
         def checkpoint_hook(step: int) -> float:
             # the cursor just past the batches CONSUMED so far (the rank reads no batch ahead of the loop)
             data = batches.state_dict() if prompt_batches is not None else {"synthetic_step": step}
+            if guard is not None:
+                guard()  # a run whose lease was taken over stops before it writes a checkpoint
+            logger.flush()  # the logs on storage cover every step up to the checkpoint
+            if keys is not None:
+                keys.flush()
             return resume.save_state(cfg, manager, step, setup.engine, setup.ema, setup.student,
                                      data_state=data, generators=generators,
                                      wandb_run_id=logger.wandb_run_id or "")

@@ -33,9 +33,9 @@ from trainer.config import Config
 log = logging.getLogger(__name__)
 
 # Removed by --force (everything a run writes under run.output except config.yaml, which is rewritten).
-_RUN_ENTRIES = ("checkpoints", "rollouts", "export", "metrics.jsonl")
+_RUN_ENTRIES = ("checkpoints", "rollouts", "export", "metrics.jsonl", "data_keys", "rank_summaries", "wandb.json")
 # Differences that never matter for resuming.
-_IGNORED_KEYS = {"run.force"}
+_IGNORED_KEYS = {"run.force", "run.scratch"}  # run.scratch: per node, issue 11
 
 
 class ResumeError(RuntimeError):
@@ -54,7 +54,7 @@ def make_manager(cfg: Config, rank: int, world_size: int,
                  barrier: Optional[Callable[[], None]] = None) -> CheckpointManager:
     return CheckpointManager(cfg.run.output, rank=rank, world_size=world_size, keep_last=cfg.train.ckpt_keep_last,
                              keep_every=cfg.train.ckpt_keep_every, queue_size=cfg.train.upload_queue,
-                             barrier=barrier)
+                             barrier=barrier, scratch=cfg.run.scratch)
 
 
 def output_is_used(run_output: str) -> bool:

@@ -1,0 +1,91 @@
+"""Where the teacher's weights come from: `model.pretrained` is a local or `s3://` diffusers-format directory, or
+a hub id. The project's only huggingface_hub user.
+
+A hub id is resolved on each node into that node's own cache: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+`<run.scratch>/huggingface/hub` (node-local; never shared), with `HF_TOKEN` and `HF_HUB_OFFLINE` from the
+environment as huggingface_hub reads them. A file lock in the cache makes the ranks of one node download once.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from data_pipeline import storage
+from trainer.config import Config, ConfigError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def is_hub_id(ref: str) -> bool:
+    """`org/name` that is not an existing local path (diffusers' own rule for from_pretrained)."""
+    return bool(ref) and "://" not in ref and not os.path.exists(ref) and _HUB_ID.match(ref) is not None
+
+
+def hub_cache_dir(cfg: Config) -> str:
+    from trainer.scratch import scratch_root
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return os.path.join(scratch_root(cfg), "huggingface", "hub")
+
+
+def _lock(cache: str, repo_id: str):
+    from filelock import FileLock
+
+    os.makedirs(cache, exist_ok=True)
+    return FileLock(os.path.join(cache, f".piflow-{repo_id.replace('/', '--')}.lock"))
+
+
+def _fail(repo_id: str, cache: str, e: BaseException) -> ConfigError:
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    offline = " (HF_HUB_OFFLINE is set: only the cache is searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return ConfigError(f"model.pretrained={repo_id!r}: the hub id does not resolve into the cache {cache}{offline} "
+                       f"({type(e).__name__}: {cause}); check the id, HF_TOKEN for gated models, or put the model "
+                       f"in that cache / point model.pretrained at a directory")
+
+
+def resolve_hub_id(repo_id: str, cfg: Config) -> str:
+    """The local snapshot dir of `repo_id` in this node's cache (downloaded once per node, under a lock)."""
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir(cfg)
+    with _lock(cache, repo_id):
+        try:
+            return snapshot_download(repo_id, cache_dir=cache)
+        except Exception as e:  # noqa: BLE001 - one line naming the id and the cache
+            raise _fail(repo_id, cache, e) from None
+
+
+def resolve_config_file(cfg: Config) -> str:
+    """The teacher transformer's config.json: a local path / URL under model.pretrained, or the hub file (only
+    that file is fetched into this node's cache)."""
+    ref, sub = cfg.model.pretrained, cfg.model.subfolder
+    if is_hub_id(ref):
+        from huggingface_hub import hf_hub_download
+
+        cache = hub_cache_dir(cfg)
+        with _lock(cache, ref):
+            try:
+                return hf_hub_download(ref, "config.json", subfolder=sub or None, cache_dir=cache)
+            except Exception as e:  # noqa: BLE001
+                raise _fail(ref, cache, e) from None
+    return storage.join(ref, *([sub] if sub else []), "config.json")
+
+
+def local_model_dir(ref: str, cfg: Config) -> str:
+    """A directory on this node holding `ref`: itself when local, the hub snapshot for a hub id, and for an
+    `s3://` directory a copy under run.scratch (downloaded once per node, under a lock)."""
+    if not ref or not (is_hub_id(ref) or storage.is_s3(ref)):
+        return ref
+    if is_hub_id(ref):
+        return resolve_hub_id(ref, cfg)
+    from trainer.scratch import run_scratch
+
+    local = run_scratch(cfg, "models", ref[len("s3://"):].strip("/").replace("/", "--"))
+    with _lock(os.path.dirname(local), os.path.basename(local)):
+        if not os.path.exists(os.path.join(local, ".complete")):
+            storage.download_dir(ref, local)
+            open(os.path.join(local, ".complete"), "w").close()
+    return local
