@@ -53,24 +53,14 @@ def check_output_url(url: str) -> None:
 
 def check_output_roundtrip(url: str) -> None:
     """Create the output (bucket) if needed, then put, list and delete one small object there."""
-    probe_name = f".piflow-preflight-{uuid.uuid4().hex[:12]}"
-    probe = storage.join(url, probe_name)
-    step = "create"
     try:
-        storage.makedirs(url)
-        step = "put"
-        storage.put_bytes(probe, b"piflow preflight\n")
-        step = "list"
-        if probe_name not in storage.listdir(url):
-            raise OSError("an object just written is not listed")
-        step = "delete"
-        storage.remove(probe)
+        storage.round_trip(url, f".piflow-preflight-{uuid.uuid4().hex[:12]}")
     except Exception as e:  # noqa: BLE001 - reported as one line; botocore messages hold no secrets
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise PreflightError(
-            f"run.output={url!r}: the storage round trip failed at '{step}' ({type(e).__name__}: {cause}); check "
-            f"that the bucket/directory is writable with this environment's credentials (AWS_ACCESS_KEY_ID/"
-            f"AWS_PROFILE/instance role) and endpoint (AWS_ENDPOINT_URL)") from None
+            f"run.output={url!r}: the storage round trip failed at '{getattr(e, 'step', '?')}' ({type(e).__name__}: "
+            f"{cause}); check that the bucket/directory is writable with this environment's credentials "
+            f"(AWS_ACCESS_KEY_ID/AWS_PROFILE/instance role) and endpoint (AWS_ENDPOINT_URL)") from None
 
 
 def check_shards(spec: str) -> None:

@@ -92,6 +92,41 @@ def filesystem(url: str):
     return fsspec.filesystem("file")
 
 
+def round_trip(url: str, name: str) -> None:
+    """Create `url` (an S3 bucket if missing / a local dir), then put, list and delete the object `name` under
+    it: a preflight check that fails FAST (one attempt, 5 s connect timeout) when the endpoint is unreachable
+    or the credentials are refused. Raises with the step that failed as `exc.step`."""
+    if is_s3(url):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**s3_options(), skip_instance_cache=True,
+                               config_kwargs={"connect_timeout": 5, "read_timeout": 15,
+                                              "retries": {"max_attempts": 1}})
+        fs.retries = 1  # s3fs's own retry loop (5 by default) on top of botocore's
+    else:
+        fs = filesystem(url)
+    path = _fs_path(url).rstrip("/")
+    probe = path + "/" + name
+    step = "create"
+    try:
+        if is_s3(url):
+            bucket = path.split("/", 1)[0]
+            if not fs.exists(bucket):
+                fs.mkdir(bucket)
+        else:
+            os.makedirs(path, exist_ok=True)
+        step = "put"
+        fs.pipe_file(probe, b"piflow preflight\n")
+        step = "list"
+        if name not in {posixpath.basename(str(e).rstrip("/")) for e in fs.ls(path, detail=False)}:
+            raise OSError(f"{name} was written but is not listed")
+        step = "delete"
+        fs.rm(probe)
+    except Exception as e:
+        e.step = step  # type: ignore[attr-defined]
+        raise
+
+
 def _fs_path(url: str) -> str:
     return str(url)[len("s3://"):] if is_s3(url) else _local_path(url)
 

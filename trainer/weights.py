@@ -31,6 +31,11 @@ def hub_cache_dir(cfg: Config) -> str:
     return os.path.join(scratch_root(cfg), "huggingface", "hub")
 
 
+def _offline() -> bool:
+    # read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at its import
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _lock(cache: str, repo_id: str):
     from filelock import FileLock
 
@@ -40,7 +45,7 @@ def _lock(cache: str, repo_id: str):
 
 def _fail(repo_id: str, cache: str, e: BaseException) -> ConfigError:
     cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    offline = " (HF_HUB_OFFLINE is set: only the cache is searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    offline = " (HF_HUB_OFFLINE is set: only the cache is searched)" if _offline() else ""
     return ConfigError(f"model.pretrained={repo_id!r}: the hub id does not resolve into the cache {cache}{offline} "
                        f"({type(e).__name__}: {cause}); check the id, HF_TOKEN for gated models, or put the model "
                        f"in that cache / point model.pretrained at a directory")
@@ -53,7 +58,7 @@ def resolve_hub_id(repo_id: str, cfg: Config) -> str:
     cache = hub_cache_dir(cfg)
     with _lock(cache, repo_id):
         try:
-            return snapshot_download(repo_id, cache_dir=cache)
+            return snapshot_download(repo_id, cache_dir=cache, local_files_only=_offline())
         except Exception as e:  # noqa: BLE001 - one line naming the id and the cache
             raise _fail(repo_id, cache, e) from None
 
@@ -68,7 +73,8 @@ def resolve_config_file(cfg: Config) -> str:
         cache = hub_cache_dir(cfg)
         with _lock(cache, ref):
             try:
-                return hf_hub_download(ref, "config.json", subfolder=sub or None, cache_dir=cache)
+                return hf_hub_download(ref, "config.json", subfolder=sub or None, cache_dir=cache,
+                                       local_files_only=_offline())
             except Exception as e:  # noqa: BLE001
                 raise _fail(ref, cache, e) from None
     return storage.join(ref, *([sub] if sub else []), "config.json")
