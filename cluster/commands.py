@@ -164,7 +164,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's EMA student as a diffusers-format directory")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                    help="a run.output (its newest valid checkpoint) or one checkpoints/step_N dir; local or s3://")
-    p.add_argument("--out", required=True, help="the directory to write (PiFlowPipeline.from_pretrained loads it)")
+    p.add_argument("--out", required=True, help="the directory to write, local or s3:// (PiFlowPipeline."
+                                                "from_pretrained loads it; `piflow sample` takes either)")
 
     def run(args: argparse.Namespace) -> int:
         from trainer.export import export_student, export_summary
@@ -194,12 +195,17 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
         from models.pipeline import PiFlowPipeline
 
+        from data_pipeline import storage
+
         with tempfile.TemporaryDirectory(prefix="piflow-sample-") as tmp:
             source = args.source
-            if not os.path.exists(os.path.join(source, "model_index.json")):
+            if not storage.exists(storage.join(source, "model_index.json")):
                 from trainer.export import export_student
 
-                export_student(source, tmp)
+                export_student(source, tmp)  # a run or checkpoint, local or s3://
+                source = tmp
+            elif storage.is_s3(source):  # an export on object storage: copied here to load
+                storage.download_dir(source, tmp)
                 source = tmp
             pipe = PiFlowPipeline.from_pretrained(source)
         batch = max(len(args.prompt), 1) * args.num

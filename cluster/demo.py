@@ -62,7 +62,16 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
              ) -> dict:
     # A demo starts fresh (`run.force`); a later override can turn that off to resume.
     cfg = load_config(config or DEFAULT_CONFIG, ["run.force=true", *overrides])
-    out = Path(cfg.run.output).parent
+    from data_pipeline import storage
+
+    # the report, grids and the export the evaluation loads are local; with run.output on s3:// (issue 11)
+    # they go to node-local scratch and the export is also uploaded to <run.output>/export
+    if storage.is_s3(cfg.run.output):
+        from trainer.scratch import run_scratch
+
+        out = Path(run_scratch(cfg, "demo"))
+    else:
+        out = Path(cfg.run.output).parent
     phases = Phases()
 
     from trainer.teachers import ensure_teacher
@@ -79,6 +88,8 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
 
     export_dir = out / "export"
     phases.run("export (EMA, diffusers format)", export_student, cfg.run.output, export_dir)
+    if storage.is_s3(cfg.run.output):
+        phases.run("export upload", storage.upload_dir, str(export_dir), storage.join(cfg.run.output, "export"))
 
     from trainer.digits_eval import evaluate_demo
 

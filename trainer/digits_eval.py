@@ -118,6 +118,7 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
     on the same noise per sample; metrics at temperature 1 (fidelity), plus PNG grids per prompt."""
     from pathlib import Path
 
+    from data_pipeline import storage
     from data_pipeline.digits import DIGIT_WORDS, prompt_for
     from models.families import get_family
     from models.pipeline import PiFlowPipeline
@@ -156,9 +157,9 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
     }
     outputs = {"table": str(out_dir / "demo_table.md"), "results": str(out_dir / "demo_results.json"),
                "grids": str(out_dir / "grids"), "export": str(export_dir),
-               "checkpoints": str(Path(cfg.run.output) / "checkpoints"),
-               "rollouts": str(Path(cfg.run.output) / "rollouts"),
-               "metrics": str(Path(cfg.run.output) / "metrics.jsonl")}
+               "checkpoints": storage.join(cfg.run.output, "checkpoints"),
+               "rollouts": storage.join(cfg.run.output, "rollouts"),
+               "metrics": storage.join(cfg.run.output, "metrics.jsonl")}
     real = load_digits_split("test")
     for c in range(10):
         sel = labels == c

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -71,7 +72,22 @@ def consolidate_ema(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 
 
 def export_student(run_or_checkpoint: str, out_dir: str | Path):
-    """Write the EMA student of a checkpoint as a diffusers-format directory. Returns the PiFlowPipeline."""
+    """Write the EMA student of a checkpoint as a diffusers-format directory, local or on object storage
+    (`s3://`: written to a temp dir, then uploaded with model_index.json last, so a half-uploaded export
+    does not load). Returns the PiFlowPipeline."""
+    if storage.is_s3(str(out_dir)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="piflow-export-") as tmp:
+            pipe = export_student(run_or_checkpoint, tmp)
+            index = os.path.join(tmp, "model_index.json")
+            moved = index + ".last"
+            os.replace(index, moved)
+            storage.remove(storage.join(str(out_dir), "model_index.json"))
+            storage.upload_dir(tmp, str(out_dir))
+            storage.remove(storage.join(str(out_dir), "model_index.json.last"))
+            storage.upload(moved, storage.join(str(out_dir), "model_index.json"))
+        return pipe
     from models.pipeline import PiFlowPipeline, PiFlowStudent
 
     info = resolve_checkpoint(run_or_checkpoint)
@@ -102,10 +118,15 @@ def export_student(run_or_checkpoint: str, out_dir: str | Path):
 
 
 def export_summary(out_dir: str | Path) -> Optional[dict]:
-    """The export's safetensors metadata (format, kind, family, policy, distill, base model)."""
-    from safetensors import safe_open
+    """The export's safetensors metadata (format, kind, family, policy, distill, base model); local or s3://
+    (only the file's header is parsed: 8-byte little-endian length, then JSON)."""
+    import json
+    import struct
 
     from models.pipeline import WEIGHTS_NAME
 
-    with safe_open(str(Path(out_dir) / "student" / WEIGHTS_NAME), framework="pt") as f:
-        return f.metadata()
+    url = storage.join(str(out_dir), "student", WEIGHTS_NAME)
+    with storage.open_url(url, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return header.get("__metadata__")
