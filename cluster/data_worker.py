@@ -299,13 +299,23 @@ def start_data_feed(cfg: Any, worker_options: Optional[dict[str, Any]] = None) -
 
     import ray
 
-    from models.text_encoders import load_text_encoder
-
-    encoder = None if cfg.data.pre_encoded else functools.partial(load_text_encoder, cfg)
+    encoder = None if cfg.data.pre_encoded else functools.partial(_node_text_encoder, cfg)
     options = dict(worker_options or {})
     factory = functools.partial(DataWorkerPool.from_config, cfg.data, cfg.train.batch_size, cfg.run.seed,
                                 encoder, **options)
-    actor = feed_actor(factory)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # the one feed actor lives with the driver (issue 11): a worker node that dies must not take it along
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor = feed_actor(factory, scheduling_strategy=here)
     ray.get(actor.initial_state.remote())  # fail here, with the actor's error, if the shards cannot be listed
     strategy = options.get("scheduling_strategy")
     return DataFeed(actor, getattr(strategy, "placement_group", None))
+
+
+def _node_text_encoder(cfg: Any):
+    """The text encoders, loaded on the data worker's node (hub ids / s3:// dirs resolved into its own cache)."""
+    from models.text_encoders import load_text_encoder
+    from trainer.weights import with_local_weights
+
+    return load_text_encoder(with_local_weights(cfg))

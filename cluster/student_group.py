@@ -90,7 +90,8 @@ def absolute_local_paths(cfg: Config) -> Config:
     cfg.model.text_encoder = fix(cfg.model.text_encoder, must_exist=True)
     cfg.data.shards = fix(cfg.data.shards, must_exist=True)  # brace patterns and lists stay as they are
     cfg.cluster.storage_path = fix(cfg.cluster.storage_path, must_exist=False)
-    cfg.run.scratch = fix(cfg.run.scratch, must_exist=False)
+    if "$" not in cfg.run.scratch:  # "$VAR/..." expands on each node
+        cfg.run.scratch = fix(cfg.run.scratch, must_exist=False)
     return cfg
 
 

@@ -47,7 +47,9 @@ class TeacherServer:
         from trainer.config import config_from_dict
 
         torch.set_grad_enabled(False)
-        self.cfg = config_from_dict(cfg_dict, source="<TeacherServer>")
+        from trainer.weights import with_local_weights
+
+        self.cfg = with_local_weights(config_from_dict(cfg_dict, source="<TeacherServer>"))  # hub ids: this node's cache
         family = get_family(self.cfg.model.family)
         self.teacher = family.build_teacher(self.cfg)  # frozen, eval, dtype = model.dtype
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -30,7 +30,8 @@ class RunConfig:
     seed: int = 0
     force: bool = False  # start fresh on an output that already holds checkpoints
     # issue 11: node-local scratch (checkpoint staging, wandb files, hub cache, Ray Train's local dir);
-    # "" = the system temp dir. Nothing under it is read by another node; it may vanish with the node.
+    # "" = the node's system temp dir ($TMPDIR); $VARS expand on each node. Nothing under it is read by another
+    # node; it may vanish with the node.
     scratch: str = ""
     # appending logs (metrics.jsonl, data_keys/) on object storage go up as numbered segments, flushed every
     # `log_flush_steps` steps (1..100000) or `log_flush_s` seconds (> 0), and at every checkpoint

@@ -38,11 +38,13 @@ def teacher_weights_dir(cfg: Config) -> Optional[Path]:
     """Where the teacher transformer's safetensors live (None for `model.tiny` without `model.pretrained`)."""
     if not cfg.model.pretrained:
         return None
-    root = Path(cfg.model.pretrained)
+    from trainer.weights import local_model_dir
+
+    root = Path(local_model_dir(cfg.model.pretrained, cfg))  # a hub id / s3:// dir: this node's copy (issue 11)
     path = root / cfg.model.subfolder if cfg.model.subfolder else root
     if not path.exists():
-        raise ConfigError(f"model.pretrained: {path} does not exist (a diffusers-format dir with the teacher; "
-                          "hub ids must be downloaded to a shared path first for distributed runs)")
+        raise ConfigError(f"model.pretrained: {path} does not exist (a diffusers-format dir with the teacher, "
+                          "a hub id or an s3:// dir)")
     return path
 
 
@@ -209,8 +211,9 @@ def _validation_encoder(cfg: Config):
     if cfg.model.family in ("toy2d",):
         return None
     from models.text_encoders import load_text_encoder
+    from trainer.weights import with_local_weights
 
-    return load_text_encoder(cfg)
+    return load_text_encoder(with_local_weights(cfg))
 
 
 def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optional[Callable[[RankInfo], Any]] = None,

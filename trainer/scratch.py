@@ -16,7 +16,9 @@ class ScratchSpaceError(OSError):
 
 
 def scratch_root(cfg: Config) -> str:
-    return os.path.abspath(cfg.run.scratch or tempfile.gettempdir())
+    """run.scratch with environment variables expanded ON THIS NODE (`$SLURM_TMPDIR`, `$LOCAL_DISK/piflow`: one
+    config, a different disk per node), or the node's system temp dir (TMPDIR) when empty."""
+    return os.path.abspath(os.path.expandvars(cfg.run.scratch) or tempfile.gettempdir())
 
 
 def run_scratch(cfg: Config, *parts: str) -> str:

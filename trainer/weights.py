@@ -95,3 +95,17 @@ def local_model_dir(ref: str, cfg: Config) -> str:
             storage.download_dir(ref, local)
             open(os.path.join(local, ".complete"), "w").close()
     return local
+
+
+def with_local_weights(cfg: Config) -> Config:
+    """A copy of `cfg` whose model.pretrained / model.text_encoder name directories on THIS node (hub ids and
+    s3:// dirs resolved by `local_model_dir`). For loading only: what a checkpoint records stays the original
+    reference, so an export made elsewhere resolves it again."""
+    import copy
+
+    if not any(is_hub_id(r) or storage.is_s3(r) for r in (cfg.model.pretrained, cfg.model.text_encoder)):
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.model.pretrained = local_model_dir(cfg.model.pretrained, cfg)
+    out.model.text_encoder = local_model_dir(cfg.model.text_encoder, cfg)
+    return out
