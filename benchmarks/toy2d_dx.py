@@ -1,0 +1,183 @@
+"""Why pi-DX trains badly on the 2-D toy, measured (issue 16), in one command:
+
+    .venv/bin/python benchmarks/toy2d_dx.py            # or: make toy2d-dx-bench
+
+For each DX setting (mode, window_substeps, lr, training seed) it distils the 4-NFE DX student with the toy
+config's protocol (data-free pi-ID, the same iterations, batch and sampling seeds as benchmarks/toy2d.py) and
+reports, side by side:
+- where the gradient comes from: for one pi-ID iteration at init and at the end, the per-sample gradient of the
+  loss w.r.t. the policy's x0 values; `top1` = the largest sample's share of the squared gradient norm, `ess` =
+  the effective number of samples (sum g)^2 / sum g^2 as a fraction of the batch, `min_sigma` = the smallest
+  query noise level of the batch;
+- the per-substep velocity error of the trained (EMA) policy against the teacher along its own 4-NFE rollout,
+  RMS |pi(x, sigma) - u_teacher(x, sigma)| in bins of sigma;
+- the loss trajectory (diverged = a non-finite loss or a final loss 10x the best) and the sample quality (ED /
+  noise floor, off-mode fraction, averaged over sampling seeds).
+Writes benchmarks/results/toy2d_dx.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.families.toy2d import to_image
+from models.piid import data_free_iteration
+from models.rollout import rollout
+from models.timesteps import step_grid, warp
+from trainer.config import load_config
+from trainer.local_run import build_family
+from trainer.loop import piid_params
+from trainer.teachers import build_teacher
+from trainer.toy2d_eval import distill, evaluate, student_sampler, teacher_sets, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGMA_BINS = (0.0, 0.02, 0.1, 0.3, 1.0001)
+
+
+class _Recorder:
+    """Wraps a policy: every velocity the rollout asks for is compared with the teacher's at the same state."""
+
+    def __init__(self, policy, teacher, records: list):
+        self.policy, self.teacher, self.records = policy, teacher, records
+
+    def velocity(self, x, sigma_t):
+        u = self.policy.velocity(x, sigma_t)
+        B = x.shape[0]
+        sigma = torch.as_tensor(sigma_t, dtype=torch.float32).reshape(-1).expand(B)
+        u_t = self.teacher(x.float(), sigma, None)
+        err = (u.float() - u_t).pow(2).sum(dim=(1, 2, 3))  # (B,)
+        self.records.append((float(sigma[0]), float(err.mean())))
+        return u
+
+
+@torch.no_grad()
+def velocity_error_profile(make_policy, teacher, noise, nfe: int, f: float, shift: float, total: int) -> dict:
+    """RMS |pi - u_teacher| per sigma bin along the policy's own nfe-step rollout (h = 0 sampling)."""
+    taus, sigmas = step_grid(nfe, f, shift)
+    x, records = noise.float(), []
+    for k in range(nfe):
+        policy = make_policy(x, torch.full((x.shape[0],), float(sigmas[k])))
+        x = rollout(_Recorder(policy, teacher, records), x, float(taus[k]), float(taus[k + 1]), shift, total)
+    out = {}
+    for lo, hi in zip(SIGMA_BINS[:-1], SIGMA_BINS[1:]):
+        errs = [e for s, e in records if lo <= s < hi]
+        out[f"sigma_{lo:g}-{min(hi, 1):g}"] = math.sqrt(statistics.fmean(errs)) if errs else float("nan")
+    return out
+
+
+def gradient_concentration(make_policy, teacher, noise, params, seed: int = 0) -> dict:
+    """One data-free pi-ID iteration: per-sample gradient norms of the loss w.r.t. the policy's x0 values, and
+    the smallest noise level the teacher was queried at."""
+    kept, sigmas = [], []
+    sq = torch.zeros(noise.shape[0], dtype=torch.float64)
+
+    def policy_of(x_src, sigma_src):
+        kept.append(make_policy(x_src, sigma_src))
+        return kept[-1]
+
+    def teacher_seen(x, sigma, cond):
+        sigmas.append(float(sigma.min()))
+        return teacher(x, sigma, cond)
+
+    gen = torch.Generator().manual_seed(seed)
+    for loss, _ in data_free_iteration(policy_of, teacher_seen, noise, None, params, generator=gen):
+        (g,) = torch.autograd.grad(loss, kept[-1].x0_grid)  # (B, N, C, H, W); samples are independent
+        sq += g.double().pow(2).sum(dim=(1, 2, 3, 4))
+    g = sq.sqrt()
+    return {"top1": float(sq.max() / sq.sum()), "ess": float(g.sum() ** 2 / sq.sum() / g.numel()),
+            "min_sigma": min(sigmas)}
+
+
+def loss_summary(metrics_path: Path) -> dict:
+    losses = []
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            v = rec["loss"]
+            losses.append(float(v) if not isinstance(v, str) else float("nan"))
+    finite = [v for v in losses if math.isfinite(v)]
+    tail = finite[-max(1, len(finite) // 10):]
+    best = min(finite) if finite else float("nan")
+    final = statistics.fmean(tail) if tail else float("nan")
+    diverged = len(finite) < len(losses) or not finite or final > 10 * best
+    return {"loss_final": final, "loss_best": best, "diverged": diverged}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy2d.yaml"))
+    ap.add_argument("--settings", default="grid:0:1e-4,grid:0:1e-3,grid:3:1e-3",
+                    help="comma-separated mode:window_substeps:lr")
+    ap.add_argument("--train-seeds", default="0", help="comma-separated run.seed values")
+    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--seeds", type=int, default=3, help="sampling seeds")
+    ap.add_argument("--floor-pairs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy2d_dx.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    base = load_config(args.config, ["eval.every=0", "run.output=runs/toy2d_dx"])
+    teacher = build_teacher(base, build_family(base))
+    sets = teacher_sets(teacher, args.samples, args.floor_pairs)
+    probe = to_image(torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(99)))
+    rows = []
+    for setting in args.settings.split(","):
+        mode, window, lr = setting.split(":")
+        for seed in (int(s) for s in args.train_seeds.split(",")):
+            cfg = with_overrides(base, policy={"type": "dx", "dx_mode": mode}, train={"iters": args.iters},
+                                 distill={"window_substeps": float(window)}, optim={"lr": float(lr)},
+                                 run={"seed": seed, "output": f"runs/toy2d_dx/{mode}_w{window}_lr{lr}_s{seed}"})
+            params = piid_params(cfg)
+            d = cfg.distill
+            init = gradient_concentration(build_family(cfg).build_student(cfg, teacher).make_policy, teacher,
+                                          probe[:cfg.train.batch_size], params)
+            run, seconds = distill(cfg)
+            with run.ema.applied():
+                end = gradient_concentration(run.student.make_policy, teacher, probe[:cfg.train.batch_size], params)
+                profile = velocity_error_profile(run.student.make_policy, teacher, probe[:1024], d.nfe,
+                                                 d.final_step_scale, d.shift, d.total_substeps)
+            quality = evaluate(f"DX {mode}", d.nfe, student_sampler(run, 1.0, cfg), sets, args.seeds, args.samples)
+            row = {"mode": mode, "window_substeps": float(window), "lr": float(lr), "seed": seed,
+                   "iters": args.iters, "train_seconds": round(seconds, 1), **loss_summary(run.metrics_path),
+                   "init": init, "end": end, "velocity_rms_by_sigma": profile, "ed": quality.ed,
+                   "ed_over_floor": quality.ed_over_floor, "off_mode": quality.off_mode,
+                   "modes_covered": quality.modes_covered}
+            rows.append(row)
+            print(format_row(row), flush=True)
+    print("\n" + "\n".join(format_table(rows)))
+    meta = {"command": " ".join(["benchmarks/toy2d_dx.py", *(argv if argv is not None else sys.argv[1:])]),
+            "samples": args.samples, "seeds": args.seeds, "floor_pairs": args.floor_pairs, "ed_noise_floor": sets.floor,
+            "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t_start, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwrote {args.out} ({meta['seconds']} s)")
+    return 0
+
+
+def format_row(r: dict) -> str:
+    v = " | ".join(f"{x:.3g}" for x in r["velocity_rms_by_sigma"].values())
+    return (f"| {r['mode']} | {r['window_substeps']:g} | {r['lr']:g} | {r['seed']} | {r['init']['min_sigma']:.1e} | "
+            f"{r['init']['top1']:.2f} / {r['end']['top1']:.2f} | {r['init']['ess']:.2f} / {r['end']['ess']:.2f} | "
+            f"{v} | {r['loss_final']:.3g} | {'yes' if r['diverged'] else 'no'} | {r['ed_over_floor']:.2f} | "
+            f"{r['off_mode']:.4f} |")
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    bins = " | ".join(f"vel. RMS sigma {k[6:]}" for k in rows[0]["velocity_rms_by_sigma"]) if rows else ""
+    return [f"| mode | window | lr | seed | min query sigma | top-1 grad share init / end | ESS init / end | {bins} | "
+            "final loss | diverged | ED / floor | off-mode |",
+            "| --- " * (13 + len(SIGMA_BINS) - 2) + "|"] + [format_row(r) for r in rows]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
