@@ -36,7 +36,8 @@ from trainer.config import load_config
 from trainer.local_run import build_family
 from trainer.loop import piid_params
 from trainer.teachers import build_teacher
-from trainer.toy2d_eval import distill, evaluate, student_sampler, teacher_sets, with_overrides
+from trainer.toy2d_eval import (distill, evaluate, student_sampler, teacher_sets, teacher_sets_cache,
+                                with_overrides)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMA_BINS = (0.0, 0.02, 0.1, 0.3, 1.0001)
@@ -123,12 +124,15 @@ def main(argv=None) -> int:
     ap.add_argument("--floor-pairs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "toy2d_dx.json"))
+    ap.add_argument("--merge-toy2d", default="", metavar="JSON",
+                    help="also merge the seed-0, window-3 rows into this toy2d.py result file as its dx4 (grid) and "
+                         "dxp4 (polynomial) rows and bars (the same protocol as `toy2d.py --methods dx4,dxp4`)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     base = load_config(args.config, ["eval.every=0", "run.output=runs/toy2d_dx"])
     teacher = build_teacher(base, build_family(base))
-    sets = teacher_sets(teacher, args.samples, args.floor_pairs)
+    sets = None  # drawn (or read from the cache) after the first training, when another process may have cached them
     probe = to_image(torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(99)))
     rows = []
     for setting in args.settings.split(","):
@@ -146,22 +150,60 @@ def main(argv=None) -> int:
                 end = gradient_concentration(run.student.make_policy, teacher, probe[:cfg.train.batch_size], params)
                 profile = velocity_error_profile(run.student.make_policy, teacher, probe[:1024], d.nfe,
                                                  d.final_step_scale, d.shift, d.total_substeps)
+            if sets is None:
+                sets = teacher_sets(teacher, args.samples, args.floor_pairs,
+                                    cache=teacher_sets_cache(base, args.samples, args.floor_pairs))
             quality = evaluate(f"DX {mode}", d.nfe, student_sampler(run, 1.0, cfg), sets, args.seeds, args.samples)
+            quality.train_iters, quality.train_seconds = args.iters, seconds
             row = {"mode": mode, "window_substeps": float(window), "lr": float(lr), "seed": seed,
                    "iters": args.iters, "train_seconds": round(seconds, 1), **loss_summary(run.metrics_path),
                    "init": init, "end": end, "velocity_rms_by_sigma": profile, "ed": quality.ed,
                    "ed_over_floor": quality.ed_over_floor, "off_mode": quality.off_mode,
-                   "modes_covered": quality.modes_covered}
+                   "modes_covered": quality.modes_covered, "quality": dict(quality.__dict__)}
             rows.append(row)
             print(format_row(row), flush=True)
     print("\n" + "\n".join(format_table(rows)))
     meta = {"command": " ".join(["benchmarks/toy2d_dx.py", *(argv if argv is not None else sys.argv[1:])]),
             "samples": args.samples, "seeds": args.seeds, "floor_pairs": args.floor_pairs, "ed_noise_floor": sets.floor,
             "machine": platform.processor() or platform.machine(), "seconds": round(time.perf_counter() - t_start, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_rows(Path(args.out), rows, meta)
+    if args.merge_toy2d:
+        merge_into_toy2d(Path(args.merge_toy2d), rows, sets.floor, meta)
     print(f"\nwrote {args.out} ({meta['seconds']} s)")
     return 0
+
+
+def merge_into_toy2d(path: Path, rows: list[dict], floor: float, meta: dict) -> None:
+    from benchmarks.toy2d import DX_WINDOW, merge_json
+    from trainer.toy2d_eval import MethodResult, bars
+
+    results = {}
+    for r in rows:
+        if r["seed"] != 0 or r["window_substeps"] != DX_WINDOW:
+            continue
+        key = "dx4" if r["mode"] == "grid" else "dxp4"
+        q = dict(r["quality"], key=key)
+        q["method"] = (f"DX pi-ID {r['mode']} ({'N' if r['mode'] == 'grid' else 'P'}=10, window {DX_WINDOW:g}, "
+                       f"lr {r['lr']:g})")
+        results[key] = MethodResult(**q)
+    if results:
+        merge_json(path, list(results.values()), bars(results, floor, 8), dict(meta, ed_noise_floor=floor))
+        print(f"merged {sorted(results)} into {path}")
+
+
+def _key(r: dict) -> tuple:
+    return (r["mode"], r["window_substeps"], r["lr"], r["seed"], r["iters"])
+
+
+def write_rows(path: Path, rows: list[dict], meta: dict) -> None:
+    """Merge `rows` into the JSON at `path` (a row with the same setting, seed and iterations is replaced), so
+    settings measured by separate invocations end up in one file."""
+    old = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
+    new_keys = {_key(r) for r in rows}
+    merged = [r for r in old.get("rows", []) if _key(r) not in new_keys] + rows
+    merged.sort(key=lambda r: (r["mode"], r["window_substeps"], -r["lr"], r["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": old.get("runs", []) + [meta], "rows": merged}, indent=2))
 
 
 def format_row(r: dict) -> str:
@@ -176,7 +218,7 @@ def format_table(rows: list[dict]) -> list[str]:
     bins = " | ".join(f"vel. RMS sigma {k[6:]}" for k in rows[0]["velocity_rms_by_sigma"]) if rows else ""
     return [f"| mode | window | lr | seed | min query sigma | top-1 grad share init / end | ESS init / end | {bins} | "
             "final loss | diverged | ED / floor | off-mode |",
-            "| --- " * (13 + len(SIGMA_BINS) - 2) + "|"] + [format_row(r) for r in rows]
+            "| --- " * (11 + len(SIGMA_BINS) - 1) + "|"] + [format_row(r) for r in rows]
 
 
 if __name__ == "__main__":
