@@ -16,6 +16,7 @@ gradient (benchmarks/toy2d_dx.py measures it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -136,6 +137,24 @@ def merge_json(path: Path, results: list, bar_results: dict[str, bool], meta: di
     """Replace the re-measured methods' records and bars in an existing result file, keep everything else.
     The floor row and ED / floor of kept rows stay those of the run that wrote the file; the new rows carry the
     floor of this run in `ed_noise_floor` (the same teacher sets and seeds give the same floor)."""
+    with _locked(path):
+        _merge_json(path, results, bar_results, meta)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside `path`: benchmark processes that finish together merge one after the other."""
+    import fcntl
+
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _merge_json(path: Path, results: list, bar_results: dict[str, bool], meta: dict) -> None:
     data = json.loads(path.read_text())
     keys = {r.key for r in results}
     legacy = {LEGACY_LABELS[k] for k in keys if k in LEGACY_LABELS} | {(r.method, r.nfe) for r in results}

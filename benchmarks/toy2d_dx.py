@@ -90,8 +90,11 @@ def gradient_concentration(make_policy, teacher, noise, params, seed: int = 0) -
 
     gen = torch.Generator().manual_seed(seed)
     for loss, _ in data_free_iteration(policy_of, teacher_seen, noise, None, params, generator=gen):
-        (g,) = torch.autograd.grad(loss, kept[-1].x0_grid)  # (B, N, C, H, W); samples are independent
-        sq += g.double().pow(2).sum(dim=(1, 2, 3, 4))
+        policy = kept[-1]
+        # DX: the x0 values; GM: its x0-space means, log-weights and log-std (samples are independent)
+        wrt = [policy.x0_grid] if hasattr(policy, "x0_grid") else [policy.mu, policy.logweights, policy.logstd]
+        for g in torch.autograd.grad(loss, wrt):
+            sq += g.double().pow(2).flatten(1).sum(dim=1)
     g = sq.sqrt()
     return {"top1": float(sq.max() / sq.sum()), "ess": float(g.sum() ** 2 / sq.sum() / g.numel()),
             "min_sigma": min(sigmas)}
@@ -116,9 +119,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "toy2d.yaml"))
     ap.add_argument("--settings", default="grid:0:1e-4,grid:0:1e-3,grid:3:1e-3",
-                    help="comma-separated mode:window_substeps:lr")
+                    help="comma-separated mode:window_substeps:lr, mode = grid or polynomial (or gm with --iters 0)")
     ap.add_argument("--train-seeds", default="0", help="comma-separated run.seed values")
-    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--iters", type=int, default=2000,
+                    help="pi-ID iterations per run; 0 = only the gradient concentration at init, over --probes "
+                         "batches per setting (no training)")
+    ap.add_argument("--probes", type=int, default=3, help="noise batches of the init-only measurement")
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds")
     ap.add_argument("--floor-pairs", type=int, default=4)
@@ -135,6 +141,8 @@ def main(argv=None) -> int:
     sets = None  # drawn (or read from the cache) after the first training, when another process may have cached them
     probe = to_image(torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(99)))
     rows = []
+    if args.iters == 0:
+        return init_study(args, base, teacher, probe)
     for setting in args.settings.split(","):
         mode, window, lr = setting.split(":")
         for seed in (int(s) for s in args.train_seeds.split(",")):
@@ -173,6 +181,44 @@ def main(argv=None) -> int:
     return 0
 
 
+def _joined(probes: list[dict], key: str) -> str:
+    return ", ".join(f"{p[key]:.2f}" for p in probes)
+
+
+def init_study(args, base, teacher, probe) -> int:
+    """Gradient concentration of the freshly initialised DX student, per setting, over several noise batches."""
+    rows = []
+    for setting in args.settings.split(","):
+        mode, window, _ = setting.split(":")
+        policy = {"type": "gm"} if mode == "gm" else {"type": "dx", "dx_mode": mode}
+        cfg = with_overrides(base, policy=policy, distill={"window_substeps": float(window)})
+        torch.manual_seed(cfg.run.seed)
+        student = build_family(cfg).build_student(cfg, teacher)
+        B = cfg.train.batch_size
+        probes = [gradient_concentration(student.make_policy, teacher,
+                                         to_image(torch.randn(B, 2, generator=torch.Generator().manual_seed(100 + i))),
+                                         piid_params(cfg), seed=i) for i in range(args.probes)]
+        rows.append({"mode": mode, "window_substeps": float(window), "probes": probes,
+                     **{k: statistics.fmean(p[k] for p in probes) for k in ("top1", "ess")},
+                     "min_sigma": min(p["min_sigma"] for p in probes)})
+    lines = ["| mode | window | smallest query sigma | top-1 sample's share of the squared gradient (per batch) | "
+             "effective samples / batch (per batch) |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['mode']} | {r['window_substeps']:g} | {r['min_sigma']:.1e} | "
+              f"{_joined(r['probes'], 'top1')} | {_joined(r['probes'], 'ess')} |" for r in rows]
+    print("\n".join(lines))
+    path = Path(args.out)
+    from benchmarks.toy2d import _locked
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        old = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
+        old["init"] = {"command": " ".join(["benchmarks/toy2d_dx.py", *sys.argv[1:]]), "batch": base.train.batch_size,
+                       "rows": rows}
+        path.write_text(json.dumps(old, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
 def merge_into_toy2d(path: Path, rows: list[dict], floor: float, meta: dict) -> None:
     from benchmarks.toy2d import DX_WINDOW, merge_json
     from trainer.toy2d_eval import MethodResult, bars
@@ -198,11 +244,18 @@ def _key(r: dict) -> tuple:
 def write_rows(path: Path, rows: list[dict], meta: dict) -> None:
     """Merge `rows` into the JSON at `path` (a row with the same setting, seed and iterations is replaced), so
     settings measured by separate invocations end up in one file."""
+    from benchmarks.toy2d import _locked
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path):
+        _write_rows(path, rows, meta)
+
+
+def _write_rows(path: Path, rows: list[dict], meta: dict) -> None:
     old = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
     new_keys = {_key(r) for r in rows}
     merged = [r for r in old.get("rows", []) if _key(r) not in new_keys] + rows
     merged.sort(key=lambda r: (r["mode"], r["window_substeps"], -r["lr"], r["seed"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"runs": old.get("runs", []) + [meta], "rows": merged}, indent=2))
 
 
