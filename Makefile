@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo toy2d-bench teacher clean
+.PHONY: install test test-fast demo toy2d-bench toy2d-dx-bench digits-nfe-bench teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,15 @@ demo: $(STAMP)
 
 toy2d-bench: $(STAMP)
 	$(BIN)/python benchmarks/toy2d.py
+
+toy2d-dx-bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --iters 0 --settings grid:0:0,grid:3:0,polynomial:0:0,polynomial:3:0,gm:0:0
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --settings grid:0:1e-3,grid:3:1e-3 --iters 250
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --settings grid:3:1e-3,polynomial:3:1e-3 --iters 1000 \
+		--merge-toy2d benchmarks/results/toy2d.json
+
+digits-nfe-bench: $(STAMP)
+	$(BIN)/python benchmarks/digits_nfe.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -92,7 +92,8 @@ class GMHead(nn.Module):
 
 
 class DXHead(nn.Module):
-    """hidden (B, T, D) -> N u-space predictions per token, (B, T, N, out_dim) (§2.7, grid mode)."""
+    """hidden (B, T, D) -> N u-space outputs per token, (B, T, N, out_dim) (§2.7): grid values or polynomial
+    coefficients (`models.policies.dx_x0_from_u` turns them into x0 space)."""
 
     def __init__(self, hidden_dim: int, out_dim: int, num_grid: int):
         super().__init__()
@@ -101,14 +102,23 @@ class DXHead(nn.Module):
         self.proj_out = nn.Linear(hidden_dim, num_grid * out_dim)
 
     @classmethod
-    def from_teacher_proj(cls, proj: nn.Linear, num_grid: int) -> "DXHead":
-        """The teacher's projection replicated N times, no noise: at init every grid point is the teacher's x0."""
+    def from_teacher_proj(cls, proj: nn.Linear, num_grid: int, mode: str = "grid") -> "DXHead":
+        """Start from the teacher's x0 prediction held over the whole segment, no noise.
+
+        grid: the teacher's projection replicated N times (every grid point is the teacher's x0);
+        polynomial: the teacher's projection for the constant coefficient, zeros for the N - 1 others."""
+        if mode not in ("grid", "polynomial"):
+            raise ValueError(f"DXHead: mode must be 'grid' or 'polynomial', got {mode!r}")
         out_dim, hidden_dim = proj.weight.shape
         head = cls(hidden_dim, out_dim, num_grid).to(device=proj.weight.device)
+        copies = num_grid if mode == "grid" else 1
         with torch.no_grad():
-            head.proj_out.weight.copy_(proj.weight.detach().float().repeat(num_grid, 1))
-            bias = proj.bias.detach().float() if proj.bias is not None else torch.zeros(out_dim)
-            head.proj_out.bias.copy_(bias.repeat(num_grid))
+            w = proj.weight.detach().float()
+            bias = proj.bias.detach().float() if proj.bias is not None else torch.zeros(out_dim, device=w.device)
+            head.proj_out.weight.zero_()
+            head.proj_out.bias.zero_()
+            head.proj_out.weight[:copies * out_dim].copy_(w.repeat(copies, 1))
+            head.proj_out.bias[:copies * out_dim].copy_(bias.repeat(copies))
         return head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

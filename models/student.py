@@ -82,7 +82,7 @@ class TransformerStudent(nn.Module):
         return self.family.unpack(t.permute(0, 2, 1, 3).reshape(B * M, T, F), H, W)
 
     def policy_from_outputs(self, outputs, x_src: torch.Tensor, sigma_src: torch.Tensor):
-        from models.policies import DXPolicy, GMPolicy
+        from models.policies import DXPolicy, GMPolicy, dx_x0_from_u
 
         B = x_src.shape[0]
         sigma_src = sigma_src.reshape(-1).expand(B).float()
@@ -92,21 +92,23 @@ class TransformerStudent(nn.Module):
             return GMPolicy(means, logweights, logstd.view(B, 1, 1, 1, 1), x_src, sigma_src,
                             eps=self.cfg.policy.eps)
         (u_grid,) = outputs
-        x0_grid = x_src.unsqueeze(1) - sigma_src.view(B, 1, 1, 1, 1) * u_grid  # (B,N,C,H,W)
+        mode = self.cfg.policy.dx_mode
+        x0_grid = dx_x0_from_u(u_grid, x_src, sigma_src, mode)  # (B,N,C,H,W)
         d = self.cfg.distill
         segment = self.cfg.policy.dx_segment_size or 1.0 / (d.nfe - 1 + d.final_step_scale)
-        return DXPolicy(x0_grid, x_src, sigma_src, torch.full((B,), segment), d.shift)
+        return DXPolicy(x0_grid, x_src, sigma_src, torch.full((B,), segment), d.shift, mode=mode)
 
     def make_policy(self, x_src: torch.Tensor, sigma_src: torch.Tensor, cond: Cond):
         return self.policy_from_outputs(self(x_src, sigma_src, cond), x_src, sigma_src)
 
     def mean_velocity(self, x_src: torch.Tensor, sigma_src: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The mixture-mean velocity sum_k w_k m_k (GM) or the last grid point's velocity (DX): (B,C,H,W)."""
+        """The mixture-mean velocity sum_k w_k m_k (GM) or the DX velocity at tau_src (the last grid point, or
+        the constant polynomial coefficient): (B,C,H,W)."""
         out = self(x_src, sigma_src, cond)
         if isinstance(self.head, GMHead):
             means, logweights, _ = out
             return (logweights.exp() * means).sum(dim=1)
-        return out[0][:, -1]
+        return out[0][:, 0 if self.cfg.policy.dx_mode == "polynomial" else -1]
 
     # ----------------------------------------------------------------------- teacher through this trunk
     @contextlib.contextmanager
@@ -163,7 +165,7 @@ def build_transformer_student(family: TransformerFamily, cfg: Config, teacher=No
             channel_index=family.channel_index(C, p), bias_noise=cfg.policy.init_bias_noise,
             logstd_inner_dim=cfg.policy.logstd_inner_dim, init_logstd=cfg.policy.init_logstd, generator=generator)
     else:
-        head = DXHead.from_teacher_proj(proj, cfg.policy.num_grid)
+        head = DXHead.from_teacher_proj(proj, cfg.policy.num_grid, cfg.policy.dx_mode)
     head = head.float()
     tail = nn.ModuleDict({k.replace(".", "_"): copy.deepcopy(removed[k.replace(".", "_")]).float()
                           for k in family.student_tail_modules()})

@@ -80,6 +80,7 @@ class PolicyConfig:
     init_bias_noise: float = 0.05
     logstd_inner_dim: int = 1024
     dx_segment_size: float = 0.0  # 0 = 1/(nfe - 1 + final_step_scale)
+    dx_mode: Literal["grid", "polynomial"] = "grid"  # DX: num_grid x0 points, or a polynomial of degree num_grid - 1
 
 
 @dataclass

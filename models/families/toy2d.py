@@ -213,23 +213,26 @@ class ToyDXStudent(nn.Module):
     """The teacher's trunk + a DX head with N grid points (§2.7); `segment` and `shift` are its intrinsic
     parameters (fixed by the training schedule)."""
 
-    def __init__(self, teacher: ToyVelocityNet, num_grid: int, segment: float, shift: float):
+    def __init__(self, teacher: ToyVelocityNet, num_grid: int, segment: float, shift: float, mode: str = "grid"):
         super().__init__()
         self.trunk = copy.deepcopy(teacher.trunk).requires_grad_(True)
-        self.head = DXHead.from_teacher_proj(teacher.proj_out, num_grid)
-        self.segment, self.shift = segment, shift
+        self.head = DXHead.from_teacher_proj(teacher.proj_out, num_grid, mode)
+        self.segment, self.shift, self.mode = segment, shift, mode
 
     def forward(self, x_src: torch.Tensor, sigma_src: torch.Tensor) -> torch.Tensor:
-        """-> x0_grid (B, N, 2, 1, 1): x0_i = x_src - sigma_src * out_i."""
+        """-> x0 values (B, N, 2, 1, 1): grid points or polynomial coefficients (models.policies.dx_x0_from_u)."""
+        from models.policies import dx_x0_from_u
+
         B = x_src.shape[0]
         hidden, _ = self.trunk(to_points(x_src), sigma_src)
         out = self.head(hidden[:, None]).reshape(B, -1, 2, 1, 1).float()  # u-space (B, N, 2, 1, 1)
-        return x_src[:, None].float() - sigma_src.float().reshape(B, 1, 1, 1, 1) * out
+        return dx_x0_from_u(out, x_src.float(), sigma_src.float(), self.mode)
 
     def make_policy(self, x_src: torch.Tensor, sigma_src: torch.Tensor, cond=None):
         from models.policies import DXPolicy
 
-        return DXPolicy(self(x_src, sigma_src), x_src.float(), sigma_src.float(), self.segment, self.shift)
+        return DXPolicy(self(x_src, sigma_src), x_src.float(), sigma_src.float(), self.segment, self.shift,
+                        mode=self.mode)
 
 
 class ToyShortcutStudent(nn.Module):
@@ -286,7 +289,7 @@ class Toy2DFamily(Family):
         if p.type == "dx":
             d = cfg.distill
             segment = p.dx_segment_size or 1.0 / (d.nfe - 1 + d.final_step_scale)
-            return ToyDXStudent(network, p.num_grid, segment, d.shift)
+            return ToyDXStudent(network, p.num_grid, segment, d.shift, p.dx_mode)
         raise ValueError(f"policy.type: expected 'gm' or 'dx', got {p.type!r}")
 
     def teacher_velocity(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,

@@ -93,6 +93,23 @@ def test_dx_student_grid_starts_at_teacher_x0(family):
     assert torch.allclose(policy.x0_grid, x0_teacher.unsqueeze(1).expand(-1, 10, -1, -1, -1), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["flux", "dit"])
+def test_dx_student_polynomial_starts_at_teacher_x0_over_the_segment(family):
+    torch.manual_seed(0)
+    x, s, c = torch.randn(2, C, S, S), torch.tensor([0.95, 0.35]), make_cond(family)
+    fam = get_family(family)
+    cfg = tiny_cfg(family, policy={"type": "dx", "num_grid": 6, "dx_mode": "polynomial"})
+    teacher = fam.build_teacher(cfg)
+    x0_teacher = x - s.view(-1, 1, 1, 1) * teacher.unguided(x, s, c)
+    student = fam.build_student(cfg, teacher)
+    policy = student.make_policy(x, s, c)
+    assert isinstance(policy, DXPolicy) and policy.mode == "polynomial" and policy.x0_grid.shape[1] == 6
+    assert policy.x0_grid[:, 1:].abs().max() == 0  # higher coefficients start at zero
+    for f in (1.0, 0.9, 0.5):  # the teacher's x0 held over the segment, like the grid at init
+        assert torch.allclose(policy.x0(s * f), x0_teacher, atol=1e-5)
+    assert torch.allclose(student.mean_velocity(x, s, c), teacher.unguided(x, s, c), atol=1e-5)
+
+
 @pytest.mark.parametrize("family,targets", [("flux", FLUX_LORA), ("qwen_image", QWEN_LORA)])
 def test_lora_trains_only_adapters_heads_and_norm_out(family, targets):
     fam = get_family(family)

@@ -142,6 +142,21 @@ def test_dx_student_at_init_predicts_the_teacher_x0_on_every_grid_point():
         torch.testing.assert_close(grid[:, i], x0_teacher, rtol=1e-5, atol=1e-5)
 
 
+def test_dx_polynomial_student_at_init_holds_the_teacher_x0_and_trains_its_higher_terms():
+    teacher = _tiny_teacher()
+    student = ToyDXStudent(teacher, num_grid=5, segment=0.25, shift=1.0, mode="polynomial")
+    x = to_image(torch.randn(8, 2))
+    sigma = torch.linspace(0.3, 1.0, 8)
+    policy = student.make_policy(x, sigma)
+    x0_teacher = x - sigma.view(-1, 1, 1, 1) * teacher(x, sigma)
+    for f in (1.0, 0.9, 0.75):
+        torch.testing.assert_close(policy.x0(sigma * f), x0_teacher, rtol=1e-5, atol=1e-5)
+    # the zero-initialised higher coefficients still receive gradients through the velocity
+    policy.velocity(x, sigma * 0.8).pow(2).sum().backward()
+    w = student.head.proj_out.weight.grad.reshape(5, 2, -1)
+    assert float(w[1:].abs().max()) > 0
+
+
 def test_euler_sample_one_step_is_noise_minus_velocity():
     teacher = _tiny_teacher()
     z = to_image(torch.randn(8, 2))

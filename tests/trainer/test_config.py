@@ -36,6 +36,7 @@ def test_int_is_accepted_for_float(tmp_path):
         ("distill:\n  nfe: four\n", "key 'distill.nfe': expected an integer"),
         ("distill:\n  nfe: 4.5\n", "key 'distill.nfe': expected an integer"),
         ("policy:\n  type: gaussian\n", "key 'policy.type': expected one of 'gm', 'dx'"),
+        ("policy:\n  dx_mode: spline\n", "key 'policy.dx_mode': expected one of 'grid', 'polynomial'"),
         ("run:\n  force: 'yes'\n", "key 'run.force': expected true or false"),
         ("optim:\n  betas: [0.9]\n", "key 'optim.betas': expected a list of 2 values"),
         ("distill: 4\n", "distill: expected a mapping"),

@@ -1,0 +1,151 @@
+"""Digits students trained for their step count (issue 16), in one command:
+
+    .venv/bin/python benchmarks/digits_nfe.py                 # students trained at 1 and 2 NFE (+ 4 if absent)
+    .venv/bin/python benchmarks/digits_nfe.py --students 1,2,4
+
+Each GM student is distilled from the committed digits teacher through the same full stack and training budget as
+`piflow demo` (configs/digits_demo.yaml: 500 iterations, batch 32, local Ray, 2 ZeRO-3 ranks, TeacherServer),
+changing only its step grid: 1 and 2 NFE use the ImageNet recipe's setting f = 1 (1 NFE: tau_src = 1, one segment
+of length 1), 4 NFE keeps the demo's f = 0.5. The 4-NFE student is reused from `make demo` (runs/demo/export)
+unless it is listed in --students. Every student is exported, loaded through PiFlowPipeline and scored like the
+demo (same noise, classifier accuracy, Frechet distance against real held-out digits, diversity), beside the
+32-step teacher, and the 4-NFE student is also sampled at 8 NFE (elastic inference).
+
+Bars: trained 1-NFE Frechet distance <= 2x the 32-step teacher's and accuracy within 3 points; trained 2-NFE
+Frechet distance <= 1.5x; the 4-NFE student at 8 NFE no worse than at 4 (Frechet distance within 10%).
+Writes benchmarks/results/digits_nfe.json and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+F_FOR_NFE = {1: 1.0, 2: 1.0}  # the ImageNet recipe's final_step_size_scale; others keep the config's (0.5)
+
+
+def train_student(config: str, nfe: int, out: Path, overrides: list[str]) -> Path:
+    """Distil one student at `nfe` through the demo's stack; returns its export directory."""
+    from cluster.demo import build_prompt_shards
+    from cluster.launch import launch_training
+    from trainer.config import load_config
+    from trainer.export import export_student
+
+    extra = [f"distill.nfe={nfe}", f"eval.nfe={nfe}", f"run.output={out / f'gm{nfe}' / 'run'}", "run.force=true"]
+    if nfe in F_FOR_NFE:
+        extra.append(f"distill.final_step_scale={F_FOR_NFE[nfe]}")
+    cfg = load_config(config, [*extra, *overrides])
+    build_prompt_shards(cfg, 64)
+    launch_training(cfg)
+    export_dir = out / f"gm{nfe}" / "export"
+    export_student(cfg.run.output, export_dir)
+    return export_dir
+
+
+def evaluate(cfg, exports: dict[int, Path], samples_per_digit: int, seed: int = 1234) -> list[dict]:
+    """The 32-step teacher and every student at its own NFE (and the 4-NFE one at 8), on the same noise."""
+    from data_pipeline.digits import prompt_for
+    from models.families import get_family
+    from models.pipeline import PiFlowPipeline
+    from models.text_encoders import load_text_encoder
+    from trainer.digits_eval import evaluate_digits, teacher_euler, train_classifier
+
+    clf, _ = train_classifier(seed=0)
+    labels = torch.arange(10).repeat_interleave(samples_per_digit)
+    prompts = [prompt_for(int(c)) for c in labels]
+    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    teacher = get_family(cfg.model.family).build_teacher(cfg)
+    cond = load_text_encoder(cfg)(prompts)
+    rows = [{"method": "teacher 32-step", "trained_nfe": 0, "nfe": 32,
+             **evaluate_digits(clf, teacher_euler(teacher, noise, cond, 32, cfg.distill.shift), labels)}]
+    for trained, export_dir in sorted(exports.items()):
+        pipe = PiFlowPipeline.from_pretrained(str(export_dir))
+        for nfe in ([trained, 8] if trained == 4 else [trained]):
+            x = pipe(prompts, num_inference_steps=nfe, latents=noise, temperature=1.0, output_type="latent")
+            rows.append({"method": f"GM student trained at {trained} NFE", "trained_nfe": trained, "nfe": nfe,
+                         "export": str(export_dir), **evaluate_digits(clf, x, labels)})
+    return rows
+
+
+def bars(rows: list[dict]) -> dict[str, bool]:
+    teacher = rows[0]
+    by = {(r["trained_nfe"], r["nfe"]): r for r in rows[1:]}
+    out = {}
+    if (1, 1) in by:
+        out["trained_1nfe_frechet_at_most_2x_teacher"] = by[1, 1]["frechet_distance"] <= 2 * teacher["frechet_distance"]
+        out["trained_1nfe_accuracy_within_3_points"] = \
+            100 * (teacher["prompt_accuracy"] - by[1, 1]["prompt_accuracy"]) <= 3.0
+    if (2, 2) in by:
+        out["trained_2nfe_frechet_at_most_1.5x_teacher"] = \
+            by[2, 2]["frechet_distance"] <= 1.5 * teacher["frechet_distance"]
+    if (4, 8) in by:
+        out["4nfe_student_at_8nfe_frechet_within_10pct_of_4nfe"] = \
+            by[4, 8]["frechet_distance"] <= 1.1 * by[4, 4]["frechet_distance"]
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    t = rows[0]["frechet_distance"]
+    lines = ["| method | NFE | prompt accuracy | Frechet distance | FD / teacher 32-step | diversity (vs real) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['method']} | {r['nfe']} | {100 * r['prompt_accuracy']:.1f}% | {r['frechet_distance']:.2f} | "
+              f"{r['frechet_distance'] / t:.2f} | {r['diversity']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "digits_demo.yaml"))
+    ap.add_argument("--students", default="1,2", help="NFEs to train (comma-separated, from 1,2,4)")
+    ap.add_argument("--demo-export", default="runs/demo/export",
+                    help="the 4-NFE student of `make demo`, used when 4 is not in --students")
+    ap.add_argument("--output", default="runs/digits_nfe")
+    ap.add_argument("--samples-per-digit", type=int, default=100)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "digits_nfe.json"))
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (every student)")
+    args = ap.parse_args(argv)
+    try:
+        students = sorted({int(s) for s in args.students.split(",")})
+    except ValueError:
+        ap.error(f"--students: expected comma-separated integers, got {args.students!r}")
+    if not students or min(students) < 1:
+        ap.error(f"--students: NFEs must be >= 1, got {args.students!r}")
+    demo_export = Path(args.demo_export)
+    if 4 not in students and not demo_export.is_dir():
+        ap.error(f"--demo-export: no exported 4-NFE student at {demo_export} (run `make demo` first, or pass "
+                 "--students 1,2,4)")
+
+    from trainer.config import load_config
+
+    t0 = time.perf_counter()
+    out, exports, seconds = Path(args.output), {}, {}
+    for nfe in students:
+        t = time.perf_counter()
+        exports[nfe] = train_student(args.config, nfe, out, list(args.overrides))
+        seconds[nfe] = round(time.perf_counter() - t, 1)
+        print(f"== trained the {nfe}-NFE student in {seconds[nfe]} s", flush=True)
+    if 4 not in exports:
+        exports[4] = demo_export
+    cfg = load_config(args.config, list(args.overrides))
+    rows = evaluate(cfg, exports, args.samples_per_digit)
+    result_bars = bars(rows)
+    table = format_table(rows)
+    print("\n" + table + "\n")
+    for k, v in result_bars.items():
+        print(f"  bar {k}: {'PASS' if v else 'FAIL'}")
+    meta = {"command": " ".join(["benchmarks/digits_nfe.py", *(argv if argv is not None else sys.argv[1:])]),
+            "train_seconds": seconds, "samples_per_digit": args.samples_per_digit,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "bars": result_bars, "rows": rows, "table": table}, indent=2))
+    print(f"\nwrote {args.out} ({meta['seconds']} s)")
+    return 0 if all(result_bars.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
