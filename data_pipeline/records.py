@@ -23,6 +23,8 @@ MAX_KEPT_BAD = 1000  # bad records kept with shard + key for reports; beyond thi
 MAX_WARNINGS_PER_REASON = 20  # log lines per reason; the counters keep counting after that
 
 META_KEYS = {"negative_prompt": str, "seed": int, "size": list}
+# The data latent of a latent-shard sample (`KEY.latent.npy`, (C, H, W)): training data, not conditioning.
+LATENT_KEY = "latent"
 
 
 @dataclass
@@ -172,7 +174,7 @@ def validate_sample(key: str, members: dict[str, bytes], shard: str, max_chars: 
             embeddings = load_embeddings(emb_members)
         except Exception as e:  # noqa: BLE001 - any decode failure makes this one record bad
             return None, BadRecord(shard, key, "bad_embedding", f"{type(e).__name__}: {str(e)[:200]}")
-    if need_embeddings and not embeddings:
+    if need_embeddings and not set(embeddings or ()) - {LATENT_KEY}:
         return None, BadRecord(shard, key, "bad_embedding", "pre-encoded shard sample has no emb.pth/.npy member")
     return PromptRecord(key=key, txt=txt, shard=shard, meta=meta, embeddings=embeddings,
                         truncated_from=truncated_from), None
