@@ -139,6 +139,10 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 
     e.set_defaults(func=encode)
 
+    from cluster.jobs.cli import add_latents
+
+    add_latents(ss)
+
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="memory and placement plan of a config on N GPUs, without allocating")

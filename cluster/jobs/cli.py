@@ -1,0 +1,74 @@
+"""`piflow shards latents` and `piflow shards encode`: shard jobs over a Ray actor pool (cluster/jobs/shard_pool.py).
+
+Both take the config's Ray address (`cluster.address`: "local" starts an in-process Ray), `--workers` actors
+(default `data.workers`), each on one GPU when the cluster has GPUs, and skip output shards that exist.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any
+
+
+def latent_worker(cfg: Any, flip: str, seed: int, image_size: int, batch_size: int):
+    """Built once per actor: the family's VAE (or identity) wrapped as a shard worker."""
+    from data_pipeline.latents.shards import LatentShardWorker
+    from models.vae_encoder import load_image_encoder
+
+    return LatentShardWorker(load_image_encoder(cfg), flip, seed, image_size, batch_size)
+
+
+def _gpus_per_worker(workers: int) -> float:
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    return 0.0 if gpus == 0 else min(1.0, gpus / workers)
+
+
+def _report_bad(results: list[dict]) -> int:
+    bad = [b for r in results for b in r.get("bad", [])]
+    for line in bad[:50]:
+        print(f"  BAD {line}", file=sys.stderr)
+    if len(bad) > 50:
+        print(f"  ... and {len(bad) - 50} more bad records", file=sys.stderr)
+    return len(bad)
+
+
+def add_latents(ss: argparse._SubParsersAction) -> None:
+    p = ss.add_parser("latents", help="encode image shards with the family's VAE into latent shards "
+                                      "(data-based pi-ID), over a Ray actor pool, resumable")
+    p.add_argument("url", metavar="IMAGES_URL", help="image shards: dir/prefix, .tar, brace pattern or list "
+                   "(KEY.png|jpg|webp|npy + KEY.txt caption or KEY.cls class id)")
+    p.add_argument("--out", required=True, help="output dir or s3://bucket/prefix (existing shards are skipped)")
+    p.add_argument("--config", required=True, help="run config: model.family and its VAE (model.pretrained)")
+    p.add_argument("--flip", choices=["none", "random", "both"], default="none",
+                   help="horizontal flip: none, random (per image, by key), both (image and mirror)")
+    p.add_argument("--image-size", type=int, default=0, help="center-crop and resize to this size (0 = as is)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the posterior samples and the flip coin")
+    p.add_argument("--workers", type=int, default=0, help="actors (0 = data.workers)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per VAE call")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.jobs.shard_pool import run_shard_pool
+        from cluster.orchestrator import connect
+        from data_pipeline.latents.shards import latent_tasks
+        from data_pipeline.shards import resolve_shards
+        from trainer.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.image_size < 0 or args.batch_size < 1:
+            raise SystemExit("piflow shards latents: --image-size must be >= 0 and --batch-size >= 1")
+        tasks = latent_tasks(resolve_shards(args.url), args.out)
+        workers = args.workers or cfg.data.workers
+        connect(cfg)
+        factory = functools.partial(latent_worker, cfg, args.flip, args.seed, args.image_size, args.batch_size)
+        rep = run_shard_pool(tasks, factory, workers, gpus_per_worker=_gpus_per_worker(workers),
+                             cpus_per_worker=cfg.cluster.data_cpus_per_worker, desc="latents", unit="image")
+        n_bad = _report_bad(rep.done)
+        print(f"wrote {rep.samples} latents in {len(rep.done)} shards to {args.out} "
+              f"({len(rep.skipped)} shards existed already, {n_bad} bad records skipped, {rep.seconds:.1f} s)")
+        return 1 if n_bad else 0
+
+    p.set_defaults(func=run)
