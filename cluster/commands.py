@@ -112,35 +112,10 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 
     i.set_defaults(func=inspect_)
 
-    e = ss.add_parser("encode", help="pre-encode prompts with the config's text encoders (emb.pth beside txt)")
-    e.add_argument("url", help="source shards")
-    e.add_argument("--out", required=True, help="output dir or s3://bucket/prefix for the encoded shards")
-    e.add_argument("--config", required=True, help="run config whose model section names the text encoders")
-    e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
-    def encode(args: argparse.Namespace) -> int:
-        import importlib.util
+    from cluster.jobs.cli import add_encode, add_latents
 
-        from data_pipeline.reader import ReadOptions
-        from data_pipeline.shards import encode_shards, format_inspect
-        from trainer.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if importlib.util.find_spec("models.text_encoders") is None:
-            print("piflow shards encode: no text encoders in this installation (models/text_encoders.py "
-                  "with load_text_encoder(cfg) is missing)", file=sys.stderr)
-            return 2
-        from models.text_encoders import load_text_encoder
-
-        rep = encode_shards(args.url, args.out, load_text_encoder(cfg), ReadOptions.from_config(cfg.data))
-        print(format_inspect(rep))
-        print(f"encoded {rep.samples} prompts into {len(rep.shards)} shards at {args.out}")
-        return 1 if rep.unreadable or rep.bad else 0
-
-    e.set_defaults(func=encode)
-
-    from cluster.jobs.cli import add_latents
-
+    add_encode(ss)
     add_latents(ss)
 
 

@@ -19,6 +19,15 @@ def latent_worker(cfg: Any, flip: str, seed: int, image_size: int, batch_size: i
     return LatentShardWorker(load_image_encoder(cfg), flip, seed, image_size, batch_size)
 
 
+def encode_worker(cfg: Any, dtype: str):
+    """Built once per actor: the config's text encoders (on the actor's GPU when it has one)."""
+    from data_pipeline.encoding.job import EncodeShardWorker
+    from data_pipeline.reader import ReadOptions
+    from models.text_encoders import load_text_encoder
+
+    return EncodeShardWorker(load_text_encoder(cfg), dtype, ReadOptions.from_config(cfg.data))
+
+
 def _gpus_per_worker(workers: int) -> float:
     import ray
 
@@ -33,6 +42,55 @@ def _report_bad(results: list[dict]) -> int:
     if len(bad) > 50:
         print(f"  ... and {len(bad) - 50} more bad records", file=sys.stderr)
     return len(bad)
+
+
+def _run_pool(cfg: Any, tasks: list, factory, workers: int, desc: str, unit: str):
+    """Ray up (or attached) for the job, the pool run, and Ray down again if this command started it."""
+    import ray
+
+    from cluster.jobs.shard_pool import run_shard_pool
+    from cluster.orchestrator import connect
+
+    started = not ray.is_initialized()
+    connect(cfg)
+    try:
+        return run_shard_pool(tasks, factory, workers, gpus_per_worker=_gpus_per_worker(workers),
+                              cpus_per_worker=cfg.cluster.data_cpus_per_worker, desc=desc, unit=unit)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def add_encode(ss: argparse._SubParsersAction) -> None:
+    p = ss.add_parser("encode", help="pre-encode prompt shards with the config's text encoders over a Ray actor "
+                                     "pool (emb.safetensors beside txt; bf16 or fp8), resumable")
+    p.add_argument("url", help="source shards (prompt or latent shards)")
+    p.add_argument("--out", required=True, help="output dir or s3://bucket/prefix (existing shards are skipped)")
+    p.add_argument("--config", required=True, help="run config whose model section names the text encoders")
+    p.add_argument("--dtype", choices=["bf16", "fp8", "float32"], default="bf16",
+                   help="storage of the embeddings: bf16, fp8 (e4m3 with a per-tensor scale) or float32")
+    p.add_argument("--workers", type=int, default=0, help="actors, each loads the encoders once (0 = data.workers)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+    def run(args: argparse.Namespace) -> int:
+        from data_pipeline import storage
+        from data_pipeline.shards import resolve_shards
+        from trainer.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        urls = resolve_shards(args.url)
+        storage.makedirs(args.out)
+        tasks = [(u, storage.join(args.out, storage.basename(u))) for u in urls]
+        workers = args.workers or cfg.data.workers
+        rep = _run_pool(cfg, tasks, functools.partial(encode_worker, cfg, args.dtype), workers, "encode", "prompt")
+        n_bad = _report_bad(rep.done)
+        per = sum(int(d.get("emb_bytes", 0)) for d in rep.done) / max(rep.samples, 1)
+        print(f"encoded {rep.samples} prompts into {len(rep.done)} shards at {args.out} ({len(rep.skipped)} shards "
+              f"existed already, {n_bad} bad records skipped, {per:.0f} embedding bytes/prompt as {args.dtype}, "
+              f"{rep.seconds:.1f} s)")
+        return 1 if n_bad else 0
+
+    p.set_defaults(func=run)
 
 
 def add_latents(ss: argparse._SubParsersAction) -> None:
@@ -51,8 +109,6 @@ def add_latents(ss: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     def run(args: argparse.Namespace) -> int:
-        from cluster.jobs.shard_pool import run_shard_pool
-        from cluster.orchestrator import connect
         from data_pipeline.latents.shards import latent_tasks
         from data_pipeline.shards import resolve_shards
         from trainer.config import load_config
@@ -62,10 +118,8 @@ def add_latents(ss: argparse._SubParsersAction) -> None:
             raise SystemExit("piflow shards latents: --image-size must be >= 0 and --batch-size >= 1")
         tasks = latent_tasks(resolve_shards(args.url), args.out)
         workers = args.workers or cfg.data.workers
-        connect(cfg)
         factory = functools.partial(latent_worker, cfg, args.flip, args.seed, args.image_size, args.batch_size)
-        rep = run_shard_pool(tasks, factory, workers, gpus_per_worker=_gpus_per_worker(workers),
-                             cpus_per_worker=cfg.cluster.data_cpus_per_worker, desc="latents", unit="image")
+        rep = _run_pool(cfg, tasks, factory, workers, "latents", "image")
         n_bad = _report_bad(rep.done)
         print(f"wrote {rep.samples} latents in {len(rep.done)} shards to {args.out} "
               f"({len(rep.skipped)} shards existed already, {n_bad} bad records skipped, {rep.seconds:.1f} s)")
