@@ -132,3 +132,32 @@ def test_data_based_needs_latent_shards(tmp_path):
 
     with pytest.raises(ConfigError, match="distill.data_free"):
         load_config(ROOT / "configs" / "dit_imagenet_gm_k32_1nfe_tiny.yaml", ["distill.data_free=false"])
+
+
+def test_dit_twin_trains_data_based_on_latent_shards_made_from_images(tmp_path):
+    """The ImageNet recipe's tiny twin end to end: PNG image shards with class ids -> `shard_latents` (tiny
+    SD-VAE-shaped AutoencoderKL, posterior samples x 0.18215) -> data-based pi-ID steps of the tiny DiT."""
+    from data_pipeline.latents.shards import shard_latents
+    from models.vae_encoder import load_image_encoder
+    from tests.data_pipeline.test_latents import write_png_shards
+
+    torch.manual_seed(0)
+    urls = write_png_shards(tmp_path, n_shards=2, per=4)
+    cfg = _cfg(str(tmp_path / "lat"), iters=3)
+    reps = shard_latents(urls, str(tmp_path / "lat"), load_image_encoder(cfg), flip="random")
+    assert sum(r.samples for r in reps) == 8
+    fam = get_family("dit")
+    teacher = fam.build_teacher(cfg)
+    student = fam.build_student(cfg, teacher)
+    labels = []
+
+    def make_policy(x, s, c):
+        labels.append(c["class_labels"].tolist())
+        return student.make_policy(x, s, c)
+
+    before = [p.detach().clone() for p in student.trainable_parameters()]
+    steps = train_loop(cfg, build_engine(cfg, student), make_policy, teacher,
+                       _batches(cfg, sorted(str(p) for p in (tmp_path / "lat").glob("*.tar"))), progress=False,
+                       generator=torch.Generator().manual_seed(1))
+    assert steps == 3 and labels[0] == [100, 101, 102, 103]  # the class ids of the images, in order
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.trainable_parameters()))
