@@ -34,12 +34,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded default end to end: digits teacher -> 4-step GM student through "
                                     "Ray, ZeRO-3, a TeacherServer and DataWorkers; a table and PNG grids")
     p.add_argument("--config", default=None, help="default: configs/digits_demo.yaml of this checkout")
+    p.add_argument("--students", default="data-free,data-based",
+                   help="students to train now (comma-separated: data-free, data-based); the others are "
+                        "reused from an earlier demo run's exports")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     def run(args: argparse.Namespace) -> int:
         from cluster.demo import run_demo
 
-        report = run_demo(args.config, args.overrides)
+        students = tuple(s.strip() for s in args.students.split(",") if s.strip())
+        if not students or set(students) - {"data-free", "data-based"}:
+            raise SystemExit(f"piflow demo: --students takes data-free and/or data-based, got {args.students!r}")
+        report = run_demo(args.config, args.overrides, students=students)
         return 0 if all(report["bars"].values()) else 1
 
     p.set_defaults(func=run)

@@ -61,6 +61,17 @@ def _run_pool(cfg: Any, tasks: list, factory, workers: int, desc: str, unit: str
             ray.shutdown()
 
 
+def latent_shards_job(cfg: Any, images: str, out: str, flip: str = "none", seed: int = 0, workers: int = 1,
+                      image_size: int = 0, batch_size: int = 16):
+    """`piflow shards latents` as a function (the digits demo calls it): returns the pool's report."""
+    from data_pipeline.latents.shards import latent_tasks
+    from data_pipeline.shards import resolve_shards
+
+    tasks = latent_tasks(resolve_shards(images), out)
+    factory = functools.partial(latent_worker, cfg, flip, seed, image_size, batch_size)
+    return _run_pool(cfg, tasks, factory, workers, "latents", "image")
+
+
 def add_encode(ss: argparse._SubParsersAction) -> None:
     p = ss.add_parser("encode", help="pre-encode prompt shards with the config's text encoders over a Ray actor "
                                      "pool (emb.safetensors beside txt; bf16 or fp8), resumable")
@@ -109,17 +120,13 @@ def add_latents(ss: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     def run(args: argparse.Namespace) -> int:
-        from data_pipeline.latents.shards import latent_tasks
-        from data_pipeline.shards import resolve_shards
         from trainer.config import load_config
 
         cfg = load_config(args.config, args.overrides)
         if args.image_size < 0 or args.batch_size < 1:
             raise SystemExit("piflow shards latents: --image-size must be >= 0 and --batch-size >= 1")
-        tasks = latent_tasks(resolve_shards(args.url), args.out)
-        workers = args.workers or cfg.data.workers
-        factory = functools.partial(latent_worker, cfg, args.flip, args.seed, args.image_size, args.batch_size)
-        rep = _run_pool(cfg, tasks, factory, workers, "latents", "image")
+        rep = latent_shards_job(cfg, args.url, args.out, args.flip, args.seed, args.workers or cfg.data.workers,
+                                args.image_size, args.batch_size)
         n_bad = _report_bad(rep.done)
         print(f"wrote {rep.samples} latents in {len(rep.done)} shards to {args.out} "
               f"({len(rep.skipped)} shards existed already, {n_bad} bad records skipped, {rep.seconds:.1f} s)")

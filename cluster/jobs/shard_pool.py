@@ -35,9 +35,11 @@ class ShardWorker:
         self.worker = factory()
 
     def run(self, src: str, out: str) -> dict[str, Any]:
+        import os
+
         if storage.exists(out):  # finished meanwhile (another job on the same output)
-            return {"src": src, "out": out, "samples": 0, "skipped": True}
-        return {"src": src, "out": out, **self.worker(src, out)}
+            return {"src": src, "out": out, "samples": 0, "skipped": True, "pid": os.getpid()}
+        return {"src": src, "out": out, "pid": os.getpid(), **self.worker(src, out)}
 
 
 def pending_tasks(tasks: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
