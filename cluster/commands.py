@@ -10,6 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_teacher, _add_demo, _add_toy_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
                 _add_template):
         add(sub)
+    from cluster.jobs.eval import add_eval
+
+    add_eval(sub)
 
 
 def _add_teacher(sub: argparse._SubParsersAction) -> None:
