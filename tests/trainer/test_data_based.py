@@ -161,3 +161,29 @@ def test_dit_twin_trains_data_based_on_latent_shards_made_from_images(tmp_path):
                        generator=torch.Generator().manual_seed(1))
     assert steps == 3 and labels[0] == [100, 101, 102, 103]  # the class ids of the images, in order
     assert any(not torch.equal(a, b) for a, b in zip(before, student.trainable_parameters()))
+
+
+def test_toy2d_data_batches_draw_mixture_data_keyed_by_sample_index():
+    """The in-process toy run's data-based batches: x0 from the toy mixture and the segment of each global
+    sample index; a resume at step k yields the same x0 and segments as step k of a fresh run."""
+    import itertools
+
+    from models.families import get_family
+    from models.families.toy2d import ToyMixture
+    from trainer.config import config_from_dict
+    from trainer.local_run import noise_batches
+
+    cfg = config_from_dict({"model": {"family": "toy2d"}, "distill": {"data_free": False},
+                            "train": {"batch_size": 8}, "run": {"seed": 3}})
+    fam = get_family("toy2d")
+    fresh = list(itertools.islice(noise_batches(cfg, fam, torch.Generator().manual_seed(0)), 3))
+    _, cond, data = fresh[2]
+    assert cond is None and data.x0.shape == (8, 2, 1, 1)
+    assert [(float(t), float(s)) for t, s in zip(data.tau_src, data.segment)] == \
+        [sample_segment_of(3, 16 + p, 4, 0.5) for p in range(8)]
+    resumed = next(noise_batches(cfg, fam, torch.Generator().manual_seed(0), start_step=2))[2]
+    assert torch.equal(resumed.x0, data.x0) and torch.equal(resumed.tau_src, data.tau_src)
+    # the points are mixture samples: each lies near one of the mixture's centres
+    mix = ToyMixture.default()
+    d = torch.cdist(data.x0.reshape(8, 2), mix.centres.float()).min(1).values
+    assert torch.all(d < 6 * mix.std)
