@@ -135,7 +135,9 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
     noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
     teacher = get_family(cfg.model.family).build_teacher(cfg)
     cond = load_text_encoder(cfg)(prompts)
-    pipes = {"data-free": PiFlowPipeline.from_pretrained(str(export_dir))}
+    pipes = {}
+    if export_dir is not None:
+        pipes["data-free"] = PiFlowPipeline.from_pretrained(str(export_dir))
     if data_export_dir is not None:
         pipes["data-based"] = PiFlowPipeline.from_pretrained(str(data_export_dir))
 
@@ -167,7 +169,7 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
             f"{prefix}diversity_at_least_0.8x_teacher": student4["diversity"] >= 0.8 * base["diversity"],
         })
     outputs = {"table": str(out_dir / "demo_table.md"), "results": str(out_dir / "demo_results.json"),
-               "grids": str(out_dir / "grids"), "export": str(export_dir),
+               "grids": str(out_dir / "grids"), "export": str(export_dir or data_export_dir),
                "checkpoints": str(Path(cfg.run.output) / "checkpoints"),
                "rollouts": str(Path(cfg.run.output) / "rollouts"),
                "metrics": str(Path(cfg.run.output) / "metrics.jsonl")}
