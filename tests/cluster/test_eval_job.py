@@ -4,7 +4,6 @@ results.json, table.md and one labelled grid per prompt, and serves the teacher 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ bounds, padding past a masked prompt not stored and restored as zeros, unmasked 
 the reader restoring the padded tensors; the encode worker's shards read back through the normal reader."""
 from __future__ import annotations
 
-import io
 import tarfile
 
 import pytest
