@@ -21,11 +21,18 @@ def latent_worker(cfg: Any, flip: str, seed: int, image_size: int, batch_size: i
 
 def encode_worker(cfg: Any, dtype: str):
     """Built once per actor: the config's text encoders (on the actor's GPU when it has one)."""
+    import torch
+
     from data_pipeline.encoding.job import EncodeShardWorker
     from data_pipeline.reader import ReadOptions
     from models.text_encoders import load_text_encoder
 
-    return EncodeShardWorker(load_text_encoder(cfg), dtype, ReadOptions.from_config(cfg.data))
+    encoder = load_text_encoder(cfg)
+    if torch.cuda.is_available():  # the actor's GPU (Ray sets CUDA_VISIBLE_DEVICES); outputs come back on the CPU
+        for module in vars(encoder).values():
+            if isinstance(module, torch.nn.Module):
+                module.to("cuda")
+    return EncodeShardWorker(encoder, dtype, ReadOptions.from_config(cfg.data))
 
 
 def _gpus_per_worker(workers: int) -> float:
