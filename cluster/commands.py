@@ -10,6 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_teacher, _add_demo, _add_toy_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
                 _add_template):
         add(sub)
+    from cluster.jobs.eval import add_eval
+
+    add_eval(sub)
 
 
 def _add_teacher(sub: argparse._SubParsersAction) -> None:
@@ -34,12 +37,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded default end to end: digits teacher -> 4-step GM student through "
                                     "Ray, ZeRO-3, a TeacherServer and DataWorkers; a table and PNG grids")
     p.add_argument("--config", default=None, help="default: configs/digits_demo.yaml of this checkout")
+    p.add_argument("--students", default="data-free,data-based",
+                   help="students to train now (comma-separated: data-free, data-based); the others are "
+                        "reused from an earlier demo run's exports")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     def run(args: argparse.Namespace) -> int:
         from cluster.demo import run_demo
 
-        report = run_demo(args.config, args.overrides)
+        students = tuple(s.strip() for s in args.students.split(",") if s.strip())
+        if not students or set(students) - {"data-free", "data-based"}:
+            raise SystemExit(f"piflow demo: --students takes data-free and/or data-based, got {args.students!r}")
+        report = run_demo(args.config, args.overrides, students=students)
         return 0 if all(report["bars"].values()) else 1
 
     p.set_defaults(func=run)
@@ -112,32 +121,11 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 
     i.set_defaults(func=inspect_)
 
-    e = ss.add_parser("encode", help="pre-encode prompts with the config's text encoders (emb.pth beside txt)")
-    e.add_argument("url", help="source shards")
-    e.add_argument("--out", required=True, help="output dir or s3://bucket/prefix for the encoded shards")
-    e.add_argument("--config", required=True, help="run config whose model section names the text encoders")
-    e.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
-    def encode(args: argparse.Namespace) -> int:
-        import importlib.util
+    from cluster.jobs.cli import add_encode, add_latents
 
-        from data_pipeline.reader import ReadOptions
-        from data_pipeline.shards import encode_shards, format_inspect
-        from trainer.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if importlib.util.find_spec("models.text_encoders") is None:
-            print("piflow shards encode: no text encoders in this installation (models/text_encoders.py "
-                  "with load_text_encoder(cfg) is missing)", file=sys.stderr)
-            return 2
-        from models.text_encoders import load_text_encoder
-
-        rep = encode_shards(args.url, args.out, load_text_encoder(cfg), ReadOptions.from_config(cfg.data))
-        print(format_inspect(rep))
-        print(f"encoded {rep.samples} prompts into {len(rep.shards)} shards at {args.out}")
-        return 1 if rep.unreadable or rep.bad else 0
-
-    e.set_defaults(func=encode)
+    add_encode(ss)
+    add_latents(ss)
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:

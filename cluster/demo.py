@@ -5,6 +5,10 @@ configs/digits_demo.yaml --force`) is distilled into a 4-step GM student through
 in a local object store, local Ray with DataWorkers, a TeacherServer actor, 2 DeepSpeed ZeRO-3 student ranks,
 checkpoints and rollouts under the run directory, wandb offline. The EMA student is exported in the diffusers
 format, loaded back through `PiFlowPipeline`, and scored beside the teacher.
+
+A second student, data-based (PIFLOW.md §3.1, same budget), trains on latent shards made from the real 8x8
+digits (train split) by the `piflow shards latents` job (Ray actor pool; the digits family has no VAE, the
+latents are the images); the table shows both students side by side.
 """
 from __future__ import annotations
 
@@ -58,8 +62,33 @@ def build_prompt_shards(cfg: Config, repeats: int) -> str:
     return out
 
 
-def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), samples_per_digit: int = 100
-             ) -> dict:
+def build_latent_shards(cfg: Config, out: Path) -> str:
+    """The real digits (train split) as image shards, then `piflow shards latents` over a Ray actor pool."""
+    from cluster.jobs.cli import latent_shards_job
+    from data_pipeline.latents.shards import digits_image_shards
+
+    images = str(out / "images")
+    if not (out / "images").exists():
+        digits_image_shards(images, split="train", per_shard=300)
+    latents = str(out / "latents")
+    latent_shards_job(cfg, images, latents, flip="none", seed=cfg.run.seed, workers=cfg.data.workers)
+    return latents
+
+
+def data_based_config(cfg: Config, out: Path) -> Config:
+    """The data-free config with `distill.data_free: false` on the latent shards, its own run dir, same budget."""
+    import dataclasses
+
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, output=cfg.run.output.rstrip("/") + "_data"),
+        distill=dataclasses.replace(cfg.distill, data_free=False),
+        data=dataclasses.replace(cfg.data, shards=str(out / "latents")))
+
+
+def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), samples_per_digit: int = 100,
+             students: tuple[str, ...] = ("data-free", "data-based")) -> dict:
+    """`students`: which students to train now; a student not trained now must have been exported by an earlier
+    demo run in the same place (`piflow demo --students data-based` retrains only the data-based one)."""
     # A demo starts fresh (`run.force`); a later override can turn that off to resume.
     cfg = load_config(config or DEFAULT_CONFIG, ["run.force=true", *overrides])
     from data_pipeline import storage
@@ -78,22 +107,38 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
 
     teacher_dir = phases.run("teacher (committed, or trained once)", ensure_teacher, cfg)
     print(f"teacher: {teacher_dir}")
-    phases.run("prompt shards", build_prompt_shards, cfg, 64)
 
     from cluster.launch import launch_training
-
-    phases.run("distillation (Ray + 2 ZeRO-3 ranks + TeacherServer + DataWorkers)", launch_training, cfg)
-
     from trainer.export import export_student
 
-    export_dir = out / "export"
-    phases.run("export (EMA, diffusers format)", export_student, cfg.run.output, export_dir)
-    if storage.is_s3(cfg.run.output):
-        phases.run("export upload", storage.upload_dir, str(export_dir), storage.join(cfg.run.output, "export"))
+    export_dir, data_export_dir = out / "export", out / "export_data"
+    if "data-free" in students:
+        phases.run("prompt shards", build_prompt_shards, cfg, 64)
+        phases.run("distillation, data-free (Ray + 2 ZeRO-3 ranks + TeacherServer + DataWorkers)",
+                   launch_training, cfg)
+        phases.run("export (EMA, diffusers format)", export_student, cfg.run.output, export_dir)
+        if storage.is_s3(cfg.run.output):
+            phases.run("export upload", storage.upload_dir, str(export_dir), storage.join(cfg.run.output, "export"))
+    if "data-based" in students:
+        phases.run("latent shards (real digits, `piflow shards latents` job)", build_latent_shards, cfg, out)
+        data_cfg = data_based_config(cfg, out)
+        phases.run("distillation, data-based (same stack, latent shards)", launch_training, data_cfg)
+        phases.run("export data-based (EMA, diffusers format)", export_student, data_cfg.run.output, data_export_dir)
+        if storage.is_s3(data_cfg.run.output):
+            phases.run("export upload", storage.upload_dir, str(data_export_dir),
+                       storage.join(data_cfg.run.output, "export"))
+    exports = {k: d for k, d in (("data-free", export_dir), ("data-based", data_export_dir))
+               if (d / "model_index.json").exists()}
+    if not exports:
+        raise FileNotFoundError(f"{out}: no exported student (run `piflow demo` once)")
+    missing = sorted({"data-free", "data-based"} - set(exports))
+    if missing:
+        print(f"note: no {' / '.join(missing)} student exported under {out}: its rows are left out")
 
     from trainer.digits_eval import evaluate_demo
 
-    report = phases.run("evaluation", evaluate_demo, cfg, export_dir, out, samples_per_digit)
+    report = phases.run("evaluation", evaluate_demo, cfg, exports.get("data-free"), out, samples_per_digit,
+                        data_export_dir=exports.get("data-based"))
     report["phases_s"] = phases.seconds
     report["total_s"] = phases.total
     (out / "demo_results.json").write_text(json.dumps(report, indent=1))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Union
 
 from data_pipeline import storage
 from data_pipeline.order import ShardTask, sample_order
-from data_pipeline.records import BadRecord, Overlong, PromptRecord, validate_sample
+from data_pipeline.records import LATENT_KEY, BadRecord, Overlong, PromptRecord, validate_sample
 
 Encoder = Callable[[list[str]], dict[str, Any]]  # prompts -> {name: Tensor (B, ...)}
 EncoderFactory = Callable[[], Encoder]  # picklable; builds the encoder where it runs (a DataWorker's GPU)
@@ -174,7 +174,8 @@ class ShardReader:
         encode = self.encoder()
         if encode is None:
             return
-        todo = [r for _, r in items if isinstance(r, PromptRecord) and r.embeddings is None]
+        # a latent shard's sample carries its data latent but (unless pre-encoded) no text embeddings yet
+        todo = [r for _, r in items if isinstance(r, PromptRecord) and not set(r.embeddings or ()) - {LATENT_KEY}]
         n = max(1, self.options.encode_batch_size)
         for i in range(0, len(todo), n):
             chunk = todo[i:i + n]
@@ -184,5 +185,5 @@ class ShardReader:
                     raise ValueError(f"encoder output {name!r} has batch {t.shape[0]}, expected {len(chunk)}")
             for j, r in enumerate(chunk):
                 # clone: a view would carry (and pickle) the whole batch's storage
-                r.embeddings = {name: t[j].detach().clone() for name, t in out.items()}
+                r.embeddings = {**(r.embeddings or {}), **{name: t[j].detach().clone() for name, t in out.items()}}
 

@@ -2,7 +2,8 @@
 
 A shard sample is `__key__`, `txt` (UTF-8 prompt) and an optional `json` object with `negative_prompt` (str),
 `seed` (int) and `size` ([height, width]); pre-encoded shards add embeddings (`emb.pth`: a dict of tensors
-saved with torch.save, or `NAME.npy` / `NAME.pth` single tensors). Validation is a pure function of the
+saved with torch.save, `emb.safetensors` packed by data_pipeline/encoding/packing.py, or `NAME.npy` / `NAME.pth`
+single tensors). Validation is a pure function of the
 sample bytes, so skipping bad records keeps the global order deterministic and resume exact.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ MAX_KEPT_BAD = 1000  # bad records kept with shard + key for reports; beyond thi
 MAX_WARNINGS_PER_REASON = 20  # log lines per reason; the counters keep counting after that
 
 META_KEYS = {"negative_prompt": str, "seed": int, "size": list}
+# The data latent of a latent-shard sample (`KEY.latent.npy`, (C, H, W)): training data, not conditioning.
+LATENT_KEY = "latent"
 
 
 @dataclass
@@ -114,7 +117,11 @@ def load_embeddings(members: dict[str, bytes]) -> Optional[dict[str, Any]]:
     """Embeddings of a pre-encoded sample: `emb.pth` (dict), `NAME.pth` or `NAME.npy` (one tensor each)."""
     out: dict[str, Any] = {}
     for ext, raw in members.items():
-        if ext.endswith(".pth") or ext == "pth":
+        if ext.endswith(".safetensors") or ext == "safetensors":  # `piflow shards encode` (bf16/fp8, packed)
+            from data_pipeline.encoding.packing import from_bytes
+
+            out.update(from_bytes(raw))
+        elif ext.endswith(".pth") or ext == "pth":
             import torch
 
             obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -166,13 +173,14 @@ def validate_sample(key: str, members: dict[str, bytes], shard: str, max_chars: 
         except (ValueError, UnicodeDecodeError) as e:
             return None, BadRecord(shard, key, "bad_json", str(e)[:200])
     embeddings = None
-    emb_members = {k: v for k, v in members.items() if k.endswith((".pth", ".npy")) or k in ("pth", "npy")}
+    emb_members = {k: v for k, v in members.items()
+                   if k.endswith((".pth", ".npy", ".safetensors")) or k in ("pth", "npy", "safetensors")}
     if emb_members:
         try:
             embeddings = load_embeddings(emb_members)
         except Exception as e:  # noqa: BLE001 - any decode failure makes this one record bad
             return None, BadRecord(shard, key, "bad_embedding", f"{type(e).__name__}: {str(e)[:200]}")
-    if need_embeddings and not embeddings:
+    if need_embeddings and not set(embeddings or ()) - {LATENT_KEY}:
         return None, BadRecord(shard, key, "bad_embedding", "pre-encoded shard sample has no emb.pth/.npy member")
     return PromptRecord(key=key, txt=txt, shard=shard, meta=meta, embeddings=embeddings,
                         truncated_from=truncated_from), None

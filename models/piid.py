@@ -10,6 +10,9 @@ Two forms of the same segment:
   send every teacher query of a segment in one batch and overlap it with other work (DESIGN.md §4);
 - `piid_segment`: the sequential reference of §3.3, also for r > 0 (teacher Euler steps between queries).
 Both draw their random numbers in the same order, so with the same generator they give the same loss.
+
+Two trainers share them: `data_free_iteration` (§3.4: every segment of a trajectory started from noise) and
+`data_iteration` (§3.1: one segment per sample, started from a noised data latent).
 """
 from __future__ import annotations
 
@@ -242,3 +245,48 @@ def data_free_iteration(make_policy, teacher, noise, cond, params: PiIDParams, t
         metrics = dict(metrics, step=k, segment=seg_len, teacher_ratio=teacher_ratio)
         yield seg_len * loss, metrics
         x = x_next
+
+
+@dataclass
+class DataSegments:
+    """The data-based trainer's per-sample inputs (§3.1), one row per sample of the batch."""
+
+    x0: torch.Tensor  # (B, C, H, W) data latents
+    tau_src: torch.Tensor  # (B,) float64 segment starts, drawn with probability = segment length
+    segment: torch.Tensor  # (B,) float64 raw segment lengths
+
+
+def data_x_src(x0: torch.Tensor, noise: torch.Tensor, sigma_src: torch.Tensor) -> torch.Tensor:
+    """x_src = (1 - sigma_src) x0 + sigma_src eps (§3.1), per-sample sigma_src (B,); float32 (or float64)."""
+    dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    s = sigma_src.to(device=noise.device, dtype=dtype).reshape(-1, *([1] * (noise.dim() - 1)))
+    return (1 - s) * x0.to(device=noise.device, dtype=dtype) + s * noise.to(dtype)
+
+
+def data_iteration(make_policy, teacher, noise: torch.Tensor, data: DataSegments, cond, params: PiIDParams,
+                   teacher_ratio: float = 0.0, generator: torch.Generator | None = None):
+    """Data-based pi-ID (§3.1 + §3.3) with the shape of `data_free_iteration`: yields ONE (L, metrics).
+
+    Each sample trains on its own segment [tau_src - S, tau_src] from x_src = (1 - sigma_src) x0 + sigma_src eps.
+    make_policy(x_src (B,C,H,W), sigma_src (B,)) runs the student once. The loss is not weighted by S (§3.5).
+    """
+    B, device = noise.shape[0], noise.device
+    if tuple(data.x0.shape) != tuple(noise.shape):
+        raise ValueError(f"data latents have shape {tuple(data.x0.shape)}, the student's noise {tuple(noise.shape)} "
+                         "(latent shards made for another model.latent_channels / latent_size?)")
+    tau_src = as_batch(data.tau_src, B, device)
+    segment = as_batch(data.segment, B, device)
+    sigma_src = warp(tau_src, params.shift)
+    x_src = data_x_src(data.x0, noise, sigma_src)
+    policy = make_policy(x_src, sigma_src.to(x_src.dtype))
+    if teacher_ratio == 0:
+        queries = plan_queries(policy, x_src, tau_src, segment, params, 0.0, generator)
+        u_teacher = torch.stack([_call_teacher(teacher, queries.x_a[i], queries.sigma_a[i], cond)
+                                 for i in range(params.num_intermediate)])
+        loss, metrics = segment_loss(policy, queries, u_teacher, params)
+    else:
+        loss, metrics, *_ = _piid_sequential(policy, x_src, tau_src, segment, teacher, cond, params,
+                                             teacher_ratio, generator)
+    metrics = dict(metrics, step=0, segment=float(segment.mean()), tau_src_mean=float(tau_src.mean()),
+                   teacher_ratio=teacher_ratio)
+    yield loss, metrics

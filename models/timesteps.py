@@ -6,6 +6,7 @@ substep counts and the grid values are reproducible; policies cast what they rec
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -74,6 +75,17 @@ def sample_training_segment(
     tau_src = ((j - 1.0 + f) * b).clamp(MIN_TAU, 1.0)
     segment = torch.where(j == 1, torch.full_like(tau, f * b), torch.full_like(tau, b))
     return tau_src, segment
+
+
+def sample_segment_of(seed: int, index: int, nfe: int, final_step_scale: float) -> tuple[float, float]:
+    """(tau_src, segment) of global training sample `index` (§3.1), from its own generator seeded by
+    (seed, index): the same sample gets the same segment with any number of ranks, any batch layout and after
+    a resume. The key is hashed: torch's CPU generator keeps only the low 32 bits of a seed, so (seed, index)
+    packed into one integer would ignore the seed, and the segment stream must differ from the noise stream."""
+    key = hashlib.blake2b(f"segment:{seed}:{index}".encode(), digest_size=8).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+    tau_src, segment = sample_training_segment(1, nfe, final_step_scale, generator=g)
+    return float(tau_src[0]), float(segment[0])
 
 
 def as_batch(value, batch_size: int, device: torch.device | str) -> torch.Tensor:

@@ -384,6 +384,8 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.teacher.replicas >= 1, "teacher.replicas", "must be >= 1")
     need(cfg.cluster.student.workers >= 1, "cluster.student.workers", "must be >= 1")
+    need(cfg.distill.data_free or bool(cfg.data.shards) or cfg.model.family == "toy2d", "distill.data_free",
+         "false (data-based pi-ID) needs data.shards: latent shards made by `piflow shards latents`")
     if cfg.teacher.placement == "shared":
         need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
     world = cfg.cluster.student.workers

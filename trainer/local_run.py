@@ -44,11 +44,29 @@ def build_family(cfg: Config):
                       f"{cfg.model.family!r} runs with train.engine: deepspeed")
 
 
-def noise_batches(cfg: Config, family, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, Any]]:
-    """Data-free batches without prompts: (noise (B, C, H, W), cond None) forever."""
+def noise_batches(cfg: Config, family, generator: torch.Generator, start_step: int = 0) -> Iterator[tuple]:
+    """Batches without prompts, forever: data-free (noise (B, C, H, W), cond None); data-based (toy2d's
+    mixture is the data) also DataSegments with x0 and each sample's segment drawn, like its x0, from
+    generators keyed by (run.seed, global sample index), so a resume continues the same samples."""
+    from models.piid import DataSegments
+    from models.timesteps import sample_segment_of
+
     shape = family.latent_shape(cfg)
+    n, step = cfg.train.batch_size, start_step
     while True:
-        yield torch.randn((cfg.train.batch_size, *shape), generator=generator), None
+        noise = torch.randn((n, *shape), generator=generator)
+        if cfg.distill.data_free:
+            yield noise, None
+        else:
+            from models.families.toy2d import ToyMixture, to_image
+
+            index = range(step * n, (step + 1) * n)
+            x0 = torch.cat([ToyMixture.default().sample(1, torch.Generator().manual_seed(
+                (cfg.run.seed % (1 << 31)) * (1 << 32) + i)) for i in index])
+            segs = [sample_segment_of(cfg.run.seed, i, cfg.distill.nfe, cfg.distill.final_step_scale) for i in index]
+            tau_src, segment = (torch.tensor(v, dtype=torch.float64) for v in zip(*segs))
+            yield noise, None, DataSegments(to_image(x0), tau_src, segment)
+        step += 1
 
 
 def toy_eval_hook(cfg: Config, family, teacher, student, progress: bool = False) -> Callable[[int], dict]:
@@ -119,7 +137,8 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
 
     try:
         steps = train_loop(
-            cfg, engine, student.make_policy, teacher, noise_batches(cfg, family, generators["noise"]),
+            cfg, engine, student.make_policy, teacher,
+            noise_batches(cfg, family, generators["noise"], start_step=state.step if state else 0),
             ema=ema, logger=logger, eval_hook=eval_hook, checkpoint_hook=checkpoint_hook if checkpoints else None,
             start_step=state.step if state else 0, generator=generators["piid"], progress=progress,
         )

@@ -1,4 +1,4 @@
-"""The per-rank training loop of data-free pi-ID (PIFLOW.md §3.4), top to bottom.
+"""The per-rank training loop of pi-ID, top to bottom: data-free (PIFLOW.md §3.4) or data-based (§3.1).
 
 It receives everything from outside (the engine, the student's `make_policy`, the teacher callable, the batch
 iterator, hooks), so the same loop runs in-process, under torchrun or under Ray Train. No ray import here.
@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from models.piid import PiIDParams, data_free_iteration, teacher_ratio
+from models.piid import DataSegments, PiIDParams, data_free_iteration, data_iteration, teacher_ratio
 from trainer.config import Config
 
 # make_policy(x_src (B,C,H,W), sigma_src (B,), cond) -> GMPolicy | DXPolicy (one student forward)
@@ -56,12 +56,23 @@ def _policy_stats(policy) -> dict[str, float]:
     return stats
 
 
+def _data_segments(cfg: Config, extra: list) -> Optional[DataSegments]:
+    """The batch's DataSegments (data-based) or None (data-free); a mismatch with the config is a bug upstream."""
+    data = extra[0] if extra else None
+    if cfg.distill.data_free and data is not None:
+        raise ValueError("distill.data_free is true but the batches carry data latents")
+    if not cfg.distill.data_free and not isinstance(data, DataSegments):
+        raise ValueError("distill.data_free: false needs batches with data latents (latent shards in data.shards, "
+                         "made by `piflow shards latents`)")
+    return data
+
+
 def train_loop(
     cfg: Config,
     engine,
     make_policy: MakePolicy,
     teacher: TeacherFn,
-    batches: Iterator[tuple[torch.Tensor, Any]],  # yields (noise (B,C,H,W), cond)
+    batches: Iterator[tuple],  # yields (noise (B,C,H,W), cond), plus DataSegments when data-based
     *,
     ema=None,  # trainer.ema.PowerEMA or None
     logger=None,  # trainer.metrics.MetricsLogger or None
@@ -82,7 +93,8 @@ def train_loop(
         timer, stats = _Timer(), {}
         t_start = time.perf_counter()
 
-        noise, cond = timer.wrap("data_wait", next)(batches)
+        noise, cond, *data = timer.wrap("data_wait", next)(batches)
+        data = _data_segments(cfg, data)
         student_fwd = timer.wrap("student_fwd", make_policy)
 
         def policy_of(x_src, sigma_src):
@@ -91,7 +103,10 @@ def train_loop(
             return policy
 
         r = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
-        if iteration is None:
+        if data is not None:  # one segment per sample from a noised data latent
+            segments = data_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, data, cond, params,
+                                      teacher_ratio=r, generator=generator)
+        elif iteration is None:
             segments = data_free_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, cond, params,
                                            teacher_ratio=r, generator=generator)
         else:  # it gets the raw teacher (to submit requests) and adds its own "teacher_wait" seconds
@@ -109,7 +124,7 @@ def train_loop(
         if ema is not None:
             record["ema_beta"] = timer.wrap("ema", ema.update)(it)
 
-        record["loss"] = total_loss  # sum_k S_k L_k (§3.5)
+        record["loss"] = total_loss  # sum_k S_k L_k data-free, L data-based (§3.5)
         record.update(stats)
         t_total = time.perf_counter() - t_start
         # "rollout" is what remains: the network-free policy rollouts and the loss arithmetic.

@@ -18,6 +18,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from data_pipeline.records import LATENT_KEY
+from models.piid import DataSegments
+from models.timesteps import sample_segment_of
 from trainer.config import Config, ConfigError
 from trainer.distributed import RankInfo, rank_info
 from trainer.ema import PowerEMA
@@ -102,11 +105,17 @@ class PromptBatches:
     cond is the batch's prompt embeddings (encoded on the data workers, sliced for this rank). The noise of a
     sample is drawn from its own generator seeded by (run.seed, global sample index), the index being
     batch number x global batch + position in the global batch: the same sample gets the same noise with
-    any number of ranks and any layout. `consumed` lists the keys of every batch handed out."""
+    any number of ranks and any layout. `consumed` lists the keys of every batch handed out.
+
+    Data-based (`distill.data_free: false`, PIFLOW.md §3.1) a third item, `DataSegments`, carries the batch's
+    data latents (the `latent` member of latent shards) and each sample's segment, drawn like the noise from
+    a generator keyed by (run.seed, global sample index)."""
 
     def __init__(self, cfg: Config, source: Iterator[Any], info: RankInfo, latent_shape: tuple[int, ...]):
         self.source, self.info = source, info
         self.seed, self.batch_size, self.layout = cfg.run.seed, cfg.train.batch_size, cfg.data.layout
+        self.data_free, self.nfe, self.final_step_scale = (cfg.distill.data_free, cfg.distill.nfe,
+                                                           cfg.distill.final_step_scale)
         self.latent_shape = tuple(latent_shape)
         self.consumed: list[list[str]] = []
         self._cursor: Optional[dict[str, Any]] = None
@@ -134,7 +143,19 @@ class PromptBatches:
         noise = torch.stack([sample_noise(self.seed, first + p, self.latent_shape) for p in positions])
         self.consumed.append(list(batch.keys))
         self._cursor = batch.cursor
-        return noise, batch.embeddings  # (B_rank, C, H, W), {name: (B_rank, ...)}
+        cond = dict(batch.embeddings)
+        latents = cond.pop(LATENT_KEY, None)  # (B_rank, C, H, W) or None
+        if self.data_free:
+            return noise, cond or None  # (B_rank, C, H, W), {name: (B_rank, ...)}
+        if latents is None:
+            raise ValueError(f"distill.data_free: false but the prompt batch (keys {batch.keys[:3]}...) has no "
+                             f"'{LATENT_KEY}' member: data.shards must be latent shards (`piflow shards latents`)")
+        if tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"latent shard samples (keys {batch.keys[:3]}...) hold latents of shape "
+                             f"{tuple(latents.shape[1:])}, the config's model wants {self.latent_shape}")
+        segs = [sample_segment_of(self.seed, first + p, self.nfe, self.final_step_scale) for p in positions]
+        tau_src, segment = (torch.tensor(v, dtype=torch.float64) for v in zip(*segs))
+        return noise, cond or None, DataSegments(latents.float(), tau_src, segment)
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()

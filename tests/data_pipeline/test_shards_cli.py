@@ -2,9 +2,10 @@
 import io
 import tarfile
 
-import torch
+import pytest
 
 from cluster.cli import main
+from data_pipeline.encoding.packing import from_bytes
 from data_pipeline import storage
 from data_pipeline.shards import resolve_shards
 from tests.data_pipeline.helpers import new_bucket
@@ -36,7 +37,8 @@ def _tar(members):
     return buf.getvalue()
 
 
-def test_encode_with_the_configs_tiny_text_encoder(tmp_path, capsys):
+@pytest.mark.ray
+def test_encode_with_the_configs_tiny_text_encoder(tmp_path, capsys, ray_local):
     src = tmp_path / "p.txt"
     src.write_text("a red cat\na blue dog\n")
     raw, enc = str(tmp_path / "raw"), str(tmp_path / "enc")
@@ -46,7 +48,7 @@ def test_encode_with_the_configs_tiny_text_encoder(tmp_path, capsys):
     assert main(["shards", "encode", raw, "--out", enc, "--config", str(flux)]) == 0
     [url] = resolve_shards(enc)
     with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(url))) as tar:
-        d = torch.load(io.BytesIO(tar.extractfile("000000001.emb.pth").read()), weights_only=True)
+        d = from_bytes(tar.extractfile("000000001.emb.safetensors").read())
     assert d["prompt_embeds"].shape[0] == 8 and d["pooled_prompt_embeds"].dim() == 1
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  family: dit\n")  # dit's "encoder": class ids written as text
@@ -56,5 +58,5 @@ def test_encode_with_the_configs_tiny_text_encoder(tmp_path, capsys):
     assert main(["shards", "encode", ids_raw, "--out", ids_enc, "--config", str(cfg)]) == 0
     [url] = resolve_shards(ids_enc)
     with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(url))) as tar:
-        d = torch.load(io.BytesIO(tar.extractfile("000000000.emb.pth").read()), weights_only=True)
+        d = from_bytes(tar.extractfile("000000000.emb.safetensors").read())
     assert d["class_labels"].item() == 207

@@ -1,0 +1,163 @@
+"""`piflow eval RUN_OR_EXPORT --prompts FILE_OR_URL --nfe 4 [--teacher-steps 50]` as a Ray job.
+
+Generation is spread over an actor pool (one actor per GPU when the cluster has GPUs, else `--workers` CPU
+actors), each loading the exported student and its teacher once (trainer/evaluation/generate.py); the teacher's
+latents are cached under OUT/../cache by (prompt, seed, steps), so a rerun, or another student of the same
+teacher, only generates the student. The driver decodes, scores (trainer/evaluation/report.py) and writes
+RUN/eval/<name>/ (results.json, table.md, grids/), logging through trainer/metrics.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class EvalActor:
+    def __init__(self, export_dir: str, cache_dir: str):
+        import torch
+
+        from trainer.evaluation.generate import Generator
+
+        torch.set_num_threads(1)
+        self.gen = Generator(export_dir, cache_dir)
+
+    def run(self, kind: str, steps: int, prompts: list[str], seeds: list[int]) -> tuple[Any, int]:
+        if kind == "student":
+            return self.gen.student(prompts, seeds, steps), len(prompts)
+        return self.gen.teacher(prompts, seeds, steps)
+
+
+def read_prompts(spec: str) -> list[str]:
+    """Prompts from a .txt/.jsonl/.csv/.parquet file (local or s3://) or from prompt shards."""
+    from data_pipeline.shards import INPUT_KINDS, inspect, read_rows
+
+    if any(spec.lower().endswith(ext) for ext in INPUT_KINDS):
+        prompts = [p.strip() for p, _ in read_rows(spec) if p and p.strip()]
+    else:
+        rep = inspect(spec, num_examples=10 ** 9)
+        prompts = [r.txt for r in rep.examples]
+    if not prompts:
+        raise ValueError(f"--prompts {spec}: no prompts")
+    return prompts
+
+
+def resolve_export(source: str, out_root: Path) -> str:
+    """An export dir as is; a run or checkpoint is exported (EMA) to out_root/export first."""
+    if (Path(source) / "model_index.json").exists():
+        return source
+    from trainer.export import export_student
+
+    export_dir = out_root / "export"
+    export_student(source, export_dir)
+    return str(export_dir)
+
+
+def load_reference(spec: str, image_size: int = 0):
+    """--reference: image shards (png/jpg/npy, like `shards latents` reads) -> (N, C, H, W) in [0, 1], or an
+    .npz with mu and sigma (reference feature statistics) -> (mu, sigma)."""
+    import numpy as np
+    import torch
+
+    if spec.endswith(".npz"):
+        with np.load(spec, allow_pickle=False) as d:
+            return None, (d["mu"], d["sigma"])
+    from data_pipeline.latents.shards import decode_image
+    from data_pipeline.reader import fetch_samples
+    from data_pipeline.shards import resolve_shards
+
+    images = []
+    for url in resolve_shards(spec):
+        samples, _ = fetch_samples(url, 3, 0.5)
+        images += [torch.from_numpy(decode_image(m, image_size)) for _, m in samples]
+    return (torch.stack(images) + 1) / 2, None
+
+
+def run_eval(source: str, prompts_spec: str, nfe: int, teacher_steps: int, seeds: int = 4, name: str = "",
+             reference: str = "", clip: str = "", classifier: str = "", workers: int = 0, address: str = "local",
+             out: str = "") -> dict:
+    import ray
+    import torch
+
+    from trainer.config import config_from_dict
+    from trainer.evaluation.features import feature_net
+    from trainer.evaluation.report import score, write_outputs
+
+    name = name or f"nfe{nfe}_teacher{teacher_steps}"
+    root = Path(source)
+    out_dir = Path(out) if out else root / "eval" / name
+    export_dir = resolve_export(source, out_dir)
+    piflow = json.loads((Path(export_dir) / "student" / "config.json").read_text())["piflow"]
+    cfg = config_from_dict(piflow, source=f"{export_dir}/student/config.json")
+    prompts = read_prompts(prompts_spec)
+    rows_p = [p for p in prompts for _ in range(seeds)]
+    rows_s = [s for _ in prompts for s in range(seeds)]
+    groups = [i for i in range(len(prompts)) for _ in range(seeds)]
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False) if address == "local" \
+            else ray.init(address=address)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        n = max(1, gpus or workers or 1)
+        actor_cls = ray.remote(num_cpus=1 if not gpus else 0, num_gpus=1 if gpus else 0)(EvalActor)
+        actors = [actor_cls.remote(export_dir, str(out_dir.parent / "cache" / "teacher")) for _ in range(n)]
+        chunks = [list(range(i, len(rows_p), n)) for i in range(n)]
+        methods = [(f"teacher {teacher_steps}-step", "teacher", teacher_steps),
+                   (f"teacher {nfe}-step (Euler)", "teacher", nfe), (f"student {nfe}-step", "student", nfe)]
+        latents, generated = {}, {}
+        for label, kind, steps in methods:
+            refs = [a.run.remote(kind, steps, [rows_p[i] for i in c], [rows_s[i] for i in c])
+                    for a, c in zip(actors, chunks) if c]
+            parts = ray.get(refs)
+            x = torch.empty(len(rows_p), *parts[0][0].shape[1:])
+            for c, (xi, _) in zip([c for c in chunks if c], parts):
+                x[c] = xi
+            latents[label], generated[label] = x, sum(k for _, k in parts)
+            print(f"{label}: {generated[label]} of {len(rows_p)} generated ({len(rows_p) - generated[label]} "
+                  "from the cache)", file=sys.stderr)
+    finally:
+        if own:
+            ray.shutdown()
+
+    from trainer.evaluation.generate import Generator
+
+    gen = Generator(export_dir)  # decoding (VAE) in the driver
+    images = {k: gen.images(v) for k, v in latents.items()}
+    ref_images, ref_stats = load_reference(reference) if reference else (None, None)
+    net = feature_net(cfg.model.family, clip=clip, classifier=classifier)
+    rows = score(net, images, rows_p, groups, f"teacher {teacher_steps}-step", ref_images, ref_stats)
+    info = {"source": source, "export": export_dir, "prompts": len(prompts), "seeds": seeds, "nfe": nfe,
+            "teacher_steps": teacher_steps, "generated": generated, "reference": reference}
+    return write_outputs(out_dir, rows, images, prompts, groups, info, cfg)
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="generate with a student and its teacher (Ray actors) and score FID, "
+                                    "CLIP score / accuracy, diversity (IS, precision/recall for classifiers)")
+    p.add_argument("source", metavar="RUN_OR_EXPORT", help="an export dir, a run.output or a checkpoint dir")
+    p.add_argument("--prompts", required=True, help="prompt file (.txt/.jsonl/.csv/.parquet) or prompt shards")
+    p.add_argument("--nfe", type=int, default=4, help="student steps (also the teacher's few-step baseline)")
+    p.add_argument("--teacher-steps", type=int, default=50, help="the teacher's Euler steps (the reference)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (diversity is measured across them)")
+    p.add_argument("--name", default="", help="results go to RUN/eval/NAME (default nfe{N}_teacher{T})")
+    p.add_argument("--out", default="", help="results dir instead of RUN/eval/NAME")
+    p.add_argument("--reference", default="", help="reference image shards, or an .npz with mu and sigma")
+    p.add_argument("--clip", default="", help="CLIP model (hub id or dir) for text-to-image families")
+    p.add_argument("--classifier", default="", help="image classifier (hub id or dir) for the dit family")
+    p.add_argument("--workers", type=int, default=0, help="CPU actors without GPUs (default 1)")
+    p.add_argument("--address", default="local", help="Ray address ('local' starts one in this process)")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.nfe < 1 or args.teacher_steps < 1 or args.seeds < 1:
+            raise SystemExit("piflow eval: --nfe, --teacher-steps and --seeds must be >= 1")
+        result = run_eval(args.source, args.prompts, args.nfe, args.teacher_steps, args.seeds, args.name,
+                          args.reference, args.clip, args.classifier, args.workers, args.address, args.out)
+        print(result["table"])
+        print(f"results: {Path(result['grids'][0]).parent.parent}")
+        return 0
+
+    p.set_defaults(func=run)
