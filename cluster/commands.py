@@ -184,7 +184,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nfe", type=int, default=0, help="student evaluations (0 = the distilled NFE)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", required=True, help="PNG grid to write (latents beside it as .pt)")
+    p.add_argument("--out", required=True, help="PNG grid to write (latents beside it as .pt); video families "
+                   "write an animated image: .gif, .webp or .png (APNG)")
 
     def run(args: argparse.Namespace) -> int:
         import os
@@ -206,7 +207,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(batch)]
         latents = pipe(prompt=args.prompt or None, num_inference_steps=args.nfe or None, generator=generators,
                        num_images=args.num, output_type="latent")
-        from trainer.rollouts import preview_png
+        from trainer.rollouts import animation, preview_png
 
         images = None
         if pipe.vae() is not None:
@@ -214,8 +215,16 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         elif not pipe.family.uses_vae:  # the latents are the images (digits)
             images = pipe.family.decode(None, latents)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if images is not None and images.dim() == 5:  # decoded clips (B, 3, F, H, W)
+            ext = os.path.splitext(args.out)[1].lower()
+            fmt = {".gif": "GIF", ".webp": "WEBP", ".png": "PNG"}.get(ext)
+            if fmt is None:
+                raise SystemExit(f"piflow sample: --out {args.out}: a video family writes .gif, .webp or .png")
+            data = animation(images, fmt)
+        else:
+            data = preview_png(latents, images)
         with open(args.out, "wb") as f:
-            f.write(preview_png(latents, images))
+            f.write(data)
         torch.save(latents, os.path.splitext(args.out)[0] + ".pt")
         print(f"wrote {args.out} ({batch} samples, {args.nfe or pipe.student.cfg.distill.nfe} NFE)")
         return 0

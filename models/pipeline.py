@@ -122,13 +122,6 @@ def build_student(cfg: Any, kind: str, transformer_config: Optional[dict]) -> to
     return family.build_student(cfg, teacher=None, network=network)
 
 
-def _vae_class(family: str):
-    """model.family -> the diffusers VAE class of its base model (one explicit mapping)."""
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
-
-    return {"flux": AutoencoderKL, "dit": AutoencoderKL, "qwen_image": AutoencoderKLQwenImage}[family]
-
-
 class PiFlowPipeline(DiffusionPipeline):
     """Few-step generation with an exported pi-Flow student (PIFLOW.md §4.1)."""
 
@@ -175,10 +168,8 @@ class PiFlowPipeline(DiffusionPipeline):
     def vae(self):
         """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
         cfg = self.student.cfg
-        if self._vae is None and cfg.model.pretrained and cfg.model.family != "toy2d":
-            root = cfg.model.pretrained
-            if not os.path.isdir(root) or os.path.isdir(os.path.join(root, "vae")):
-                self._vae = _vae_class(cfg.model.family).from_pretrained(root, subfolder="vae").eval()
+        if self._vae is None and cfg.model.family != "toy2d":
+            self._vae = self.family.load_vae(cfg)  # the family knows its VAE class (and tiny twins build one)
         return self._vae
 
     def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,
@@ -200,8 +191,8 @@ class PiFlowPipeline(DiffusionPipeline):
                  temperature: Union[str, float] = "auto", h: float = 0.0,
                  output_type: Literal["latent", "pt", "pil"] = "latent"):
         """Generate: `num_inference_steps` student evaluations (default: the distilled NFE). Returns latents
-        (B, C, H, W) for 'latent'; decoded images in [0, 1] (B, 3, H', W') for 'pt'; PIL images for 'pil'
-        (those two need the base model's VAE)."""
+        (B, C, H, W) for 'latent'; decoded images in [0, 1] (B, 3, H', W') for 'pt' (video families:
+        (B, 3, F, H', W')); PIL images (video: a list of frames per sample) for 'pil' (those two need the VAE)."""
         from models.sampling import sample
 
         cfg = self.student.cfg
@@ -230,5 +221,8 @@ class PiFlowPipeline(DiffusionPipeline):
             return images
         from PIL import Image
 
+        if images.dim() == 5:  # video families: (B, 3, F, H, W) -> a list of frames per sample
+            frames = (images.permute(0, 2, 3, 4, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            return [[Image.fromarray(f) for f in clip] for clip in frames]
         arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]  # 1 channel: grey

@@ -20,6 +20,7 @@ DIGITS_ARCH = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=
 class DigitsFamily(FluxFamily):
     name = "digits"
     uses_vae = False
+    public_config = DIGITS_ARCH  # the project's own teacher
 
     def tiny_config(self, cfg: Config) -> dict:
         return dict(DIGITS_ARCH)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
@@ -33,6 +33,9 @@ class DiTFamily(TransformerFamily):
     transformer_class = DiTTransformer2DModel
     output_modules = ("proj_out_2",)
     proj_module = "proj_out_2"
+
+    public_config = DIT_XL2_CONFIG
+    vae_class = AutoencoderKL
 
     def __init__(self):
         self._patch = 2  # pack/unpack need p: refreshed from every network this family prepares inputs for
@@ -72,6 +75,10 @@ class DiTFamily(TransformerFamily):
 
     def tokens_to_velocity(self, tokens: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         return self.unpack(tokens, x_t.shape[-2], x_t.shape[-1])[:, : x_t.shape[1]].float()
+
+    def sequence_tokens(self, cfg: Config) -> int:
+        _, H, W = self.latent_shape(cfg)
+        return (H // 2) * (W // 2) + 1  # class conditioning enters through adaLN, not as tokens
 
     def uncond(self, cfg: Config, cond: Cond) -> Cond | None:
         # The null class is the extra embedding row after the real classes (id num_classes).

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import QwenImageTransformer2DModel
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from torch import nn
 from torch.nn import functional as F
 
@@ -40,6 +40,8 @@ def pad_sequence(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple
 class QwenImageFamily(TransformerFamily):
     name = "qwen_image"
     transformer_class = QwenImageTransformer2DModel
+    public_config = QWEN_IMAGE_CONFIG
+    vae_class = AutoencoderKLQwenImage
 
     def tiny_config(self, cfg: Config) -> dict:
         C = cfg.model.latent_channels
