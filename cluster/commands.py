@@ -211,9 +211,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
         images = None
         if pipe.vae() is not None:
-            images = pipe.family.decode(pipe.vae(), latents).clamp(-1, 1)
+            images = pipe.family.decode(pipe.vae(), latents, cfg=pipe.student.cfg).clamp(-1, 1)
         elif not pipe.family.uses_vae:  # the latents are the images (digits)
-            images = pipe.family.decode(None, latents)
+            images = pipe.family.decode(None, latents, cfg=pipe.student.cfg)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if images is not None and images.dim() == 5:  # decoded clips (B, 3, F, H, W)
             ext = os.path.splitext(args.out)[1].lower()

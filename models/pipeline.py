@@ -211,12 +211,12 @@ class PiFlowPipeline(DiffusionPipeline):
             return x0
         vae = self.vae()
         if vae is None and not self.family.uses_vae:  # the latents are the images (digits)
-            images = (self.family.decode(None, x0) + 1) / 2
+            images = (self.family.decode(None, x0, cfg=cfg) + 1) / 2
         elif vae is None:
             raise ValueError(f"output_type={output_type!r} needs the base model's VAE; this export's base "
                              f"({base_model_reference(self.student.config.piflow)}) has none: use 'latent'")
         else:
-            images = (self.family.decode(vae, x0).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
+            images = (self.family.decode(vae, x0, cfg=cfg).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
         if output_type == "pt":
             return images
         from PIL import Image

@@ -154,7 +154,7 @@ class RolloutHook:
                  encode: Optional[Callable[[list[str]], Any]] = None,
                  decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if decode is None and not getattr(family, "uses_vae", True):  # the latents are the images (digits)
-            decode = lambda x0: family.decode(None, x0)  # noqa: E731
+            decode = lambda x0: family.decode(None, x0, cfg=cfg)  # noqa: E731
         self.cfg, self.student, self.rank, self.logger, self.decode = cfg, student, rank, logger, decode
         self.prompts = validation_prompts(cfg)
         if encode is not None and not self.prompts:

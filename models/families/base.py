@@ -88,6 +88,11 @@ class Family(abc.ABC):
 
     vae_class: type | None = None  # the diffusers VAE class of the base model
 
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
+        """Policy latents (B, C, H, W) -> images (B, 3, H', W') in [-1, 1], or clips (B, 3, F, H', W') for video
+        families (which need `cfg` for the frame count)."""
+        raise NotImplementedError(f"family {self.name!r} does not decode latents")
+
 
 # ------------------------------------------------------------------------------------------------- taps
 class OutputTap(nn.Module):

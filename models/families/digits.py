@@ -28,6 +28,6 @@ class DigitsFamily(FluxFamily):
     def latent_shape(self, cfg: Config) -> tuple[int, int, int]:
         return (1, 8, 8)
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """The latents are the images: (B, 1, 8, 8) in [-1, 1]."""
         return x.float().clamp(-1, 1)

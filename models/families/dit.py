@@ -144,5 +144,5 @@ class DiTFamily(TransformerFamily):
     def latent_to_vae(self, vae, x: torch.Tensor) -> torch.Tensor:
         return x / vae.config.scaling_factor
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         return vae.decode(self.latent_to_vae(vae, x).to(vae.dtype), return_dict=False)[0].float()

@@ -108,7 +108,7 @@ class FluxFamily(TransformerFamily):
     def latent_to_vae(self, vae, x: torch.Tensor) -> torch.Tensor:
         return x / vae.config.scaling_factor + vae.config.shift_factor
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """(B, C, H, W) policy latents -> images in [-1, 1]."""
         z = self.latent_to_vae(vae, x).to(vae.dtype)
         return vae.decode(z, return_dict=False)[0].float()

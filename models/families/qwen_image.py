@@ -119,7 +119,7 @@ class QwenImageFamily(TransformerFamily):
         mean, std = self._stats(vae, x)
         return (x * std + mean).unsqueeze(2)  # (B, C, 1, H, W)
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """(B, C, H, W) policy latents -> images (B, 3, 8H, 8W) in [-1, 1]."""
         z = self.latent_to_vae(vae, x).to(vae.dtype)
         return vae.decode(z, return_dict=False)[0][:, :, 0].float()
