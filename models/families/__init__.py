@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {
     "dit": "models.families.dit:DiTFamily",
     "toy2d": "models.families.toy2d:Toy2DFamily",
     "digits": "models.families.digits:DigitsFamily",
+    "wan": "models.families.wan:WanFamily",
 }
 
 
