@@ -8,7 +8,7 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_teacher, _add_demo, _add_toy_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
-                _add_template):
+                _add_template, _add_convert):
         add(sub)
 
 
@@ -355,6 +355,39 @@ def _add_template(sub: argparse._SubParsersAction) -> None:
             print(f"piflow template: {e}", file=sys.stderr)
             return 2
         sys.stdout.write(text)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ---- converters (issue 15: models/converters/)
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert another project's checkpoint into a diffusers-format dir")
+    p.add_argument("kind", choices=["dit-fm"], help="dit-fm: the reference flow-matching DiT (ImageNet teacher)")
+    p.add_argument("checkpoint", help="the .pth/.pt (loaded without pickle) or .safetensors file")
+    p.add_argument("--out", required=True, help="the directory to write (model.pretrained of a dit config)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: 16 for DiT-XL/L widths, "
+                   "else width / 64)")
+    p.add_argument("--sample-size", type=int, default=None, help="latent size the position table is built for "
+                   "(default: from the checkpoint's table, else 32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing conversion in --out")
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+        import sys
+
+        from models.converters.dit_fm import ConvertError, convert_dit_fm
+
+        if os.path.exists(os.path.join(args.out, "transformer")) and not args.force:
+            print(f"piflow convert: {args.out}/transformer exists (a previous conversion); pass --force to "
+                  f"overwrite", file=sys.stderr)
+            return 2
+        try:
+            out = convert_dit_fm(args.checkpoint, args.out, args.num_heads, args.sample_size)
+        except ConvertError as e:
+            print(f"piflow convert: {e}", file=sys.stderr)
+            return 2
+        print(f"converted {args.checkpoint} -> {out} (model.family: dit, model.pretrained: {out})")
         return 0
 
     p.set_defaults(func=run)

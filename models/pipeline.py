@@ -116,7 +116,7 @@ def build_student(cfg: Any, kind: str, transformer_config: Optional[dict]) -> to
         # a full export overwrites every tensor, so the trunk it copies only provides the layout
         return family.build_student(cfg, ToyVelocityNet(cfg.model.hidden_dim, cfg.model.num_layers))
     if kind == "full" and transformer_config is not None:
-        network = family.transformer_class.from_config(transformer_config)
+        network = family.network_class(transformer_config).from_config(transformer_config)
     else:
         network = family.load_network(cfg)  # the base reference: model.pretrained, or seeded tiny
     return family.build_student(cfg, teacher=None, network=network)

@@ -62,8 +62,8 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
     def build_trunk() -> torch.nn.Module:
         if weights_dir is None:
             return family.load_network(cfg)  # tiny, seeded: the same values on every rank
-        config = family.transformer_class.load_config(str(weights_dir))
-        return family.transformer_class.from_config(config)
+        cls = family.pretrained_class(cfg)  # the family's checks (DiT refuses epsilon checkpoints) come first
+        return cls.from_config(cls.load_config(str(weights_dir)))
 
     def finish(trunk: torch.nn.Module) -> torch.nn.Module:
         return family.build_student(cfg, teacher=teacher if shared else None, network=trunk)

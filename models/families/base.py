@@ -156,6 +156,15 @@ class TransformerFamily(Family):
     def patch_size(self, network: nn.Module) -> int:
         ...
 
+    def network_class(self, config: dict) -> type:
+        """The transformer class of a saved config.json (a family may accept several; DiT does)."""
+        return self.transformer_class
+
+    def pretrained_class(self, cfg: Config) -> type:
+        """The class of `model.pretrained`'s transformer, after the family's checks on the saved configs (DiT
+        refuses epsilon-prediction checkpoints); every path that loads a teacher from disk asks this first."""
+        return self.transformer_class
+
     def output_to_velocity(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """The network's raw output -> u (B,C,H,W) float32. Default: the output is tokens."""
         return self.tokens_to_velocity(out, x_t)
