@@ -164,14 +164,23 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's EMA student as a diffusers-format directory")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                    help="a run.output (its newest valid checkpoint) or one checkpoints/step_N dir; local or s3://")
-    p.add_argument("--out", required=True, help="the directory to write (PiFlowPipeline.from_pretrained loads it)")
+    p.add_argument("--out", required=True, help="the directory to write (diffusers.DiffusionPipeline.from_pretrained("
+                   "DIR, trust_remote_code=True) loads it; so does piflow sample)")
+    p.add_argument("--self-contained", action="store_true", help="copy a hub base model's text encoders and VAE "
+                   "into the export instead of referencing them by id")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the export to this Hub model repo "
+                   "(token from the HF chain: HF_TOKEN or `huggingface-cli login`)")
 
     def run(args: argparse.Namespace) -> int:
         from trainer.export import export_student, export_summary
 
-        export_student(args.source, args.out)
+        export_student(args.source, args.out, self_contained=args.self_contained)
         meta = export_summary(args.out)
         print(f"exported {meta['kind']} {meta['family']} student (base {meta['base_model']}) to {args.out}")
+        if args.push_to_hub:
+            from trainer.standalone_export import push_to_hub
+
+            print(f"pushed to {push_to_hub(args.out, args.push_to_hub)}")
         return 0
 
     p.set_defaults(func=run)

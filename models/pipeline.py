@@ -137,6 +137,13 @@ class PiFlowPipeline(DiffusionPipeline):
     def from_student(cls, student: PiFlowStudent) -> "PiFlowPipeline":
         return cls(student=student)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "PiFlowPipeline":
+        """This project's reader of an export: `student/` only. model_index.json may describe the standalone
+        diffusers pipeline shipped beside it (trainer/export.py), which this class does not need."""
+        return cls(student=PiFlowStudent.from_pretrained(pretrained_model_name_or_path, subfolder="student",
+                                                         **kwargs))
+
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
         """model_index.json (the student's library is this module, not the top-level package) + student/."""
         os.makedirs(save_directory, exist_ok=True)

@@ -70,8 +70,10 @@ def consolidate_ema(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_student(run_or_checkpoint: str, out_dir: str | Path):
-    """Write the EMA student of a checkpoint as a diffusers-format directory. Returns the PiFlowPipeline."""
+def export_student(run_or_checkpoint: str, out_dir: str | Path, self_contained: bool = False):
+    """Write the EMA student of a checkpoint as a diffusers-format directory: `student/` (this project's format)
+    and, for the families it covers, the standalone diffusers pipeline (trainer/standalone_export.py).
+    Returns the PiFlowPipeline."""
     from models.pipeline import PiFlowPipeline, PiFlowStudent
 
     info = resolve_checkpoint(run_or_checkpoint)
@@ -97,6 +99,9 @@ def export_student(run_or_checkpoint: str, out_dir: str | Path):
         model.register_to_config(transformer_config=dict(transformer.config))
     pipe = PiFlowPipeline.from_student(model)
     pipe.save_pretrained(str(out_dir))
+    from trainer.standalone_export import write_standalone
+
+    write_standalone(model, cfg, out_dir, info.step, self_contained=self_contained)
     log.info("exported %s (step %d, %s) to %s", info.url, info.step, kind, out_dir)
     return pipe
 
