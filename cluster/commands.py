@@ -8,7 +8,7 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_teacher, _add_demo, _add_toy_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
-                _add_template, _add_convert):
+                _add_template, _add_convert, _add_import):
         add(sub)
 
 
@@ -397,6 +397,36 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
             print(f"piflow convert: {e}", file=sys.stderr)
             return 2
         print(f"converted {args.checkpoint} -> {out} (model.family: dit, model.pretrained: {out})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="a released pi-Flow student (pi-FLUX.1 / pi-Qwen-Image adapter, ImageNet "
+                                      "GM-DiT) as an export dir: piflow sample DIR")
+    p.add_argument("kind", choices=["pi-flux", "pi-qwen", "gm-dit"])
+    p.add_argument("source", help="the adapter dir (e.g. a download of Lakonik/pi-FLUX.1/gmflux_k8_piid_4step) or "
+                   "a .safetensors/.pth file (loaded without pickle)")
+    p.add_argument("--config", required=True, help="the recipe the student belongs to (base model, distill settings)")
+    p.add_argument("--out", required=True, help="the export dir to write")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+
+    def run(args: argparse.Namespace) -> int:
+        import sys
+
+        from models.converters.dit_fm import ConvertError
+        from models.converters.released import ReleasedLayoutError
+        from trainer.config import load_config
+        from trainer.import_released import import_released
+
+        cfg = load_config(args.config, args.overrides)
+        try:
+            import_released(args.kind, args.source, cfg, args.out)
+        except (ConvertError, ReleasedLayoutError) as e:
+            print(f"piflow import: {e}", file=sys.stderr)
+            return 2
+        print(f"imported {args.kind} {args.source} -> {args.out} (piflow sample {args.out} --prompt ...)")
         return 0
 
     p.set_defaults(func=run)
