@@ -60,6 +60,9 @@ class ModelConfig:
     # families fold the frames into the height axis (pi-Flow's math is per element)
     latent_width: int = 0  # 0 = latent_size (square)
     latent_frames: int = 1
+    # an export dir (`piflow export` / `piflow import`) whose student tensors start the run (continued
+    # distillation of a released or earlier student); a resume still restores its own checkpoint
+    init_student: str = ""
 
 
 @dataclass

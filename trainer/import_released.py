@@ -71,3 +71,44 @@ def import_released(kind: str, source: str | Path, cfg: Config, out_dir: str | P
     write_standalone(model, cfg, out_dir, step=0)
     log.info("imported %s %s into %s (%d tensors)", kind, src, out_dir, len(tensors))
     return model
+
+
+# settings an init student must share with the run (they fix the tensor shapes and meanings)
+MATCH = (("model", "family"), ("model", "latent_channels"), ("policy", "type"), ("policy", "num_components"),
+         ("policy", "logstd_inner_dim"), ("lora", "enabled"), ("lora", "rank"), ("lora", "target_modules"))
+
+
+def init_student_tensors(cfg: Config, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of `model.init_student` (an export dir), checked against this run's config and
+    student: a mismatch is one line naming the key and the value to set."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from models.pipeline import WEIGHTS_NAME
+
+    root = Path(cfg.model.init_student) / "student"
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"model.init_student: {root}/config.json not found (an export dir of piflow export or "
+                          f"piflow import)")
+    theirs = json.loads((root / "config.json").read_text())["piflow"]
+    for section, key in MATCH:
+        want, have = theirs[section][key], getattr(getattr(cfg, section), key)
+        if section == "lora" and not cfg.lora.enabled:
+            continue
+        if key == "target_modules":
+            want, have = sorted(want), sorted(have)
+        if want != have:
+            raise ConfigError(f"model.init_student: {cfg.model.init_student} has {section}.{key}={want!r}, this "
+                              f"run {have!r}: set {section}.{key}={json.dumps(want)}")
+    tensors = load_file(str(root / WEIGHTS_NAME))
+    names = dict(student.named_parameters())
+    names.update(dict(student.named_buffers()))
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:
+        raise ConfigError(f"model.init_student: {root}/{WEIGHTS_NAME} holds tensors the student lacks: {unknown[:3]}")
+    trained = {n for n, p in student.named_parameters() if p.requires_grad}
+    if trained - set(tensors):
+        raise ConfigError(f"model.init_student: {root}/{WEIGHTS_NAME} lacks trained tensors "
+                          f"{sorted(trained - set(tensors))[:3]}")
+    return tensors

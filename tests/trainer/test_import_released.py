@@ -167,3 +167,26 @@ def test_layout_mismatches_are_refused_with_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "proj_out_means" in err and "bad.safetensors" in err
     assert main(["import", "gm-dit", str(tmp_path / "bad.safetensors"), "--config", str(recipe),
                  "--out", str(tmp_path / "o2")]) == 2  # a flux config for a GM-DiT
+
+
+def test_an_imported_student_starts_a_continued_distillation(tmp_path, capsys):
+    """model.init_student: the rank program's student starts from the import's tensors (and trains on)."""
+    from trainer.rank_program import build_rank
+
+    recipe = ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml"
+    cfg0 = load_config(recipe)
+    sd = released_adapter("pi-flux", cfg0.lora.target_modules, K=8, rank=4, inner=32)
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    assert main(["import", "pi-flux", str(tmp_path / "a.safetensors"), "--config", str(recipe),
+                 "--out", str(tmp_path / "imp")]) == 0
+    cfg = load_config(recipe, [f"model.init_student={tmp_path / 'imp'}", f"run.output={tmp_path / 'run'}",
+                               "lora.alpha=4.0"])
+    setup = build_rank(cfg)
+    trained = {n: p for n, p in setup.student.named_parameters() if p.requires_grad}
+    imported = PiFlowPipeline.from_pretrained(str(tmp_path / "imp")).student.trained_state_dict()
+    assert set(trained) == set(imported) and all(torch.equal(trained[n].detach(), imported[n]) for n in trained)
+    bad = load_config(recipe, [f"model.init_student={tmp_path / 'imp'}", "policy.num_components=4"])
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="policy.num_components=8"):
+        build_rank(bad)
