@@ -13,8 +13,8 @@ in a process that has diffusers but not this project:
                             `transformer.<module>.lora_{A,B}.weight`) and policy_head.safetensors
     README.md               the model card (base model, licence, pi-Flow settings, steps, eval table)
 
-Families: the FLUX-architecture ones (flux, digits) with a GM head. Others keep the `student/` format only and
-say so in the card (the pipeline code for Qwen-Image / DiT / Wan inputs is not written yet).
+Families: FLUX-architecture (flux, digits) and Qwen-Image with a GM head. Others (DiT, Wan) keep the `student/`
+format only and say so in the card (their pipeline code is not written yet).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 log = logging.getLogger(__name__)
-STANDALONE_FAMILIES = ("flux", "digits")
+STANDALONE_FAMILIES = ("flux", "digits", "qwen_image")
 LICENCES = {
     "black-forest-labs/FLUX.1-dev": ("flux-1-dev-non-commercial-license", "FLUX.1 [dev] Non-Commercial License "
                                      "(inherited from the base model: non-commercial use only)"),
@@ -90,6 +90,10 @@ def write_base_components(cfg, out: Path, self_contained: bool) -> tuple[dict, d
                 "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                 "vae": ["diffusers", "AutoencoderKL"]}
     names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    if cfg.model.family == "qwen_image":
+        defaults.update(text_encoder=["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                        tokenizer=["transformers", "Qwen2Tokenizer"], vae=["diffusers", "AutoencoderKLQwenImage"])
+        names = ["text_encoder", "tokenizer"]
     uses_vae = cfg.model.family != "digits" and not cfg.model.tiny
     if uses_vae:
         names.append("vae")
@@ -126,7 +130,7 @@ def model_card(cfg, step: int, kind: str, standalone: bool, eval_table: Optional
              f"image = pipe(\"{(cfg.eval.prompts or ['a photo of a cat'])[0]}\", num_inference_steps={d.nfe}, "
              "generator=torch.Generator().manual_seed(0)).images[0]\n```\n") if standalone else \
         ("This family's export loads with the piflow project (`piflow sample DIR`); the standalone diffusers "
-         "pipeline is written for the FLUX-architecture families only so far.\n")
+         "pipeline is written for the FLUX-architecture families and Qwen-Image so far.\n")
     lines = [
         "---", f"base_model: {cfg.model.pretrained or 'none'}", f"license: {licence_id}", "library_name: diffusers",
         "tags: [pi-flow, few-step, distillation]", "---", "",
@@ -145,6 +149,17 @@ def model_card(cfg, step: int, kind: str, standalone: bool, eval_table: Optional
         "## Evaluation", "", eval_table or "No evaluation table was recorded with this run.", "",
     ]
     return "\n".join(lines)
+
+
+def find_eval_table(cfg) -> Optional[str]:
+    """An evaluation table the run left (`eval_table.md` in run.output, or the demo's `demo_table.md` beside it)."""
+    if "://" in cfg.run.output:
+        return None
+    root = Path(cfg.run.output)
+    for path in (root / "eval_table.md", root.parent / "demo_table.md"):
+        if path.is_file():
+            return path.read_text().strip()
+    return None
 
 
 def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained: bool = False,
@@ -183,7 +198,10 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
 
             vae_cfg = AutoencoderKL.load_config(str(out) if "vae" in components else cfg.model.pretrained,
                                                 subfolder="vae")
-            vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+            vae_scale = 2 ** (len(vae_cfg["temperal_downsample"]) if "temperal_downsample" in vae_cfg
+                              else len(vae_cfg["block_out_channels"]) - 1)
+        elif cfg.model.family != "digits":
+            vae_scale = 8  # a tiny base has no VAE: sizes in pixels as for the released 8x VAEs
         piflow = {"family": cfg.model.family, "latent_channels": cfg.model.latent_channels,
                   "latent_size": cfg.model.latent_size, "vae_scale_factor": vae_scale,
                   "num_timesteps": cfg.model.num_timesteps, "max_sequence_length": cfg.model.max_sequence_length,
@@ -191,6 +209,11 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
                   "nfe": cfg.distill.nfe, "final_step_scale": cfg.distill.final_step_scale,
                   "shift": cfg.distill.shift, "total_substeps": cfg.distill.total_substeps, "eps": cfg.policy.eps,
                   "base_model": cfg.model.pretrained, "base_components": references, "training_step": step}
+        if cfg.model.family == "qwen_image":
+            from models.text_encoders import QWEN_TEMPLATE, QWEN_TEMPLATE_DROP, QWEN_TOKENIZER_MAX
+
+            piflow.update(prompt_template=QWEN_TEMPLATE, template_drop=QWEN_TEMPLATE_DROP,
+                          tokenizer_max=QWEN_TOKENIZER_MAX)
         index = {"_class_name": ["pipeline_piflow", "PiFlowPipeline"], "_diffusers_version": __version__,
                  "transformer": ["diffusers", type(tr).__name__], "policy_head": ["policy_head", "PiFlowGMHead"],
                  **components, "piflow": piflow}
@@ -207,7 +230,7 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
     else:
         log.warning("export: the standalone diffusers pipeline covers %s with a GM head; %s/%s keeps the piflow "
                     "format (student/) only", ", ".join(STANDALONE_FAMILIES), cfg.model.family, cfg.policy.type)
-    (out / "README.md").write_text(model_card(cfg, step, kind, ok, eval_table))
+    (out / "README.md").write_text(model_card(cfg, step, kind, ok, eval_table or find_eval_table(cfg)))
     return ok
 
 

@@ -11,7 +11,6 @@
 import math
 from typing import List, Optional, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -106,8 +105,8 @@ def image_ids(h: int, w: int, device, dtype):
 
 
 class PiFlowPipeline(DiffusionPipeline):
-    """Few-step text-to-image with a pi-Flow GM student (FLUX-architecture families). `piflow` (model_index.json)
-    holds the family, latent layout and the distilled sampler settings."""
+    """Few-step text-to-image with a pi-Flow GM student (FLUX-architecture families and Qwen-Image). `piflow`
+    (model_index.json) holds the family, latent layout, prompt format and the distilled sampler settings."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->policy_head->vae"
     _optional_components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae"]
@@ -138,31 +137,56 @@ class PiFlowPipeline(DiffusionPipeline):
         return value
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: List[str]):
+    def encode_prompt(self, prompts: List[str]) -> dict:
+        """The student's conditioning, as the training project encodes it for this family."""
+        cfg = self.config.piflow
+        if cfg["family"] == "qwen_image":  # Qwen2.5-VL hidden states inside the chat template, prefix dropped
+            model, tok = self._component("text_encoder"), self._component("tokenizer")
+            drop = cfg["template_drop"]
+            batch = tok([cfg["prompt_template"].format(p) for p in prompts], max_length=cfg["tokenizer_max"] + drop,
+                        padding=True, truncation=True, return_tensors="pt")
+            hidden = model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(
+                model.device), output_hidden_states=True).hidden_states[-1].float().cpu()
+            pieces = [h[m.bool()][drop:] for h, m in zip(hidden, batch.attention_mask)]
+            T = max(p.shape[0] for p in pieces)
+            embeds = hidden.new_zeros(len(pieces), T, hidden.shape[-1])
+            mask = torch.zeros(len(pieces), T, dtype=torch.long)
+            for i, p in enumerate(pieces):
+                embeds[i, : p.shape[0]], mask[i, : p.shape[0]] = p, 1
+            L = cfg["max_sequence_length"]
+            return {"prompt_embeds": embeds[:, :L], "mask": mask[:, :L]}
         clip, clip_tok = self._component("text_encoder"), self._component("tokenizer")
         t5, t5_tok = self._component("text_encoder_2"), self._component("tokenizer_2")
         ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids
         pooled = clip(ids.to(clip.device), output_hidden_states=False).pooler_output
-        ids2 = t5_tok(prompts, padding="max_length", max_length=self.config.piflow["max_sequence_length"],
+        ids2 = t5_tok(prompts, padding="max_length", max_length=cfg["max_sequence_length"],
                       truncation=True, return_tensors="pt").input_ids
         seq = t5(ids2.to(t5.device), output_hidden_states=False)[0]
-        return seq.float(), pooled.float()
+        return {"prompt_embeds": seq.float(), "pooled": pooled.float()}
 
-    def make_policy(self, x, sigma, prompt_embeds, pooled):
-        """One student evaluation at (x (B, C, H, W) float32, sigma (B,)) -> GMPolicy."""
+    def network_inputs(self, x, sigma, cond) -> dict:
         cfg = self.config.piflow
         B, C, H, W = x.shape
         tr = self.transformer
         dtype, device = tr.dtype, tr.device
-        inputs = dict(hidden_states=pack_2x2(x).to(device, dtype), encoder_hidden_states=prompt_embeds.to(device, dtype),
-                      pooled_projections=pooled.to(device, dtype),
-                      timestep=(sigma * cfg["num_timesteps"]).to(device, dtype),
+        embeds = cond["prompt_embeds"].to(device, dtype)
+        inputs = dict(hidden_states=pack_2x2(x).to(device, dtype), encoder_hidden_states=embeds,
+                      timestep=(sigma * cfg["num_timesteps"]).to(device, dtype))
+        if cfg["family"] == "qwen_image":
+            inputs.update(encoder_hidden_states_mask=cond["mask"].to(device), img_shapes=[[(1, H // 2, W // 2)]] * B)
+            return inputs
+        inputs.update(pooled_projections=cond["pooled"].to(device, dtype),
                       img_ids=image_ids(H // 2, W // 2, device, dtype),
-                      txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype))
+                      txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype))
         if cfg.get("guidance") is not None:
             inputs["guidance"] = torch.full((B,), cfg["guidance"], device=device, dtype=torch.float32)
-        tr(**inputs, return_dict=False)
+        return inputs
+
+    def make_policy(self, x, sigma, cond):
+        """One student evaluation at (x (B, C, H, W) float32, sigma (B,)) -> GMPolicy."""
+        B, C, H, W = x.shape
+        self.transformer(**self.network_inputs(x, sigma, cond), return_dict=False)
         head = self.policy_head
         hdtype = next(head.parameters()).dtype
         hidden, temb = self._captured.pop("hidden"), self._captured.pop("temb")
@@ -173,7 +197,17 @@ class PiFlowPipeline(DiffusionPipeline):
             return unpack_2x2(t.permute(0, 2, 1, 3).reshape(B * K, t.shape[1], t.shape[3]), H, W).view(B, K, -1, H, W)
 
         return GMPolicy(untokenize(means).float().to(x.device), untokenize(logweights).float().to(x.device),
-                        logstd.float().to(x.device), x.float(), sigma.float(), cfg["eps"])
+                        logstd.float().to(x.device), x.float(), sigma.float(), self.config.piflow["eps"])
+
+    def decode(self, vae, x):
+        """Policy latents -> images in [-1, 1] (the family's VAE normalisation)."""
+        if self.config.piflow["family"] == "qwen_image":  # per-channel statistics, a video VAE on one frame
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(x)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
+            z = (x * std + mean).unsqueeze(2)
+            return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0][:, :, 0].float()
+        z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0].float()
 
     def prepare_latents(self, batch: int, height: int, width: int, generator, latents):
         if latents is not None:
@@ -192,8 +226,8 @@ class PiFlowPipeline(DiffusionPipeline):
                  generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
                  num_images_per_prompt: int = 1, latents: Optional[torch.Tensor] = None,
                  temperature: Union[str, float] = "auto", output_type: str = "pil", return_dict: bool = True):
-        """prompt(s) -> images. `negative_prompt` is accepted for API parity and unused: this family has no CFG
-        (FLUX's guidance is embedded in the student). height/width in pixels (multiples of 2 x the VAE factor);
+        """prompt(s) -> images. `negative_prompt` is accepted for API parity and unused: the teacher's guidance
+        (FLUX's embedded 3.5, Qwen-Image's CFG 4.0) is distilled into the student, which runs once per step. height/width in pixels (multiples of 2 x the VAE factor);
         num_inference_steps defaults to the distilled NFE; output_type 'pil' | 'np' | 'pt' | 'latent'."""
         cfg = self.config.piflow
         scale = cfg["vae_scale_factor"]
@@ -204,15 +238,14 @@ class PiFlowPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         B = len(prompts)
-        prompt_embeds, pooled = self.encode_prompt(prompts)
+        cond = self.encode_prompt(prompts)
         x = self.prepare_latents(B, H, W, generator, latents).to(self.transformer.device)
         nfe = num_inference_steps or cfg["nfe"]
         T = min(max(0.1 * (nfe - 1), 0.0), 1.0) if temperature == "auto" else float(temperature)
         taus, sigmas = step_grid(nfe, cfg["final_step_scale"], cfg["shift"])
         for k in range(nfe):
             sigma_k, sigma_to = float(sigmas[k]), float(sigmas[k + 1])
-            policy = self.make_policy(x, torch.full((B,), sigma_k, dtype=x.dtype, device=x.device), prompt_embeds,
-                                      pooled)
+            policy = self.make_policy(x, torch.full((B,), sigma_k, dtype=x.dtype, device=x.device), cond)
             if k < nfe - 1 and T < 1:
                 policy = policy.with_temperature(T)
             s_to = torch.as_tensor(sigma_to, dtype=torch.float64)
@@ -222,11 +255,12 @@ class PiFlowPipeline(DiffusionPipeline):
             images = x
         else:
             vae = self._component("vae")
+            if vae is None and cfg["family"] != "digits":
+                raise ValueError("this export has no VAE (a tiny base): use output_type='latent'")
             if vae is None:  # the latents are the images (the digits family)
                 images = (x.clamp(-1, 1) + 1) / 2
             else:
-                z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-                images = (vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0].float().clamp(-1, 1) + 1) / 2
+                images = (self.decode(vae, x).clamp(-1, 1) + 1) / 2
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()
             elif output_type == "pil":

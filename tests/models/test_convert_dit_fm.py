@@ -5,11 +5,10 @@ adaLN-Zero blocks) to 1e-5; epsilon-prediction checkpoints and pickled objects a
 from __future__ import annotations
 
 import argparse
-import re
 import math
+import re
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -190,3 +190,24 @@ def test_an_imported_student_starts_a_continued_distillation(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="policy.num_components=8"):
         build_rank(bad)
+
+
+@pytest.mark.slow
+def test_imported_pi_qwen_samples_with_diffusers_alone(tmp_path):
+    """A released pi-Qwen-Image adapter, imported, loads with diffusers alone and samples the latents this
+    project's pipeline samples for the same generators."""
+    from tests.trainer.test_export_standalone import run_diffusers_only
+
+    recipe = ROOT / "configs" / f"{RECIPES['pi-qwen']}.yaml"
+    save_file(released_adapter("pi-qwen", load_config(recipe).lora.target_modules), str(tmp_path / "q.safetensors"))
+    out = tmp_path / "export"
+    assert main(["import", "pi-qwen", str(tmp_path / "q.safetensors"), "--config", str(recipe), "--out", str(out)]) == 0
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == ["pipeline_piflow", "PiFlowPipeline"]
+    prompts = ["a red cat", "a small blue dog"]
+    pipe = PiFlowPipeline.from_pretrained(str(out))
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
+    expected = pipe(prompt=prompts, num_images=2, num_inference_steps=4, generator=gens, output_type="latent")
+    info = run_diffusers_only(out, tmp_path, prompts, "latent-only")
+    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "text_encoder", "transformer"]
+    got = torch.load(tmp_path / "standalone.pt", weights_only=True)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
