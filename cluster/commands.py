@@ -8,7 +8,7 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_teacher, _add_demo, _add_toy_demo, _add_shards, _add_plan, _add_export, _add_sample, _add_submit,
-                _add_template):
+                _add_template, _add_convert, _add_import):
         add(sub)
     from cluster.jobs.eval import add_eval
 
@@ -152,15 +152,23 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's EMA student as a diffusers-format directory")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                    help="a run.output (its newest valid checkpoint) or one checkpoints/step_N dir; local or s3://")
-    p.add_argument("--out", required=True, help="the directory to write, local or s3:// (PiFlowPipeline."
-                                                "from_pretrained loads it; `piflow sample` takes either)")
+    p.add_argument("--out", required=True, help="the directory to write, local or s3:// (diffusers.DiffusionPipeline"
+                   ".from_pretrained(DIR, trust_remote_code=True) loads it; so does piflow sample)")
+    p.add_argument("--self-contained", action="store_true", help="copy a hub base model's text encoders and VAE "
+                   "into the export instead of referencing them by id")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the export to this Hub model repo "
+                   "(token from the HF chain: HF_TOKEN or `huggingface-cli login`)")
 
     def run(args: argparse.Namespace) -> int:
         from trainer.export import export_student, export_summary
 
-        export_student(args.source, args.out)
+        export_student(args.source, args.out, self_contained=args.self_contained)
         meta = export_summary(args.out)
         print(f"exported {meta['kind']} {meta['family']} student (base {meta['base_model']}) to {args.out}")
+        if args.push_to_hub:
+            from trainer.standalone_export import push_to_hub
+
+            print(f"pushed to {push_to_hub(args.out, args.push_to_hub)}")
         return 0
 
     p.set_defaults(func=run)
@@ -173,7 +181,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nfe", type=int, default=0, help="student evaluations (0 = the distilled NFE)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--out", required=True, help="PNG grid to write (latents beside it as .pt)")
+    p.add_argument("--out", required=True, help="PNG grid to write (latents beside it as .pt); video families "
+                   "write an animated image: .gif, .webp or .png (APNG)")
 
     def run(args: argparse.Namespace) -> int:
         import os
@@ -200,16 +209,24 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(batch)]
         latents = pipe(prompt=args.prompt or None, num_inference_steps=args.nfe or None, generator=generators,
                        num_images=args.num, output_type="latent")
-        from trainer.rollouts import preview_png
+        from trainer.rollouts import animation, preview_png
 
         images = None
         if pipe.vae() is not None:
-            images = pipe.family.decode(pipe.vae(), latents).clamp(-1, 1)
+            images = pipe.family.decode(pipe.vae(), latents, cfg=pipe.student.cfg).clamp(-1, 1)
         elif not pipe.family.uses_vae:  # the latents are the images (digits)
-            images = pipe.family.decode(None, latents)
+            images = pipe.family.decode(None, latents, cfg=pipe.student.cfg)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if images is not None and images.dim() == 5:  # decoded clips (B, 3, F, H, W)
+            ext = os.path.splitext(args.out)[1].lower()
+            fmt = {".gif": "GIF", ".webp": "WEBP", ".png": "PNG"}.get(ext)
+            if fmt is None:
+                raise SystemExit(f"piflow sample: --out {args.out}: a video family writes .gif, .webp or .png")
+            data = animation(images, fmt)
+        else:
+            data = preview_png(latents, images)
         with open(args.out, "wb") as f:
-            f.write(preview_png(latents, images))
+            f.write(data)
         torch.save(latents, os.path.splitext(args.out)[0] + ".pt")
         print(f"wrote {args.out} ({batch} samples, {args.nfe or pipe.student.cfg.distill.nfe} NFE)")
         return 0
@@ -340,6 +357,69 @@ def _add_template(sub: argparse._SubParsersAction) -> None:
             print(f"piflow template: {e}", file=sys.stderr)
             return 2
         sys.stdout.write(text)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ---- converters (issue 15: models/converters/)
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert another project's checkpoint into a diffusers-format dir")
+    p.add_argument("kind", choices=["dit-fm"], help="dit-fm: the reference flow-matching DiT (ImageNet teacher)")
+    p.add_argument("checkpoint", help="the .pth/.pt (loaded without pickle) or .safetensors file")
+    p.add_argument("--out", required=True, help="the directory to write (model.pretrained of a dit config)")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: 16 for DiT-XL/L widths, "
+                   "else width / 64)")
+    p.add_argument("--sample-size", type=int, default=None, help="latent size the position table is built for "
+                   "(default: from the checkpoint's table, else 32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing conversion in --out")
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+        import sys
+
+        from models.converters.dit_fm import ConvertError, convert_dit_fm
+
+        if os.path.exists(os.path.join(args.out, "transformer")) and not args.force:
+            print(f"piflow convert: {args.out}/transformer exists (a previous conversion); pass --force to "
+                  f"overwrite", file=sys.stderr)
+            return 2
+        try:
+            out = convert_dit_fm(args.checkpoint, args.out, args.num_heads, args.sample_size)
+        except ConvertError as e:
+            print(f"piflow convert: {e}", file=sys.stderr)
+            return 2
+        print(f"converted {args.checkpoint} -> {out} (model.family: dit, model.pretrained: {out})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="a released pi-Flow student (pi-FLUX.1 / pi-Qwen-Image adapter, ImageNet "
+                                      "GM-DiT) as an export dir: piflow sample DIR")
+    p.add_argument("kind", choices=["pi-flux", "pi-qwen", "gm-dit"])
+    p.add_argument("source", help="the adapter dir (e.g. a download of Lakonik/pi-FLUX.1/gmflux_k8_piid_4step) or "
+                   "a .safetensors/.pth file (loaded without pickle)")
+    p.add_argument("--config", required=True, help="the recipe the student belongs to (base model, distill settings)")
+    p.add_argument("--out", required=True, help="the export dir to write")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+
+    def run(args: argparse.Namespace) -> int:
+        import sys
+
+        from models.converters.dit_fm import ConvertError
+        from models.converters.released import ReleasedLayoutError
+        from trainer.config import load_config
+        from trainer.import_released import import_released
+
+        cfg = load_config(args.config, args.overrides)
+        try:
+            import_released(args.kind, args.source, cfg, args.out)
+        except (ConvertError, ReleasedLayoutError) as e:
+            print(f"piflow import: {e}", file=sys.stderr)
+            return 2
+        print(f"imported {args.kind} {args.source} -> {args.out} (piflow sample {args.out} --prompt ...)")
         return 0
 
     p.set_defaults(func=run)

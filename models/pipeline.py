@@ -116,17 +116,10 @@ def build_student(cfg: Any, kind: str, transformer_config: Optional[dict]) -> to
         # a full export overwrites every tensor, so the trunk it copies only provides the layout
         return family.build_student(cfg, ToyVelocityNet(cfg.model.hidden_dim, cfg.model.num_layers))
     if kind == "full" and transformer_config is not None:
-        network = family.transformer_class.from_config(transformer_config)
+        network = family.network_class(transformer_config).from_config(transformer_config)
     else:
         network = family.load_network(cfg)  # the base reference: model.pretrained, or seeded tiny
     return family.build_student(cfg, teacher=None, network=network)
-
-
-def _vae_class(family: str):
-    """model.family -> the diffusers VAE class of its base model (one explicit mapping)."""
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
-
-    return {"flux": AutoencoderKL, "dit": AutoencoderKL, "qwen_image": AutoencoderKLQwenImage}[family]
 
 
 class PiFlowPipeline(DiffusionPipeline):
@@ -143,6 +136,13 @@ class PiFlowPipeline(DiffusionPipeline):
     @classmethod
     def from_student(cls, student: PiFlowStudent) -> "PiFlowPipeline":
         return cls(student=student)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "PiFlowPipeline":
+        """This project's reader of an export: `student/` only. model_index.json may describe the standalone
+        diffusers pipeline shipped beside it (trainer/export.py), which this class does not need."""
+        return cls(student=PiFlowStudent.from_pretrained(pretrained_model_name_or_path, subfolder="student",
+                                                         **kwargs))
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
         """model_index.json (the student's library is this module, not the top-level package) + student/."""
@@ -175,10 +175,8 @@ class PiFlowPipeline(DiffusionPipeline):
     def vae(self):
         """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
         cfg = self.student.cfg
-        if self._vae is None and cfg.model.pretrained and cfg.model.family != "toy2d":
-            root = cfg.model.pretrained
-            if not os.path.isdir(root) or os.path.isdir(os.path.join(root, "vae")):
-                self._vae = _vae_class(cfg.model.family).from_pretrained(root, subfolder="vae").eval()
+        if self._vae is None and cfg.model.family != "toy2d":
+            self._vae = self.family.load_vae(cfg)  # the family knows its VAE class (and tiny twins build one)
         return self._vae
 
     def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,
@@ -200,8 +198,8 @@ class PiFlowPipeline(DiffusionPipeline):
                  temperature: Union[str, float] = "auto", h: float = 0.0,
                  output_type: Literal["latent", "pt", "pil"] = "latent"):
         """Generate: `num_inference_steps` student evaluations (default: the distilled NFE). Returns latents
-        (B, C, H, W) for 'latent'; decoded images in [0, 1] (B, 3, H', W') for 'pt'; PIL images for 'pil'
-        (those two need the base model's VAE)."""
+        (B, C, H, W) for 'latent'; decoded images in [0, 1] (B, 3, H', W') for 'pt' (video families:
+        (B, 3, F, H', W')); PIL images (video: a list of frames per sample) for 'pil' (those two need the VAE)."""
         from models.sampling import sample
 
         cfg = self.student.cfg
@@ -220,15 +218,18 @@ class PiFlowPipeline(DiffusionPipeline):
             return x0
         vae = self.vae()
         if vae is None and not self.family.uses_vae:  # the latents are the images (digits)
-            images = (self.family.decode(None, x0) + 1) / 2
+            images = (self.family.decode(None, x0, cfg=cfg) + 1) / 2
         elif vae is None:
             raise ValueError(f"output_type={output_type!r} needs the base model's VAE; this export's base "
                              f"({base_model_reference(self.student.config.piflow)}) has none: use 'latent'")
         else:
-            images = (self.family.decode(vae, x0).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
+            images = (self.family.decode(vae, x0, cfg=cfg).clamp(-1, 1) + 1) / 2  # (B, 3, H', W') in [0, 1]
         if output_type == "pt":
             return images
         from PIL import Image
 
+        if images.dim() == 5:  # video families: (B, 3, F, H, W) -> a list of frames per sample
+            frames = (images.permute(0, 2, 3, 4, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            return [[Image.fromarray(f) for f in clip] for clip in frames]
         arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]  # 1 channel: grey

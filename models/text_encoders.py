@@ -201,4 +201,6 @@ def load_text_encoder(cfg: Config) -> Callable[[list[str]], Encoded]:
         return QwenImageTextEncoder(c["text_encoder"], c["tokenizer"], cfg.model.max_sequence_length)
     if family == "dit":
         return encode_class_labels
-    raise ValueError(f"model.family={family!r}: no text encoder here (flux, qwen_image, dit)")
+    from models.families import get_family
+
+    return get_family(family).load_text_encoder(cfg)  # families added by recipe own their encoder

@@ -44,7 +44,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["toy2d", "flux", "qwen_image", "dit", "digits"] = "toy2d"
+    family: str = "toy2d"  # a key of models.families.FAMILIES (flux, qwen_image, dit, toy2d, digits, ...)
     pretrained: str = ""  # diffusers-format dir or hub id of the teacher; "" = build from `tiny` config
     tiny: bool = False  # build a tiny randomly initialised model from config (tests, CPU demos)
     dtype: Literal["float32", "bfloat16"] = "float32"  # teacher / frozen-base weights
@@ -67,6 +67,13 @@ class ModelConfig:
     teacher_lr: float = 2e-3
     teacher_seed: int = 0
     teacher_cache: str = ""  # "" = ~/.cache/piflow/teachers
+    # non-square and video latents: the policy latent is (C, latent_frames * latent_size, latent_width); video
+    # families fold the frames into the height axis (pi-Flow's math is per element)
+    latent_width: int = 0  # 0 = latent_size (square)
+    latent_frames: int = 1
+    # an export dir (`piflow export` / `piflow import`) whose student tensors start the run (continued
+    # distillation of a released or earlier student); a resume still restores its own checkpoint
+    init_student: str = ""
 
 
 @dataclass
@@ -369,6 +376,12 @@ def validate(cfg: Config, source: str) -> None:
     need(1 <= cfg.run.log_flush_steps <= 100_000, "run.log_flush_steps", "must be in [1, 100000]")
     need(cfg.run.log_flush_s > 0, "run.log_flush_s", "must be > 0")
     need(cfg.run.lease_heartbeat_s > 0, "run.lease_heartbeat_s", "must be > 0")
+    from models.families import FAMILIES
+
+    need(cfg.model.family in FAMILIES, "model.family", f"unknown family {cfg.model.family!r} "
+         f"(one of {', '.join(FAMILIES)})")
+    need(cfg.model.latent_width >= 0, "model.latent_width", "must be >= 0 (0 = latent_size)")
+    need(cfg.model.latent_frames >= 1, "model.latent_frames", "must be >= 1")
     need(cfg.distill.nfe >= 1, "distill.nfe", "must be >= 1")
     need(0 < cfg.distill.final_step_scale <= 1, "distill.final_step_scale", "must be in (0, 1]")
     need(cfg.distill.shift > 0, "distill.shift", "must be > 0")

@@ -71,15 +71,16 @@ def consolidate_ema(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_student(run_or_checkpoint: str, out_dir: str | Path):
-    """Write the EMA student of a checkpoint as a diffusers-format directory, local or on object storage
-    (`s3://`: written to a temp dir, then uploaded with model_index.json last, so a half-uploaded export
-    does not load). Returns the PiFlowPipeline."""
+def export_student(run_or_checkpoint: str, out_dir: str | Path, self_contained: bool = False):
+    """Write the EMA student of a checkpoint as a diffusers-format directory: `student/` (this project's format)
+    and, for the families it covers, the standalone diffusers pipeline (trainer/standalone_export.py); local or
+    on object storage (`s3://`: written to a temp dir, then uploaded with model_index.json last, so a
+    half-uploaded export does not load). Returns the PiFlowPipeline."""
     if storage.is_s3(str(out_dir)):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="piflow-export-") as tmp:
-            pipe = export_student(run_or_checkpoint, tmp)
+            pipe = export_student(run_or_checkpoint, tmp, self_contained)
             index = os.path.join(tmp, "model_index.json")
             moved = index + ".last"
             os.replace(index, moved)
@@ -113,6 +114,9 @@ def export_student(run_or_checkpoint: str, out_dir: str | Path):
         model.register_to_config(transformer_config=dict(transformer.config))
     pipe = PiFlowPipeline.from_student(model)
     pipe.save_pretrained(str(out_dir))
+    from trainer.standalone_export import write_standalone
+
+    write_standalone(model, cfg, out_dir, info.step, self_contained=self_contained)
     log.info("exported %s (step %d, %s) to %s", info.url, info.step, kind, out_dir)
     return pipe
 

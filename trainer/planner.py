@@ -1,7 +1,7 @@
 """Memory and placement plan for a config on N GPUs, without allocating anything.
 
-The teacher architecture is built on the `meta` device (FLUX.1-dev and Qwen-Image from their public configs,
-DiT-XL/2; a tiny model for `model.tiny`), parameters are counted per module, and the per-GPU memory of the
+The teacher architecture is built on the `meta` device (each family's `public_config`: FLUX.1-dev, Qwen-Image,
+DiT-XL/2, ...; a tiny model for `model.tiny`), parameters are counted per module, and the per-GPU memory of the
 student group (DeepSpeed ZeRO-3 partitions parameters, gradients and optimizer states over the student GPUs)
 and of the teacher group is estimated for full fine-tuning and for LoRA, with and without activation
 checkpointing. The model (bytes per parameter, activation constants) is written out in `BYTES` and
@@ -73,14 +73,13 @@ class Plan:
 def build_meta_network(cfg: Config) -> nn.Module:
     """The family's transformer on the meta device: the real public config, or the tiny one for model.tiny."""
     from models.families import get_family
-    from models.families.dit import DIT_XL2_CONFIG
-    from models.families.flux import FLUX_DEV_CONFIG
-    from models.families.qwen_image import QWEN_IMAGE_CONFIG
+    from models.families.base import TransformerFamily
 
-    if cfg.model.family not in ("flux", "qwen_image", "dit"):
-        raise ConfigError(f"piflow plan: model.family={cfg.model.family!r} is planned only for flux, qwen_image, dit")
     family = get_family(cfg.model.family)
-    public = {"flux": FLUX_DEV_CONFIG, "qwen_image": QWEN_IMAGE_CONFIG, "dit": DIT_XL2_CONFIG}[cfg.model.family]
+    public = getattr(family, "public_config", None)
+    if not isinstance(family, TransformerFamily) or (public is None and not cfg.model.tiny):
+        raise ConfigError(f"piflow plan: model.family={cfg.model.family!r} has no public transformer config to "
+                          f"plan (a TransformerFamily with `public_config`)")
     kwargs = family.tiny_config(cfg) if cfg.model.tiny else public
     with torch.device("meta"):
         return family.transformer_class(**kwargs)
@@ -136,9 +135,9 @@ def count_model(cfg: Config) -> ModelCounts:
 # ------------------------------------------------------------------------------------------ memory
 def sequence_tokens(cfg: Config) -> int:
     """Tokens one sample puts through the transformer: image tokens (+ text tokens for the T2I families)."""
-    H = W = cfg.model.latent_size
-    image = (H // 2) * (W // 2)
-    return image + (cfg.model.max_sequence_length if cfg.model.family in ("flux", "qwen_image", "digits") else 1)
+    from models.families import get_family
+
+    return get_family(cfg.model.family).sequence_tokens(cfg)
 
 
 def activation_bytes(counts: ModelCounts, tokens: int, micro_batch: int, checkpointing: bool) -> float:

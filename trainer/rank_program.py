@@ -67,8 +67,8 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
     def build_trunk() -> torch.nn.Module:
         if weights_dir is None:
             return family.load_network(cfg)  # tiny, seeded: the same values on every rank
-        config = family.transformer_class.load_config(str(weights_dir))
-        return family.transformer_class.from_config(config)
+        cls = family.pretrained_class(cfg)  # the family's checks (DiT refuses epsilon checkpoints) come first
+        return cls.from_config(cls.load_config(str(weights_dir)))
 
     def finish(trunk: torch.nn.Module) -> torch.nn.Module:
         return family.build_student(cfg, teacher=teacher if shared else None, network=trunk)
@@ -77,6 +77,11 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
     weights = safetensors_source(weights_dir) if weights_dir is not None else {}
     student = build_partitioned_student(cfg, build_trunk, weights, family.output_modules, finish) \
         if weights_dir is not None else _build_without_file(cfg, build_trunk, family, finish)
+    if cfg.model.init_student:  # continue distilling an exported or imported student (before ZeRO wraps it)
+        from trainer.engine import load_partitioned
+        from trainer.import_released import init_student_tensors
+
+        load_partitioned(student, init_student_tensors(cfg, student), strict=False)
     engine = build_engine(cfg, student)
     master = engine.local_master if cfg.train.engine == "deepspeed" else None
     ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=master)

@@ -132,6 +132,17 @@ def preview_png(x0: torch.Tensor, images: Optional[torch.Tensor] = None) -> byte
     return buf.getvalue()
 
 
+def animation(video: torch.Tensor, fmt: str = "GIF", fps: float = 16.0) -> bytes:
+    """An animated GIF / WebP / PNG of decoded clips: video (N, 3, F, H, W) in [-1, 1], one grid per frame."""
+    from PIL import Image
+
+    frames = [Image.fromarray(_to_uint8_grid(video[:, :, f].float(), columns=min(8, video.shape[0])))
+              for f in range(video.shape[2])]
+    buf = io.BytesIO()
+    frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------------- hook
 class RolloutHook:
     """`hook(step) -> dict[str, float]`: sample, write `rollouts/step_N/` (rank 0), log the preview image.
@@ -143,7 +154,7 @@ class RolloutHook:
                  encode: Optional[Callable[[list[str]], Any]] = None,
                  decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if decode is None and not getattr(family, "uses_vae", True):  # the latents are the images (digits)
-            decode = lambda x0: family.decode(None, x0)  # noqa: E731
+            decode = lambda x0: family.decode(None, x0, cfg=cfg)  # noqa: E731
         self.cfg, self.student, self.rank, self.logger, self.decode = cfg, student, rank, logger, decode
         self.prompts = validation_prompts(cfg)
         if encode is not None and not self.prompts:

@@ -1,36 +1,30 @@
-"""Model families, chosen by `model.family` through ONE explicit mapping (`get_family`).
+"""Model families, chosen by `model.family` through ONE explicit mapping (`FAMILIES`).
 
 Each family is one file; `models/families/base.py` holds the interface. Imports are lazy so that choosing the
-toy family never imports diffusers.
+toy family never imports diffusers. Adding a family is one line here: `"name": "module:Class"`.
 """
 from __future__ import annotations
 
+import importlib
+
 from models.families.base import Family
+
+FAMILIES: dict[str, str] = {
+    "flux": "models.families.flux:FluxFamily",
+    "qwen_image": "models.families.qwen_image:QwenImageFamily",
+    "dit": "models.families.dit:DiTFamily",
+    "toy2d": "models.families.toy2d:Toy2DFamily",
+    "digits": "models.families.digits:DigitsFamily",
+    "wan": "models.families.wan:WanFamily",
+}
 
 
 def get_family(name: str) -> Family:
     """The family object for a `model.family` literal."""
-    if name == "flux":
-        from models.families.flux import FluxFamily
-
-        return FluxFamily()
-    if name == "qwen_image":
-        from models.families.qwen_image import QwenImageFamily
-
-        return QwenImageFamily()
-    if name == "dit":
-        from models.families.dit import DiTFamily
-
-        return DiTFamily()
-    if name == "toy2d":
-        from models.families.toy2d import Toy2DFamily
-
-        return Toy2DFamily()
-    if name == "digits":
-        from models.families.digits import DigitsFamily
-
-        return DigitsFamily()
-    raise ValueError(f"model.family: unknown family {name!r} (expected flux, qwen_image, dit, toy2d, digits)")
+    if name not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {name!r} (expected one of {', '.join(FAMILIES)})")
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Family", "get_family"]
+__all__ = ["FAMILIES", "Family", "get_family"]

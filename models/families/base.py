@@ -70,6 +70,29 @@ class Family(abc.ABC):
         keys = conds[0].keys()
         return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
 
+    def load_text_encoder(self, cfg: Config) -> Callable[[list[str]], Cond]:
+        """The prompt encoder `prompts -> cond` (models.text_encoders holds those of the built-in families;
+        a new family overrides this in its own file)."""
+        raise ValueError(f"model.family={self.name!r}: no prompt encoder")
+
+    def load_vae(self, cfg: Config):
+        """The base model's VAE (`model.pretrained`/vae), or None (tiny models, no `vae` folder)."""
+        import os
+
+        root = cfg.model.pretrained
+        if not self.uses_vae or self.vae_class is None or not root:
+            return None
+        if os.path.isdir(root) and not os.path.isdir(os.path.join(root, "vae")):
+            return None
+        return self.vae_class.from_pretrained(root, subfolder="vae").eval()
+
+    vae_class: type | None = None  # the diffusers VAE class of the base model
+
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
+        """Policy latents (B, C, H, W) -> images (B, 3, H', W') in [-1, 1], or clips (B, 3, F, H', W') for video
+        families (which need `cfg` for the frame count)."""
+        raise NotImplementedError(f"family {self.name!r} does not decode latents")
+
 
 # ------------------------------------------------------------------------------------------------- taps
 class OutputTap(nn.Module):
@@ -115,6 +138,7 @@ class TransformerFamily(Family):
     """
 
     transformer_class: type
+    public_config: dict | None = None  # the released architecture (constructor kwargs): `piflow plan` on meta
     output_modules: tuple[str, ...] = ("norm_out", "proj_out")
     proj_module: str = "proj_out"  # the final linear replicated into the policy head (PIFLOW.md §2.2)
 
@@ -131,6 +155,15 @@ class TransformerFamily(Family):
     @abc.abstractmethod
     def patch_size(self, network: nn.Module) -> int:
         ...
+
+    def network_class(self, config: dict) -> type:
+        """The transformer class of a saved config.json (a family may accept several; DiT does)."""
+        return self.transformer_class
+
+    def pretrained_class(self, cfg: Config) -> type:
+        """The class of `model.pretrained`'s transformer, after the family's checks on the saved configs (DiT
+        refuses epsilon-prediction checkpoints); every path that loads a teacher from disk asks this first."""
+        return self.transformer_class
 
     def output_to_velocity(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         """The network's raw output -> u (B,C,H,W) float32. Default: the output is tokens."""
@@ -171,7 +204,14 @@ class TransformerFamily(Family):
 
     # ---- the Family interface
     def latent_shape(self, cfg: Config) -> tuple[int, int, int]:
-        return (cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
+        m = cfg.model
+        return (m.latent_channels, m.latent_frames * m.latent_size, m.latent_width or m.latent_size)
+
+    def sequence_tokens(self, cfg: Config) -> int:
+        """Tokens one sample puts through the transformer's self-attention (the planner's activation model):
+        2x2-patch latent tokens plus the text tokens of joint-attention models (FLUX, Qwen-Image)."""
+        _, H, W = self.latent_shape(cfg)
+        return (H // 2) * (W // 2) + cfg.model.max_sequence_length
 
     def load_network(self, cfg: Config) -> nn.Module:
         """The teacher transformer: from a diffusers-format dir or hub id (`transformer` subfolder), or tiny."""

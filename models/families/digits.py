@@ -20,6 +20,7 @@ DIGITS_ARCH = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=
 class DigitsFamily(FluxFamily):
     name = "digits"
     uses_vae = False
+    public_config = DIGITS_ARCH  # the project's own teacher
 
     def tiny_config(self, cfg: Config) -> dict:
         return dict(DIGITS_ARCH)
@@ -27,6 +28,6 @@ class DigitsFamily(FluxFamily):
     def latent_shape(self, cfg: Config) -> tuple[int, int, int]:
         return (1, 8, 8)
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """The latents are the images: (B, 1, 8, 8) in [-1, 1]."""
         return x.float().clamp(-1, 1)

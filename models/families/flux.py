@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
 from models.families.base import Cond, Config, TransformerFamily, network_dtype
@@ -56,6 +56,8 @@ def latent_image_ids(h_tokens: int, w_tokens: int, device=None, dtype=torch.floa
 class FluxFamily(TransformerFamily):
     name = "flux"
     transformer_class = FluxTransformer2DModel
+    public_config = FLUX_DEV_CONFIG
+    vae_class = AutoencoderKL
 
     def tiny_config(self, cfg: Config) -> dict:
         # STACK.md's tiny FLUX; text dims match models/text_encoders.py's tiny CLIP/T5 (32).
@@ -106,7 +108,7 @@ class FluxFamily(TransformerFamily):
     def latent_to_vae(self, vae, x: torch.Tensor) -> torch.Tensor:
         return x / vae.config.scaling_factor + vae.config.shift_factor
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """(B, C, H, W) policy latents -> images in [-1, 1]."""
         z = self.latent_to_vae(vae, x).to(vae.dtype)
         return vae.decode(z, return_dict=False)[0].float()

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import QwenImageTransformer2DModel
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from torch import nn
 from torch.nn import functional as F
 
@@ -40,6 +40,8 @@ def pad_sequence(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple
 class QwenImageFamily(TransformerFamily):
     name = "qwen_image"
     transformer_class = QwenImageTransformer2DModel
+    public_config = QWEN_IMAGE_CONFIG
+    vae_class = AutoencoderKLQwenImage
 
     def tiny_config(self, cfg: Config) -> dict:
         C = cfg.model.latent_channels
@@ -117,7 +119,7 @@ class QwenImageFamily(TransformerFamily):
         mean, std = self._stats(vae, x)
         return (x * std + mean).unsqueeze(2)  # (B, C, 1, H, W)
 
-    def decode(self, vae, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """(B, C, H, W) policy latents -> images (B, 3, 8H, 8W) in [-1, 1]."""
         z = self.latent_to_vae(vae, x).to(vae.dtype)
         return vae.decode(z, return_dict=False)[0][:, :, 0].float()

@@ -1,4 +1,4 @@
-"""DiT family (class-conditional, flow matching, T = 1000) on a tiny DiTTransformer2DModel."""
+"""DiT family (class-conditional, flow matching, T = 1000) on a tiny FM-DiT (the paper's teacher network)."""
 from __future__ import annotations
 
 import pytest
@@ -97,17 +97,31 @@ def test_student_has_no_label_dropout_and_keeps_proj_out_1():
     assert student.head.proj_out_means.out_features == 32 * 4 * C  # K * p^2 * C
 
 
-def test_learned_sigma_dit_uses_only_the_velocity_rows():
-    """A DiT with out_channels = 2C (learned sigma): teacher velocity and head use the first C channels."""
+def test_epsilon_prediction_dit_is_refused_as_a_flow_matching_teacher(tmp_path):
+    """facebook/DiT-XL-2-256 style dirs (learned sigma: 2C outputs; or a scheduler predicting epsilon) are refused
+    before any weights load, on the family path and the distributed rank path (`pretrained_class`); a flow dir of
+    diffusers' own DiT class loads with that class."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
     fam = get_family("dit")
-    cfg = tiny_cfg(policy={"init_bias_noise": 0.0, "num_components": 2, "logstd_inner_dim": 16})
-    network = fam.transformer_class(**dict(fam.tiny_config(cfg), out_channels=2 * C))
-    teacher = fam.build_teacher(cfg, network=network)
-    x, s, c = torch.randn(2, C, S, S), torch.tensor([0.9, 0.4]), {"class_labels": torch.tensor([5, 6])}
-    u = teacher.unguided(x, s, c)
-    assert u.shape == x.shape
-    student = fam.build_student(cfg, teacher)
-    assert torch.allclose(student.mean_velocity(x, s, c), u, atol=1e-5)
+    small = dict(num_attention_heads=2, attention_head_dim=8, in_channels=C, num_layers=1, sample_size=S,
+                 patch_size=2, norm_num_groups=4, num_embeds_ada_norm=1000)
+    learned_sigma, epsilon, flow = tmp_path / "ddpm_ls", tmp_path / "ddpm_eps", tmp_path / "flow"
+    DiTTransformer2DModel(**small, out_channels=2 * C).save_pretrained(learned_sigma / "transformer")
+    DiTTransformer2DModel(**small, out_channels=C).save_pretrained(epsilon / "transformer")
+    DDIMScheduler(prediction_type="epsilon").save_pretrained(epsilon / "scheduler")
+    DiTTransformer2DModel(**small, out_channels=C).save_pretrained(flow / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(flow / "scheduler")
+    for root, reason in ((learned_sigma, "learned-sigma DDPM DiT"), (epsilon, "DDIMScheduler predicts epsilon")):
+        cfg = tiny_cfg(model={"tiny": False, "pretrained": str(root)})
+        with pytest.raises(ValueError, match=f"{reason}.*piflow convert dit-fm"):
+            fam.build_teacher(cfg)
+        with pytest.raises(ValueError, match=reason):
+            fam.pretrained_class(cfg)
+    teacher = fam.build_teacher(tiny_cfg(model={"tiny": False, "pretrained": str(flow)}))
+    assert type(teacher.network) is DiTTransformer2DModel
+    u = teacher.unguided(torch.randn(2, C, S, S), torch.tensor([0.5, 0.2]), {"class_labels": torch.tensor([1, 2])})
+    assert u.shape == (2, C, S, S)
 
 
 def test_class_label_prompts():

@@ -89,3 +89,16 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     b = load_config(None)
     c = load_config(None, ["distill.nfe=2"])
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_model_family_is_checked_against_the_registry_and_latents_may_be_non_square_or_video():
+    from models.families import FAMILIES, get_family
+
+    with pytest.raises(ConfigError, match=r"model\.family.*'nope'.*flux"):
+        load_config(None, ["model.family=nope"])
+    assert set(FAMILIES) >= {"flux", "qwen_image", "dit", "toy2d", "digits"}
+    cfg = load_config(None, ["model.family=flux", "model.latent_channels=4", "model.latent_size=6",
+                             "model.latent_width=10", "model.latent_frames=3"])
+    assert get_family("flux").latent_shape(cfg) == (4, 18, 10)  # frames folded into the height axis
+    with pytest.raises(ConfigError, match="model.latent_frames"):
+        load_config(None, ["model.latent_frames=0"])
