@@ -334,10 +334,19 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     summary = {"rank": info.rank, "steps": steps, "start_step": start, "local_numel": local, "full_numel": full,
                "metrics_path": str(logger.path), "startup": times.seconds,
                "checkpoint_steps": list(manager.completed_steps),
-               "resumed_from": state.checkpoint_url if state else ""}
+               "resumed_from": state.checkpoint_url if state else "", "dtypes": precision_report(setup)}
     if prompt_batches is not None:
         summary["data"] = batches.state_dict()
     return summary
+
+
+def precision_report(setup: RankSetup) -> dict[str, list[str]]:
+    """The dtypes a run trains with (sorted, distinct): trainable weights, their optimiser master copies
+    (ZeRO-3: this rank's fp32 partitions) and the EMA shadow."""
+    engine = setup.engine
+    master = [engine.local_master(p) for p in engine.params] if hasattr(engine, "local_master") else engine.params
+    names = lambda ts: sorted({str(t.dtype).replace("torch.", "") for t in ts if t is not None})  # noqa: E731
+    return {"params": names(engine.params), "master": names(master), "ema": names(setup.ema.shadow)}
 
 
 def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[int]], start_step: int = 0
