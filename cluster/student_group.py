@@ -96,20 +96,26 @@ def absolute_local_paths(cfg: Config) -> Config:
 
 
 def cond_shapes_without_prompts(cfg: Config) -> dict[str, list[int]]:
-    """Per-sample conditioning shapes of data-free runs without prompt shards (random embeddings), from the
-    teacher transformer's config. Runs with `data.shards` get real prompt embeddings instead."""
+    """Per-sample conditioning shapes of data-free runs without prompt shards, from the teacher transformer's
+    config: random prompt embeddings (FLUX, Qwen-Image: short sequences of the joint width, masks all ones,
+    Qwen-Image's CFG negative too) or class labels (DiT: drawn per sample, see `synthetic_batches`).
+    Runs with `data.shards` get real prompt embeddings instead."""
     from models.families import get_family
 
     family = get_family(cfg.model.family)
-    if cfg.model.family != "flux":
-        raise NotImplementedError(f"model.family={cfg.model.family!r} without data.shards: only flux has a "
-                                  "prompt-free mode here; set data.shards")
+    if cfg.model.family == "dit":
+        return {"class_labels": []}
+    if cfg.model.family not in ("flux", "qwen_image"):
+        raise ValueError(f"model.family={cfg.model.family!r} has no data-free conditioning here: set data.shards")
     if cfg.model.pretrained:
         net_cfg = family.transformer_class.load_config(cfg.model.pretrained, subfolder=cfg.model.subfolder or None)
     else:
         net_cfg = family.tiny_config(cfg)
-    return {"prompt_embeds": [min(cfg.model.max_sequence_length, 16), net_cfg["joint_attention_dim"]],
-            "pooled_prompt_embeds": [net_cfg["pooled_projection_dim"]]}
+    T, D = min(cfg.model.max_sequence_length, 16), net_cfg["joint_attention_dim"]
+    if cfg.model.family == "qwen_image":
+        return {"prompt_embeds": [T, D], "prompt_embeds_mask": [T],
+                "negative_prompt_embeds": [T, D], "negative_prompt_embeds_mask": [T]}
+    return {"prompt_embeds": [T, D], "pooled_prompt_embeds": [net_cfg["pooled_projection_dim"]]}
 
 
 def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optional[dict[str, list[int]]] = None,

@@ -24,13 +24,15 @@ from typing import Any, Optional
 import torch
 
 
-def _cat_cond(conds: list[dict]) -> dict:
+def _cat_cond(family, conds: list[dict]) -> dict:
+    """The conditioning of requests from several ranks as one batch: the family concatenates (and pads
+    sequences of different lengths to the longest, with their masks: Qwen-Image prompts)."""
     keys = conds[0].keys()
     for c in conds[1:]:
         if c.keys() != keys:
             raise ValueError(f"teacher requests in one batch carry different conditioning keys: "
                              f"{sorted(keys)} vs {sorted(c.keys())}")
-    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+    return family.cat_cond(conds)
 
 
 def _repeat(cond: Optional[dict], n: int) -> Optional[dict]:
@@ -42,7 +44,8 @@ def _repeat(cond: Optional[dict], n: int) -> Optional[dict]:
 class TeacherServer:
     """The actor class (wrapped with `ray.remote` by the orchestrator, which sets its resources)."""
 
-    def __init__(self, cfg_dict: dict, max_batch: int = 256, batch_wait_ms: float = 2.0, cond_cache: int = 64):
+    def __init__(self, cfg_dict: dict, max_batch: int = 256, batch_wait_ms: float = 2.0, cond_cache: int = 64,
+                 device: Optional[str] = None):
         from models.families import get_family
         from trainer.config import config_from_dict
 
@@ -50,9 +53,11 @@ class TeacherServer:
         from trainer.weights import with_local_weights
 
         self.cfg = with_local_weights(config_from_dict(cfg_dict, source="<TeacherServer>"))  # hub ids: this node's cache
-        family = get_family(self.cfg.model.family)
+        self.family = family = get_family(self.cfg.model.family)
         self.teacher = family.build_teacher(self.cfg)  # frozen, eval, dtype = model.dtype
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        self.device = torch.device(device)
         self.teacher.to(self.device)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0
@@ -116,7 +121,7 @@ class TeacherServer:
         x = torch.cat([b[0] for b in batch]).to(self.device)
         sigma = torch.cat([b[1] for b in batch]).to(self.device)
         conds = [b[2] for b in batch]
-        cond = None if conds[0] is None else _cat_cond(conds)
+        cond = None if conds[0] is None else _cat_cond(self.family, conds)
         u = self.teacher(x, sigma, cond).float().cpu()  # (N_total, C, H, W)
         self._compute_sum += time.perf_counter() - t0
         self._n["batches"] += 1
@@ -164,7 +169,8 @@ class RemoteTeacher:
             self._count += 1
         if server_index not in self._keys:
             key = f"{self._prefix}{self._count}"
-            ray.get(self.servers[server_index].put_cond.remote(key, cond))
+            cpu = None if cond is None else {k: v.detach().cpu() for k, v in cond.items()}  # transport on the host
+            ray.get(self.servers[server_index].put_cond.remote(key, cpu))
             self._keys[server_index] = key
         return self._keys[server_index]
 

@@ -170,26 +170,33 @@ class PiFlowPipeline(DiffusionPipeline):
             from models.text_encoders import load_text_encoder
 
             self._encoder = load_text_encoder(cfg)
-        return self._encoder(prompts)
+        return {k: v.to(self.device) for k, v in self._encoder(prompts).items()}
 
     def vae(self):
         """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
         cfg = self.student.cfg
         if self._vae is None and cfg.model.family != "toy2d":
             self._vae = self.family.load_vae(cfg)  # the family knows its VAE class (and tiny twins build one)
+            if self._vae is not None:
+                self._vae = self._vae.to(self.device)
         return self._vae
 
     def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,
                         latents: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, H, W) float32 noise; a list of generators gives sample i its own (as validation rollouts do)."""
         if latents is not None:
-            return latents.float()
+            return latents.to(self.device, torch.float32)
         shape = tuple(self.family.latent_shape(self.student.cfg))
         if isinstance(generator, list):
             if len(generator) != batch_size:
                 raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
-            return torch.stack([torch.randn(shape, generator=g) for g in generator])
-        return torch.randn((batch_size, *shape), generator=generator)
+            noise = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator])
+        else:
+            noise = torch.randn((batch_size, *shape), generator=generator,
+                                device=generator.device if generator is not None else "cpu")
+        # drawn where the generator lives (a CPU generator gives the same noise whatever the student's device);
+        # `self.device` is the student's (DiffusionPipeline.device: its only module)
+        return noise.to(self.device)
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str], None] = None, num_inference_steps: Optional[int] = None,

@@ -96,7 +96,8 @@ class TransformerStudent(nn.Module):
         x0_grid = dx_x0_from_u(u_grid, x_src, sigma_src, mode)  # (B,N,C,H,W)
         d = self.cfg.distill
         segment = self.cfg.policy.dx_segment_size or 1.0 / (d.nfe - 1 + d.final_step_scale)
-        return DXPolicy(x0_grid, x_src, sigma_src, torch.full((B,), segment), d.shift, mode=mode)
+        return DXPolicy(x0_grid, x_src, sigma_src, torch.full((B,), segment, device=x_src.device), d.shift,
+                        mode=mode)
 
     def make_policy(self, x_src: torch.Tensor, sigma_src: torch.Tensor, cond: Cond):
         return self.policy_from_outputs(self(x_src, sigma_src, cond), x_src, sigma_src)
@@ -174,6 +175,9 @@ def build_transformer_student(family: TransformerFamily, cfg: Config, teacher=No
     if cfg.lora.enabled:
         from peft import LoraConfig
 
+        if not hasattr(network, "add_adapter"):
+            raise ValueError(f"lora.enabled: {type(network).__name__} (model.family={family.name}) has no PEFT "
+                             "adapter support; train it fully (lora.enabled: false, teacher.placement: separate)")
         excluded = family.lora_excluded_modules(network, cfg.lora.target_modules)
         network.add_adapter(LoraConfig(
             r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,

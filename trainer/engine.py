@@ -205,13 +205,18 @@ def load_partitioned(module: torch.nn.Module, tensors: Mapping[str, Callable[[],
     """
     keys = set(tensors.keys())
     missing = []
+    # Non-persistent buffers (e.g. DiT's sin-cos `pos_embed.pos_embed`) are never in a weights file: the
+    # constructor computes them, so they are kept as built.
+    derived = {f"{prefix}.{b}" if prefix else b for prefix, sub in module.named_modules()
+               for b in sub._non_persistent_buffers_set}
 
     def get(name: str) -> torch.Tensor:
         return tensors.get_tensor(name) if hasattr(tensors, "get_tensor") else tensors[name]
 
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
         if name not in keys:
-            missing.append(name)
+            if name not in derived:
+                missing.append(name)
             continue
         full = get(name)
         if tuple(full.shape) != tuple(getattr(p, "ds_shape", p.shape)):
@@ -339,6 +344,13 @@ class DeepSpeedEngine:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("build_engine: the student has no trainable parameters")
+        if cfg.train.precision == "bf16":
+            # ZeRO-3 bf16 keeps ONE dtype per parameter group (its defragment asserts it) and the fp32 master
+            # copy itself: the trainables that were built in fp32 (policy head, norm_out copy, LoRA) become
+            # bf16 model weights like the trunk; the optimiser steps their fp32 masters.
+            for p in params:
+                if p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)
         optimizer = make_optimizer(cfg, params)
         self._ds, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.module = self._ds  # calling it runs the forward with ZeRO-3's gather hooks

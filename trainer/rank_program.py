@@ -22,7 +22,7 @@ from data_pipeline.records import LATENT_KEY
 from models.piid import DataSegments
 from models.timesteps import sample_segment_of
 from trainer.config import Config, ConfigError
-from trainer.distributed import RankInfo, rank_info
+from trainer.distributed import RankInfo, device_for, rank_info
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine, build_partitioned_student, safetensors_source
 
@@ -35,6 +35,7 @@ class RankSetup:
     teacher: Any  # callable teacher(x, sigma, cond) -> u; `.submit` when remote
     engine: Any
     ema: PowerEMA
+    device: torch.device  # where the student's weights live: every tensor it consumes is made or moved there
 
 
 def teacher_weights_dir(cfg: Config) -> Optional[Path]:
@@ -82,10 +83,46 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
         from trainer.import_released import init_student_tensors
 
         load_partitioned(student, init_student_tensors(cfg, student), strict=False)
+    device = device_for(info)
+    if cfg.train.engine != "deepspeed":
+        student.to(device)  # DeepSpeed places the module itself (zero.Init + initialize on the accelerator)
     engine = build_engine(cfg, student)
     master = engine.local_master if cfg.train.engine == "deepspeed" else None
     ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=master)
-    return RankSetup(info, family, student, teacher, engine, ema)
+    return RankSetup(info, family, student, teacher, engine, ema, module_device(student))
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's weights (under ZeRO-3 a partitioned parameter's placeholder is on it too)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def cond_to(cond: Any, device: torch.device) -> Any:
+    """Conditioning (a dict of tensors, or None) moved to `device`, dtypes kept."""
+    if cond is None:
+        return None
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+class OnDevice:
+    """Batches (noise, cond) moved to the student's device as they are consumed; noise is drawn on the CPU
+    from per-sample generators (the same numbers on any device), so the move happens here, once per step.
+    Forwards `state_dict` / `load_state_dict` / `metrics` / `consumed` to the wrapped iterator."""
+
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device):
+        self.batches, self.device = batches, device
+
+    def __iter__(self) -> "OnDevice":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, Any]:
+        noise, cond = next(self.batches)
+        return noise.to(self.device, torch.float32), cond_to(cond, self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["batches"], name)
 
 
 def _build_without_file(cfg: Config, build_trunk, family, finish) -> torch.nn.Module:
@@ -295,7 +332,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
         logger = MetricsLogger(cfg, out, rank=info.rank, run_id=(state.wandb_run_id or None) if state else None,
                                resume_step=start, guard=guard)
         keys = KeyLog(cfg, out, info.rank, start, guard=guard) if prompt_batches is not None else None
-        clock = FirstStepClock(batches, times)
+        clock = FirstStepClock(OnDevice(batches, setup.device), times)
 
         def checkpoint_hook(step: int) -> float:
             # the cursor just past the batches CONSUMED so far (the rank reads no batch ahead of the loop)
@@ -311,7 +348,8 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
 
         eval_hook = None
         if cfg.eval.every:  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
-            eval_hook = RolloutHook(cfg, setup.family, setup.student, rank=info.rank, logger=logger, encode=encode)
+            eval_hook = RolloutHook(cfg, setup.family, setup.student, rank=info.rank, logger=logger, encode=encode,
+                                    device=setup.device)
         encode = None  # the validation prompts are encoded once: the encoders need not stay in memory
         log = _RankLogger(logger, info.world_size, keys, batches if prompt_batches is not None else None)
         steps = train_loop(cfg, setup.engine, setup.student.make_policy, setup.teacher, clock, ema=setup.ema,
@@ -332,10 +370,19 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     summary = {"rank": info.rank, "steps": steps, "start_step": start, "local_numel": local, "full_numel": full,
                "metrics_path": str(logger.path), "startup": times.seconds,
                "checkpoint_steps": list(manager.completed_steps),
-               "resumed_from": state.checkpoint_url if state else ""}
+               "resumed_from": state.checkpoint_url if state else "", "dtypes": precision_report(setup)}
     if prompt_batches is not None:
         summary["data"] = batches.state_dict()
     return summary
+
+
+def precision_report(setup: RankSetup) -> dict[str, list[str]]:
+    """The dtypes a run trains with (sorted, distinct): trainable weights, their optimiser master copies
+    (ZeRO-3: this rank's fp32 partitions) and the EMA shadow."""
+    engine = setup.engine
+    master = [engine.local_master(p) for p in engine.params] if hasattr(engine, "local_master") else engine.params
+    names = lambda ts: sorted({str(t.dtype).replace("torch.", "") for t in ts if t is not None})  # noqa: E731
+    return {"params": names(engine.params), "master": names(master), "ema": names(setup.ema.shadow)}
 
 
 def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[int]], start_step: int = 0
@@ -343,7 +390,9 @@ def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[i
     """Data-free batches without prompt shards: per step, the global batch's noise and random conditioning
     (shapes per sample in `cond_shapes`, e.g. {"prompt_embeds": [T, D]}) from generators seeded by
     (run.seed, step), sliced for this rank by `data.layout` (the same samples whatever the world size).
-    A resume starts at `start_step` (the batches are a function of the step alone)."""
+    `*_mask` keys are all ones (every random token is valid); `class_labels` (class-conditional families) are
+    drawn uniformly over `model.num_classes` from each sample's own generator, keyed by its global index
+    (`sample_class_label`). A resume starts at `start_step` (the batches are a function of the step alone)."""
     from models.families import get_family
 
     shape = get_family(cfg.model.family).latent_shape(cfg)
@@ -357,6 +406,21 @@ def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[i
     while True:
         g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         noise = torch.randn((n, *shape), generator=g)  # (B_global, C, H, W)
-        cond = {k: torch.randn((n, *s), generator=g)[idx] for k, s in cond_shapes.items()} or None
-        yield noise[idx], cond
+        cond = {}
+        for k, s in cond_shapes.items():
+            if k == "class_labels":  # (B_rank,) int64
+                cond[k] = torch.tensor([sample_class_label(cfg.run.seed, step * n + int(i), cfg.model.num_classes)
+                                        for i in idx], dtype=torch.long)
+            elif k.endswith("_mask"):
+                cond[k] = torch.ones((len(idx), *s), dtype=torch.long)
+            else:
+                cond[k] = torch.randn((n, *s), generator=g)[idx]
+        yield noise[idx], cond or None
         step += 1
+
+
+def sample_class_label(seed: int, index: int, num_classes: int) -> int:
+    """The class of data-free global sample `index`: uniform over [0, num_classes), from the sample's own
+    generator (a stream apart from its noise's), so it does not depend on the world size or layout."""
+    g = torch.Generator().manual_seed((seed % (1 << 31)) * (1 << 32) + index + (1 << 62))
+    return int(torch.randint(num_classes, (1,), generator=g))

@@ -152,15 +152,19 @@ class RolloutHook:
 
     def __init__(self, cfg: Config, family, student: torch.nn.Module, rank: int = 0, logger=None,
                  encode: Optional[Callable[[list[str]], Any]] = None,
-                 decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 device: Optional[torch.device] = None):
         if decode is None and not getattr(family, "uses_vae", True):  # the latents are the images (digits)
             decode = lambda x0: family.decode(None, x0, cfg=cfg)  # noqa: E731
         self.cfg, self.student, self.rank, self.logger, self.decode = cfg, student, rank, logger, decode
         self.prompts = validation_prompts(cfg)
         if encode is not None and not self.prompts:
             raise ValueError("eval.prompts: the family needs prompts for validation rollouts (got an empty list)")
-        self.cond = encode(self.prompts) if encode is not None else None
-        self.noise = validation_noise(cfg, tuple(family.latent_shape(cfg)))  # (N, C, H, W)
+        # made once on the student's device (noise drawn on the CPU: the same numbers on any device)
+        self.device = device if device is not None else next(student.parameters()).device
+        cond = encode(self.prompts) if encode is not None else None
+        self.cond = None if cond is None else {k: v.to(self.device) for k, v in cond.items()}
+        self.noise = validation_noise(cfg, tuple(family.latent_shape(cfg))).to(self.device)  # (N, C, H, W)
         self.seeds = [cfg.eval.seed + i for i in range(cfg.eval.num_samples)]
 
     def sample(self) -> tuple[torch.Tensor, list[dict[str, float]]]:

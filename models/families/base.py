@@ -271,6 +271,13 @@ class TransformerFamily(Family):
         return sigma * cfg.model.num_timesteps
 
 
+def network_device(network: nn.Module) -> torch.device:
+    """Where the network's weights live: its inputs are made or moved there."""
+    for p in network.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def network_dtype(network: nn.Module) -> torch.dtype:
     for p in network.parameters():
         if p.dtype.is_floating_point:

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_dtype
+from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_device, network_dtype
 from models.families.dit_fm import FlowDiTTransformer2DModel
 
 
@@ -92,9 +92,9 @@ class DiTFamily(TransformerFamily):
     def network_inputs(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
                        cond: Cond) -> dict:
         self.patch_size(network)
-        dtype = network_dtype(network)
-        return dict(hidden_states=x_t.to(dtype), timestep=self.scaled_timestep(cfg, sigma),
-                    class_labels=cond["class_labels"].long())
+        dtype, device = network_dtype(network), network_device(network)
+        return dict(hidden_states=x_t.to(device, dtype), timestep=self.scaled_timestep(cfg, sigma).to(device),
+                    class_labels=cond["class_labels"].to(device, torch.long))
 
     def output_to_velocity(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         return out.float()  # image-shaped already (the network un-patchifies itself)
@@ -185,4 +185,4 @@ class DiTFamily(TransformerFamily):
         return x / vae.config.scaling_factor
 
     def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
-        return vae.decode(self.latent_to_vae(vae, x).to(vae.dtype), return_dict=False)[0].float()
+        return vae.decode(self.latent_to_vae(vae, x).to(vae.device, vae.dtype), return_dict=False)[0].float()

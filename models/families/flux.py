@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
-from models.families.base import Cond, Config, TransformerFamily, network_dtype
+from models.families.base import Cond, Config, TransformerFamily, network_device, network_dtype
 
 
 # The public FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).
@@ -86,19 +86,19 @@ class FluxFamily(TransformerFamily):
     def network_inputs(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
                        cond: Cond) -> dict:
         B, C, H, W = x_t.shape
-        dtype = network_dtype(network)
+        dtype, device = network_dtype(network), network_device(network)
         prompt = cond["prompt_embeds"]  # (B, T, joint_dim)
         inputs = dict(
-            hidden_states=self.pack(x_t).to(dtype),
-            encoder_hidden_states=prompt.to(dtype),
-            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
-            timestep=self.scaled_timestep(cfg, sigma).to(dtype),
-            img_ids=latent_image_ids(H // 2, W // 2, x_t.device, dtype),
-            txt_ids=torch.zeros(prompt.shape[1], 3, device=x_t.device, dtype=dtype),
+            hidden_states=self.pack(x_t).to(device, dtype),
+            encoder_hidden_states=prompt.to(device, dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(device, dtype),
+            timestep=self.scaled_timestep(cfg, sigma).to(device, dtype),
+            img_ids=latent_image_ids(H // 2, W // 2, device, dtype),
+            txt_ids=torch.zeros(prompt.shape[1], 3, device=device, dtype=dtype),
         )
         g = self.embedded_guidance(cfg, network)
         if g is not None:
-            inputs["guidance"] = torch.full((B,), g, device=x_t.device, dtype=torch.float32)
+            inputs["guidance"] = torch.full((B,), g, device=device, dtype=torch.float32)
         return inputs
 
     # ---- VAE normalisation (PIFLOW.md §1.4)
@@ -110,5 +110,5 @@ class FluxFamily(TransformerFamily):
 
     def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """(B, C, H, W) policy latents -> images in [-1, 1]."""
-        z = self.latent_to_vae(vae, x).to(vae.dtype)
+        z = self.latent_to_vae(vae, x).to(vae.device, vae.dtype)
         return vae.decode(z, return_dict=False)[0].float()

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from torch import nn
 from torch.nn import functional as F
 
-from models.families.base import Cond, Config, TransformerFamily, network_dtype
+from models.families.base import Cond, Config, TransformerFamily, network_device, network_dtype
 from models.families.flux import pack_2x2, unpack_2x2
 
 
@@ -60,16 +60,16 @@ class QwenImageFamily(TransformerFamily):
     def network_inputs(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
                        cond: Cond) -> dict:
         B, C, H, W = x_t.shape
-        dtype = network_dtype(network)
+        dtype, device = network_dtype(network), network_device(network)
         embeds = cond["prompt_embeds"]  # (B, T, joint_dim)
         mask = cond.get("prompt_embeds_mask")  # (B, T) or absent (= all valid); optional by the data contract
         if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
         return dict(
-            hidden_states=self.pack(x_t).to(dtype),
-            encoder_hidden_states=embeds.to(dtype),
-            encoder_hidden_states_mask=mask,
-            timestep=self.scaled_timestep(cfg, sigma).to(dtype),
+            hidden_states=self.pack(x_t).to(device, dtype),
+            encoder_hidden_states=embeds.to(device, dtype),
+            encoder_hidden_states_mask=mask.to(device),
+            timestep=self.scaled_timestep(cfg, sigma).to(device, dtype),
             img_shapes=[[(1, H // 2, W // 2)]] * B,
         )
 
@@ -87,16 +87,24 @@ class QwenImageFamily(TransformerFamily):
         return {"prompt_embeds": neg, "prompt_embeds_mask": mask.expand(B, -1)}
 
     def cat_cond(self, conds: list[Cond]) -> Cond:
-        length = max(c["prompt_embeds"].shape[1] for c in conds)
-        embeds, masks = [], []
-        for c in conds:
-            mask = c.get("prompt_embeds_mask")
-            if mask is None:
-                mask = torch.ones(c["prompt_embeds"].shape[:2], dtype=torch.long, device=c["prompt_embeds"].device)
-            e, m = pad_sequence(c["prompt_embeds"], mask.long(), length)
-            embeds.append(e)
-            masks.append(m)
-        return {"prompt_embeds": torch.cat(embeds), "prompt_embeds_mask": torch.cat(masks)}
+        """Concatenate along the batch the sequences every dict carries (`prompt_embeds`, and
+        `negative_prompt_embeds` when all have it), each right-padded with masked zeros to the longest."""
+        out: Cond = {}
+        for key in ("prompt_embeds", "negative_prompt_embeds"):
+            if not all(key in c for c in conds):
+                continue
+            length = max(c[key].shape[1] for c in conds)
+            embeds, masks = [], []
+            for c in conds:
+                mask = c.get(f"{key}_mask")
+                if mask is None:
+                    mask = torch.ones(c[key].shape[:2], dtype=torch.long, device=c[key].device)
+                rows = c[key].shape[0]
+                e, m = pad_sequence(c[key], mask.long().expand(rows, -1), length)
+                embeds.append(e)
+                masks.append(m)
+            out[key], out[f"{key}_mask"] = torch.cat(embeds), torch.cat(masks)
+        return out
 
     def lora_excluded_modules(self, network: nn.Module, targets: list[str]) -> list[str]:
         # The last block's text stream feeds nothing (only image tokens reach norm_out): no gradient, no LoRA.
@@ -121,5 +129,5 @@ class QwenImageFamily(TransformerFamily):
 
     def decode(self, vae, x: torch.Tensor, cfg: Config = None) -> torch.Tensor:
         """(B, C, H, W) policy latents -> images (B, 3, 8H, 8W) in [-1, 1]."""
-        z = self.latent_to_vae(vae, x).to(vae.dtype)
+        z = self.latent_to_vae(vae, x).to(vae.device, vae.dtype)
         return vae.decode(z, return_dict=False)[0][:, :, 0].float()
