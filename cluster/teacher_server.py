@@ -142,7 +142,7 @@ class TeacherServer:
 class RemoteTeacher:
     """A student rank's handle on the TeacherServer replicas (round-robin per request)."""
 
-    def __init__(self, servers: list, rank: int = 0):
+    def __init__(self, servers: list, rank: int = 0, timeout_s: float = 0.0):
         if not servers:
             raise ValueError("RemoteTeacher needs at least one TeacherServer handle")
         self.servers = servers
@@ -153,6 +153,7 @@ class RemoteTeacher:
         self._count = 0
         self._last_cond: Any = None
         self._keys: dict[int, str] = {}  # server index -> key of the current batch's conditioning there
+        self.timeout_s = timeout_s  # issue 12: a request unanswered this long restarts its replica (0 = never)
 
     def _cond_key(self, server_index: int, cond: Optional[dict]) -> str:
         import ray
@@ -162,7 +163,12 @@ class RemoteTeacher:
             self._count += 1
         if server_index not in self._keys:
             key = f"{self._prefix}{self._count}"
-            ray.get(self.servers[server_index].put_cond.remote(key, cond))
+            try:
+                ray.get(self.servers[server_index].put_cond.remote(key, cond), timeout=self.timeout_s or None)
+            except ray.exceptions.GetTimeoutError:  # hung replica: restart it; the caller's retry resends
+                ray.kill(self.servers[server_index], no_restart=False)
+                raise ray.exceptions.ActorUnavailableError(
+                    f"teacher replica {server_index}: put_cond unanswered in {self.timeout_s:g} s", None) from None
             self._keys[server_index] = key
         return self._keys[server_index]
 
@@ -188,7 +194,13 @@ class RemoteTeacher:
                         raise
             return self.servers[i].velocity.remote(x_cpu, sigma_cpu, key, x.shape[0] // rows)
 
-        return _RayFuture(send(), x.device, lambda: send(resend=True), f"teacher replica {i}")
+        def restart() -> None:
+            import ray
+
+            ray.kill(self.servers[i], no_restart=False)
+
+        return _RayFuture(send(), x.device, lambda: send(resend=True), f"teacher replica {i}",
+                          timeout_s=self.timeout_s, restart=restart)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict]) -> torch.Tensor:
         return self.submit(x, sigma, cond).result()
@@ -205,16 +217,29 @@ class _RayFuture:
 
     MAX_RETRIES = 5
 
-    def __init__(self, ref, device: torch.device, resend=None, where: str = "teacher"):
+    def __init__(self, ref, device: torch.device, resend=None, where: str = "teacher", timeout_s: float = 0.0,
+                 restart=None):
         self.ref, self.device, self.resend, self.where = ref, device, resend, where
+        self.timeout_s, self.restart = timeout_s, restart
 
     def result(self) -> torch.Tensor:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
+        hung = 0
         for attempt in range(self.MAX_RETRIES + 1):
             try:
-                return ray.get(self.ref).to(self.device)
+                try:
+                    return ray.get(self.ref, timeout=self.timeout_s or None).to(self.device)
+                except GetTimeoutError:
+                    # issue 12: a hung replica is restarted and the request retried once
+                    hung += 1
+                    if hung > 1 or self.restart is None or self.resend is None:
+                        raise RuntimeError(f"{self.where}: no answer in {self.timeout_s:g} s (teacher.timeout_s), "
+                                           f"{hung} time(s), after a restart of the replica") from None
+                    self.restart()
+                    self.ref = self.resend()
+                    continue
             except (RayActorError, KeyError) as e:
                 # KeyError: a request queued for the restarting replica named a key its new cache lacks
                 lost_cond = isinstance(e, KeyError) and "unknown conditioning key" in str(e)

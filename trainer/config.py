@@ -147,6 +147,8 @@ class TeacherConfig:
     custom_resource: str = ""
     max_restarts: int = 3
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    # issue 12: a request unanswered for timeout_s means a hung replica: it is restarted, the request retried once
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -175,6 +177,10 @@ class DataConfig:
     read_attempts: int = 4  # per shard, with exponential backoff, before it is skipped and reported
     read_backoff_s: float = 0.5
     encode_batch_size: int = 64  # prompts per encoder call on a DataWorker
+    # issue 12: a feed request or shard visit unanswered for timeout_s means a hung actor: it is killed,
+    # restarted (up to max_restarts times, the BatchFeed and each DataWorker) and the request retried
+    timeout_s: float = 900.0
+    max_restarts: int = 5
 
 
 @dataclass
