@@ -29,6 +29,8 @@ class _Failure:
         import traceback
 
         self.text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        self.summary = f"{type(exc).__name__}: {first}"  # the one line a failure message leads with
 
 
 class DataWorker:
@@ -86,7 +88,7 @@ class DataWorker:
                 if self._thread is None or not self._thread.is_alive():
                     raise RuntimeError(f"data worker {self.worker_index}: reader thread stopped") from None
         if isinstance(item, _Failure):
-            raise RuntimeError(f"data worker {self.worker_index} failed:\n{item.text}")
+            raise RuntimeError(f"data worker {self.worker_index} failed: {item.summary}\n{item.text}")
         return item
 
     def queued(self) -> int:
