@@ -380,7 +380,7 @@ RANGES: dict[str, str] = {
     "optim.warmup_start_factor": "(0, 1]", "optim.grad_clip": "[0, 1e9]", "optim.grad_clip_start": "[0, 1e9]",
     "ema.gamma": "[0, 1000]", "ema.start": "[0, 1e9]",
     "train.iters": "[0, 1e9]", "train.batch_size": "[1, 1e7]", "train.micro_batch_size": "[0, 1e7]",
-    "train.log_every": "[1, 1e9]", "train.ckpt_every": "[1, 1e9]", "train.ckpt_keep_last": "[1, 1e6]",
+    "train.log_every": "[0, 1e9]", "train.ckpt_every": "[1, 1e9]", "train.ckpt_keep_last": "[1, 1e6]",
     "train.ckpt_keep_every": "[0, 1e9]", "train.upload_queue": "[1, 64]",
     "teacher.replicas": "[1, 1e4]", "teacher.gpus_per_replica": "[0, 64]", "teacher.cpus_per_replica": "[0, 1024]",
     "teacher.max_batch": "[1, 1e6]", "teacher.batch_wait_ms": "[0, 5000]", "teacher.max_restarts": "[0, 1000]",
