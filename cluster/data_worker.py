@@ -101,6 +101,9 @@ class DataWorker:
             self._thread = None
 
 
+RESTART_WAIT_S = 900.0  # how long a restarted actor may take to come back (it rebuilds its reader / encoder)
+
+
 class DataWorkerPool(GlobalBatchStream):
     """`num_workers` DataWorker actors feeding global batches in the same order as `PromptStream`.
 
@@ -163,7 +166,7 @@ class DataWorkerPool(GlobalBatchStream):
                                        f"visit {visit} (from cursor {start}); giving up") from e
                 try:  # queued by Ray until the restarted actor is up
                     ray.get(worker.start.remote(start.epoch, start.shard_pos, start.sample_pos, visit),
-                            timeout=self.timeout_s or None)
+                            timeout=RESTART_WAIT_S)
                 except (RayActorError, GetTimeoutError) as e2:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} could not be restarted after "
                                        f"dying at shard visit {visit}: {e2}") from e
@@ -304,11 +307,11 @@ def call_with_restart(actor: Any, method: str, *args: Any, timeout_s: float = 0.
         try:
             return ray.get(getattr(actor, method).remote(*args), timeout=timeout_s or None)
         except ActorUnavailableError as e:  # restarting (or the call raced its death): wait for the new process
-            restarting_until = restarting_until or time.monotonic() + (timeout_s or 600.0)
+            restarting_until = restarting_until or time.monotonic() + RESTART_WAIT_S
             if time.monotonic() < restarting_until:
                 time.sleep(0.2)
                 continue
-            failures, cause = failures + 1, f"unavailable for {timeout_s or 600.0:g} s ({_first_line(e)})"
+            failures, cause = failures + 1, f"unavailable for {RESTART_WAIT_S:g} s ({_first_line(e)})"
         except GetTimeoutError:
             failures, cause = failures + 1, f"no answer in {timeout_s:g} s"
             ray.kill(actor, no_restart=False)  # hung: restart it; the retry reaches the new process

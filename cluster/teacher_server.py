@@ -139,6 +139,9 @@ class TeacherServer:
         return True
 
 
+RESTART_WAIT_S = 900.0  # how long a client waits for a restarting replica (it reloads the teacher)
+
+
 class RemoteTeacher:
     """A student rank's handle on the TeacherServer replicas (round-robin per request)."""
 
@@ -155,7 +158,7 @@ class RemoteTeacher:
         self._keys: dict[int, str] = {}  # server index -> key of the current batch's conditioning there
         self.timeout_s = timeout_s  # issue 12: a request unanswered this long restarts its replica (0 = never)
 
-    def _cond_key(self, server_index: int, cond: Optional[dict]) -> str:
+    def _cond_key(self, server_index: int, cond: Optional[dict], kill_on_timeout: bool = True) -> str:
         import ray
 
         if cond is not self._last_cond:  # a new batch: its embeddings go out once (per replica)
@@ -166,7 +169,8 @@ class RemoteTeacher:
             try:
                 ray.get(self.servers[server_index].put_cond.remote(key, cond), timeout=self.timeout_s or None)
             except ray.exceptions.GetTimeoutError:  # hung replica: restart it; the caller's retry resends
-                ray.kill(self.servers[server_index], no_restart=False)
+                if kill_on_timeout:
+                    ray.kill(self.servers[server_index], no_restart=False)
                 raise ray.exceptions.ActorUnavailableError(
                     f"teacher replica {server_index}: put_cond unanswered in {self.timeout_s:g} s", None) from None
             self._keys[server_index] = key
@@ -181,16 +185,23 @@ class RemoteTeacher:
         x_cpu, sigma_cpu = x.detach().float().cpu(), sigma.detach().float().cpu()
 
         def send(resend: bool = False):
-            from ray.exceptions import RayActorError
+            from ray.exceptions import ActorUnavailableError, RayActorError
 
-            for attempt in range(_RayFuture.MAX_RETRIES + 1):
+            attempt, waiting, restarting_until = 0, False, time.monotonic() + RESTART_WAIT_S
+            while True:
                 if resend or attempt:  # issue 7: replica i died; Ray restarted it (teacher.max_restarts) with
                     self._keys.pop(i, None)  # an empty conditioning cache: the embeddings go out again first
                 try:
-                    key = self._cond_key(i, cond)
+                    key = self._cond_key(i, cond, kill_on_timeout=not (resend or waiting))
                     break
+                except ActorUnavailableError:  # issue 12: restarting (reloads the teacher): wait for it
+                    waiting = True
+                    if time.monotonic() > restarting_until:
+                        raise
+                    time.sleep(0.2)
                 except RayActorError:  # it died during put_cond: the next put waits for the restart
-                    if attempt == _RayFuture.MAX_RETRIES:
+                    attempt += 1
+                    if attempt > _RayFuture.MAX_RETRIES:
                         raise
             return self.servers[i].velocity.remote(x_cpu, sigma_cpu, key, x.shape[0] // rows)
 

@@ -5,6 +5,7 @@ seeded steps: a student rank, the BatchFeed, and the whole `piflow train` sessio
 being written (then the same command again). Every step's loss equals an uninterrupted run's within 1e-5,
 the consumed sample keys are identical, and no checkpoint ever fails its sha256 check."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _chaos():
     spec = importlib.util.spec_from_file_location("chaos", ROOT / "benchmarks" / "chaos.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
