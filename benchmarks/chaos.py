@@ -1,7 +1,7 @@
 """Chaos soak (issue 12): a distributed digits run that is killed again and again must end exactly where an
 uninterrupted run ends.
 
-    .venv/bin/python benchmarks/chaos.py                 # the full soak: 300 steps, 8 faults
+    .venv/bin/python benchmarks/chaos.py [--steps 300 --ckpt-every 20]   # the full soak: 8 faults
     .venv/bin/python benchmarks/chaos.py --short         # what `make test` runs (tests/cluster/test_chaos.py)
 
 The run: configs/digits_demo.yaml through `piflow train` (embedded Ray, 2 ZeRO-3 student ranks under Ray Train,
@@ -270,11 +270,12 @@ def run_chaos(soak: Soak, driver: Driver, out: Path, output: str, timeout: float
             while not checkpoint_in_progress(out) and time.monotonic() < wait_until:
                 time.sleep(0.005)
             fault.in_upload = checkpoint_in_progress(out)
-        fault.killed_at_step = last_step(out)
         t_kill = time.monotonic()
         if fault.kind.startswith("driver"):
             fault.pid = driver.proc.pid
             driver.kill_session()
+            # read after the kill: a step logged between the last look and the kill counts as done
+            fault.killed_at_step = last_step(out)
             driver.start()  # the same command again: it resumes from the newest valid checkpoint
         else:
             pids = []
@@ -284,6 +285,7 @@ def run_chaos(soak: Soak, driver: Driver, out: Path, output: str, timeout: float
             if not pids:
                 raise RuntimeError(f"no {TITLES[fault.kind]} process to kill at step {fault.killed_at_step}")
             fault.pid = random.Random(soak.seed + fault.at_step).choice(pids)
+            fault.killed_at_step = last_step(out)
             try:
                 os.kill(fault.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -380,12 +382,13 @@ def format_report(r: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--short", action="store_true", help="the make-test version: 3 faults, 40 steps")
+    p.add_argument("--short", action="store_true", help="the make-test version: 3 faults, 24 steps")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--ckpt-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/chaos")
     a = p.parse_args(argv)
-    steps, kinds, every = (40, SHORT_KINDS, 10) if a.short else (a.steps, FULL_KINDS, 20)
+    steps, kinds, every = (24, SHORT_KINDS, 8) if a.short else (a.steps, FULL_KINDS, a.ckpt_every)
     report = run_soak(Path(a.out).resolve(), steps, kinds, a.seed, ckpt_every=every)
     print(format_report(report))
     results = ROOT / "benchmarks" / "results"
