@@ -22,7 +22,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="piflow",
-        description="pi-Flow distillation of flow-matching teachers into few-step policy students.",
+        description="pi-Flow distillation of flow-matching teachers into few-step policy students. "
+                    "Errors print one line; add --debug (anywhere) for the full traceback.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -41,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message's first line (the type name when the message is empty or
+    does not say what kind of failure it is)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(error, (KeyError, IndexError, AttributeError, TypeError, AssertionError)) or not first:
+        first = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return first[:1000] + (" (more with --debug)" if len(text.splitlines()) > 1 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: full tracebacks instead of one-line errors
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # `key.sub=value` overrides may also follow the options (`piflow submit CONFIG --address URL a.b=1`):
     # argparse stops filling a nargs="*" positional at the first option, so collect the rest here.
@@ -59,11 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"piflow: config error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"piflow: config error: {one_line(e)}", file=sys.stderr)
         return 2
     except (LeaseHeld, LeaseLost) as e:  # issue 11: another run writes to run.output
         print(f"piflow: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("piflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # issue 12: one line per error; the traceback only with --debug
+        if debug:
+            raise
+        print(f"piflow {args.command}: {one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

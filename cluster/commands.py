@@ -15,6 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_eval(sub)
 
 
+def need_input(url: str, what: str) -> None:
+    """A one-line error before any work when an input path is missing or empty (issue 12)."""
+    from data_pipeline import storage
+
+    if not storage.exists(url):
+        raise FileNotFoundError(f"{what} {url} does not exist")
+    if not storage.is_s3(url) and __import__("os").path.isdir(url) and not storage.listdir(url):
+        raise FileNotFoundError(f"{what} {url} is an empty directory")
+
+
 def _add_teacher(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("teacher", help="train the project's own small teachers (toy2d, digits) and cache them")
     p.add_argument("config", help="YAML config whose model.family names the teacher")
@@ -101,7 +111,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
         rep = build_shards(args.input, args.out, column=args.column, per_shard=args.per_shard,
                            normalize=args.normalize, dedup=args.dedup)
         print(f"wrote {rep.samples} prompts in {len(rep.urls)} shards to {args.out} "
-              f"(dropped {rep.empty} empty, {rep.duplicates} duplicates)")
+              f"(dropped {rep.empty} empty, {rep.duplicates} duplicates, {len(rep.bad_rows)} bad rows)")
         return 0
 
     b.set_defaults(func=build)
@@ -115,6 +125,8 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
         from data_pipeline.reader import ReadOptions
         from data_pipeline.shards import format_inspect, inspect
 
+        if "{" not in args.url and "," not in args.url:
+            need_input(args.url, "shards")
         rep = inspect(args.url, args.samples, ReadOptions(max_prompt_chars=args.max_prompt_chars), progress=True)
         print(format_inspect(rep))
         return 1 if rep.unreadable or rep.bad else 0
@@ -162,6 +174,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from trainer.export import export_student, export_summary
 
+        need_input(args.source, "RUN_OR_CHECKPOINT")
         export_student(args.source, args.out, self_contained=args.self_contained)
         meta = export_summary(args.out)
         print(f"exported {meta['kind']} {meta['family']} student (base {meta['base_model']}) to {args.out}")
@@ -194,6 +207,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
         from data_pipeline import storage
 
+        need_input(args.source, "DIR_OR_RUN")
         with tempfile.TemporaryDirectory(prefix="piflow-sample-") as tmp:
             source = args.source
             if not storage.exists(storage.join(source, "model_index.json")):

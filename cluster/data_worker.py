@@ -29,6 +29,8 @@ class _Failure:
         import traceback
 
         self.text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        first = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        self.summary = f"{type(exc).__name__}: {first}"  # the one line a failure message leads with
 
 
 class DataWorker:
@@ -86,7 +88,7 @@ class DataWorker:
                 if self._thread is None or not self._thread.is_alive():
                     raise RuntimeError(f"data worker {self.worker_index}: reader thread stopped") from None
         if isinstance(item, _Failure):
-            raise RuntimeError(f"data worker {self.worker_index} failed:\n{item.text}")
+            raise RuntimeError(f"data worker {self.worker_index} failed: {item.summary}\n{item.text}")
         return item
 
     def queued(self) -> int:
@@ -97,6 +99,9 @@ class DataWorker:
             self._stop.set()
             self._thread.join(timeout=30)
             self._thread = None
+
+
+RESTART_WAIT_S = 900.0  # how long a restarted actor may take to come back (it rebuilds its reader / encoder)
 
 
 class DataWorkerPool(GlobalBatchStream):
@@ -111,7 +116,8 @@ class DataWorkerPool(GlobalBatchStream):
 
     def __init__(self, shards: list[str] | str, batch_size: int, seed: int = 0,
                  options: Optional[ReadOptions] = None, num_workers: int = 1, prefetch: int = 2,
-                 encoder_factory: Optional[EncoderFactory] = None, actor_options: Optional[dict[str, Any]] = None):
+                 encoder_factory: Optional[EncoderFactory] = None, actor_options: Optional[dict[str, Any]] = None,
+                 max_restarts: int = MAX_RESTARTS, timeout_s: float = 0.0):
         import ray
 
         from data_pipeline.shards import resolve_shards
@@ -119,8 +125,11 @@ class DataWorkerPool(GlobalBatchStream):
         super().__init__(resolve_shards(shards), batch_size, seed, options or ReadOptions())
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        # issue 12: a shard visit that takes longer than `timeout_s` (0 = no limit) means a hung worker: it is
+        # killed and restarted like a dead one
+        self.max_restarts, self.timeout_s = max_restarts, timeout_s
         # max_restarts (issue 7): Ray restarts a dead worker process; `_result` restarts its reading at the lost visit
-        opts = {"num_cpus": 1, "max_restarts": self.MAX_RESTARTS, **(actor_options or {})}
+        opts = {"num_cpus": 1, "max_restarts": max_restarts, **(actor_options or {})}
         actor = ray.remote(DataWorker).options(**opts)
         self.workers = [actor.remote(self.shards, seed, self.options, w, num_workers, prefetch, encoder_factory)
                         for w in range(num_workers)]
@@ -143,19 +152,22 @@ class DataWorkerPool(GlobalBatchStream):
         max_restarts) and the worker starts reading again AT this visit: the stream has consumed exactly the
         visits before it, and the worker's lost read-ahead is re-read, so no sample is lost or repeated."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         worker = self.workers[visit % len(self.workers)]
-        for attempt in range(self.MAX_RESTARTS + 1):
+        for attempt in range(self.max_restarts + 1):
             try:
-                return ray.get(ref)
-            except RayActorError as e:
-                if attempt == self.MAX_RESTARTS:
+                return ray.get(ref, timeout=self.timeout_s or None)
+            except (RayActorError, GetTimeoutError) as e:
+                if isinstance(e, GetTimeoutError):  # hung (a stuck read or encoder): restart it like a dead one
+                    ray.kill(worker, no_restart=False)
+                if attempt == self.max_restarts:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} died {attempt + 1} times at shard "
                                        f"visit {visit} (from cursor {start}); giving up") from e
                 try:  # queued by Ray until the restarted actor is up
-                    ray.get(worker.start.remote(start.epoch, start.shard_pos, start.sample_pos, visit))
-                except RayActorError as e2:
+                    ray.get(worker.start.remote(start.epoch, start.shard_pos, start.sample_pos, visit),
+                            timeout=RESTART_WAIT_S)
+                except (RayActorError, GetTimeoutError) as e2:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} could not be restarted after "
                                        f"dying at shard visit {visit}: {e2}") from e
                 ref = worker.next_result.remote()
@@ -173,43 +185,72 @@ class DataWorkerPool(GlobalBatchStream):
                     encoder_factory: Optional[EncoderFactory] = None, **actor_options: Any) -> "DataWorkerPool":
         """From the trainer's `DataConfig` (shards, workers, prefetch and the read options)."""
         return cls(data_cfg.shards, batch_size, seed, ReadOptions.from_config(data_cfg), data_cfg.workers,
-                   data_cfg.prefetch, encoder_factory, actor_options or None)
+                   data_cfg.prefetch, encoder_factory, actor_options or None,
+                   max_restarts=data_cfg.max_restarts, timeout_s=data_cfg.timeout_s)
+
+
+class StaleAttempt(RuntimeError):
+    """A rank of a student-group attempt that a newer attempt has replaced asked the feed for a batch."""
 
 
 class BatchFeed:
     """Serves one global stream to many trainer ranks (a Ray actor, see `feed_actor`): rank r asks for step n
-    and gets `batch_n.slice(r, world)`; a batch is kept until every rank has taken its slice."""
+    and gets `batch_n.slice(r, world)`; a batch is kept until every rank has taken its slice.
+
+    Restart-safe (issue 12): every request names the student group's attempt (one id per Ray Train
+    (re)start, `group_attempt_id`) and the cursor the rank consumed up to. The first request of a new attempt
+    rewinds the stream to that cursor (the checkpoint the attempt resumed from, or the start), however often
+    the group restarts from the same checkpoint; a request for a step the feed no longer holds (the feed
+    actor itself was restarted, or a rank is behind) rewinds to the rank's cursor too. The stream is a pure
+    function of the cursor, so a rewind hands out exactly the batches an uninterrupted feed would have."""
 
     def __init__(self, stream_factory: Any):
         self.stream = stream_factory()  # a DataWorkerPool or PromptStream, built on the actor
         self.initial = self.stream.state_dict()
         self.pulled = 0  # global batches taken from the stream
         self.cache: dict[int, tuple[Any, set[int]]] = {}
-        self._loaded: Optional[dict[str, Any]] = None
+        self.attempt: Optional[str] = None
+        self.retired: set[str] = set()  # attempts a newer one replaced: their leftover ranks are refused
+        self.rewinds = 0
 
-    def get(self, step: int, rank: int, world_size: int, layout: str = "strided") -> Any:
-        if step < self.pulled - len(self.cache) and step not in self.cache:
-            raise RuntimeError(f"rank {rank} asked for step {step}, already served to every rank and dropped")
+    def get(self, attempt: str, step: int, rank: int, world_size: int, layout: str = "strided",
+            state: Optional[dict[str, Any]] = None) -> Any:
+        """Rank `rank`'s slice of global batch `step`; `state` is the cursor after the batches it consumed
+        (None = the stream's start), i.e. where batch `step` begins."""
+        if int((state or self.initial)["batches"]) != step:
+            raise ValueError(f"rank {rank} asked for step {step} with a cursor at batch {(state or {}).get('batches')}")
+        if attempt in self.retired:
+            raise StaleAttempt(f"rank {rank} of a replaced student-group attempt asked for step {step}")
+        if attempt != self.attempt:
+            if self.attempt is not None:
+                self.retired.add(self.attempt)
+            self.attempt = attempt
+            self._rewind(state)
+        elif step < self.pulled and step not in self.cache:
+            self._rewind(state)
+        for s in [s for s in self.cache if s < step]:  # this rank is past them (it took them before a rewind)
+            self._taken(s, rank)
         while self.pulled <= step:
             self.cache[self.pulled] = (next(self.stream), set(range(world_size)))
             self.pulled += 1
-        batch, waiting = self.cache[step]
+        batch = self.cache[step][0]
+        self._taken(step, rank)
+        return batch.slice(rank, world_size, layout)
+
+    def _taken(self, step: int, rank: int) -> None:
+        waiting = self.cache[step][1]
         waiting.discard(rank)
         if not waiting:
             del self.cache[step]
-        return batch.slice(rank, world_size, layout)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Idempotent: every rank calls it with the same checkpointed cursor; the first call restarts."""
-        if state == self._loaded:
-            return
-        self.stream.load_state_dict(state)
-        self.pulled = int(state["batches"])
+    def _rewind(self, state: Optional[dict[str, Any]]) -> None:
+        self.stream.load_state_dict(dict(state or self.initial))
+        self.pulled = int((state or self.initial)["batches"])
         self.cache.clear()
-        self._loaded = dict(state)
+        self.rewinds += 1
 
     def initial_state(self) -> dict[str, Any]:
-        return dict(self._loaded or self.initial)
+        return dict(self.initial)
 
     def metrics(self) -> dict[str, float]:
         return self.stream.stats.metrics()
@@ -220,44 +261,102 @@ class BatchFeed:
         self.stream.close()
 
 
-def feed_actor(stream_factory: Any, **actor_options: Any):
-    """Start a `BatchFeed` actor; `stream_factory` (picklable) builds the stream inside it."""
+def feed_actor(stream_factory: Any, max_restarts: int = 3, **actor_options: Any):
+    """Start a `BatchFeed` actor; `stream_factory` (picklable) builds the stream inside it. A dead feed is
+    restarted by Ray (`max_restarts`); its DataWorkers die with it and the new one builds its own."""
     import ray
 
-    return ray.remote(BatchFeed).options(**{"num_cpus": 0, **actor_options}).remote(stream_factory)
+    opts = {"num_cpus": 0, "max_restarts": max_restarts, **actor_options}
+    return ray.remote(BatchFeed).options(**opts).remote(stream_factory)
+
+
+def group_attempt_id() -> str:
+    """One id shared by every rank of this student-group attempt (rank 0 draws it, the process group
+    broadcasts it); a new id on every Ray Train restart. Outside a process group, a fresh id."""
+    import secrets
+
+    value = secrets.randbits(62)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([value], dtype=torch.int64, device=device)
+            dist.broadcast(t, src=0)
+            value = int(t.item())
+    except ImportError:
+        pass
+    return f"{value:016x}"
+
+
+def call_with_restart(actor: Any, method: str, *args: Any, timeout_s: float = 0.0, retries: int = 1,
+                      what: str = "actor") -> Any:
+    """`actor.method.remote(*args)` with a timeout (0 = none). A call that hangs past `timeout_s` kills the
+    actor so Ray restarts it (its `max_restarts`); a call whose actor died waits for the restart; either is
+    retried `retries` times before a RuntimeError naming `what` and the cause."""
+    import time
+
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+    cause = ""
+    failures = 0
+    restarting_until = 0.0
+    while failures <= retries:
+        try:
+            return ray.get(getattr(actor, method).remote(*args), timeout=timeout_s or None)
+        except ActorUnavailableError as e:  # restarting (or the call raced its death): wait for the new process
+            restarting_until = restarting_until or time.monotonic() + RESTART_WAIT_S
+            if time.monotonic() < restarting_until:
+                time.sleep(0.2)
+                continue
+            failures, cause = failures + 1, f"unavailable for {RESTART_WAIT_S:g} s ({_first_line(e)})"
+        except GetTimeoutError:
+            failures, cause = failures + 1, f"no answer in {timeout_s:g} s"
+            ray.kill(actor, no_restart=False)  # hung: restart it; the retry reaches the new process
+        except RayActorError as e:
+            failures, cause = failures + 1, f"the actor died ({_first_line(e)})"
+        restarting_until = 0.0
+    raise RuntimeError(f"{what}: {method} failed {failures} times, last: {cause}")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 class FeedIterator:
     """A trainer rank's batch iterator over a `BatchFeed` actor (built by cluster/ code; the trainer only
-    iterates it and calls state_dict / load_state_dict, so it never imports ray)."""
+    iterates it and calls state_dict / load_state_dict, so it never imports ray). `load_state_dict` is local:
+    the cursor travels with the next request, and the feed rewinds to it when needed (see BatchFeed)."""
 
-    def __init__(self, feed: Any, rank: int, world_size: int, layout: str = "strided"):
+    def __init__(self, feed: Any, rank: int, world_size: int, layout: str = "strided",
+                 attempt: Optional[str] = None, timeout_s: float = 0.0, retries: int = 1):
         self.feed, self.rank, self.world_size, self.layout = feed, rank, world_size, layout
+        self.attempt = attempt or group_attempt_id()
+        self.timeout_s, self.retries = timeout_s, retries
         self.step = 0
-        self._state: Optional[dict[str, Any]] = None
+        self._state: Optional[dict[str, Any]] = None  # cursor after the batches consumed; None = the start
 
     def __iter__(self) -> "FeedIterator":
         return self
 
-    def __next__(self) -> Any:
-        import ray
+    def _call(self, method: str, *args: Any) -> Any:
+        return call_with_restart(self.feed, method, *args, timeout_s=self.timeout_s, retries=self.retries,
+                                 what=f"data feed (rank {self.rank})")
 
-        batch = ray.get(self.feed.get.remote(self.step, self.rank, self.world_size, self.layout))
+    def __next__(self) -> Any:
+        batch = self._call("get", self.attempt, self.step, self.rank, self.world_size, self.layout, self._state)
         self.step += 1
         self._state = batch.cursor
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         if self._state is None:  # nothing consumed yet: the feed's starting cursor
-            import ray
-
-            self._state = ray.get(self.feed.initial_state.remote())
+            self._state = self._call("initial_state")
         return dict(self._state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        import ray
-
-        ray.get(self.feed.load_state_dict.remote(state))
         self.step = int(state["batches"])
         self._state = dict(state)
 
@@ -307,7 +406,7 @@ def start_data_feed(cfg: Any, worker_options: Optional[dict[str, Any]] = None) -
 
     # the one feed actor lives with the driver (issue 11): a worker node that dies must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = feed_actor(factory, scheduling_strategy=here)
+    actor = feed_actor(factory, max_restarts=cfg.data.max_restarts, scheduling_strategy=here)
     ray.get(actor.initial_state.remote())  # fail here, with the actor's error, if the shards cannot be listed
     strategy = options.get("scheduling_strategy")
     return DataFeed(actor, getattr(strategy, "placement_group", None))

@@ -32,7 +32,7 @@ def _worker(config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train
 
-    from cluster.data_worker import FeedIterator
+    from cluster.data_worker import FeedIterator, group_attempt_id
     from cluster.teacher_server import RemoteTeacher
     from trainer.config import config_from_dict
     from trainer.rank_program import run_rank
@@ -42,13 +42,16 @@ def _worker(config: dict) -> None:
         torch.set_num_threads(config["num_threads"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    teacher = RemoteTeacher(config["servers"], rank) if config["servers"] else None
+    # issue 12: one id per (re)start of the group; the feed rewinds to the cursor of each new attempt
+    attempt = group_attempt_id()
+    teacher = RemoteTeacher(config["servers"], rank, timeout_s=cfg.teacher.timeout_s) if config["servers"] else None
     feed = config["feed"]
     prompt_batches = None
     if feed is not None:  # this rank's slices of the one global stream the BatchFeed actor serves
 
         def feed_batches(info):
-            return FeedIterator(feed, info.rank, info.world_size, cfg.data.layout)
+            return FeedIterator(feed, info.rank, info.world_size, cfg.data.layout, attempt=attempt,
+                                timeout_s=cfg.data.timeout_s, retries=1)
 
         prompt_batches = feed_batches
     elif cfg.data.shards:
@@ -58,8 +61,12 @@ def _worker(config: dict) -> None:
     from trainer.scratch import scratch_root
 
     guard = partial(check_holder, config["output"], config["run_id"]) if config.get("run_id") else None
-    summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
-                       output_dir=config["output"], guard=guard)
+    try:
+        summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
+                           output_dir=config["output"], guard=guard)
+    except BaseException as e:
+        record_failure(config["output"], attempt, rank, e)
+        raise
     if teacher is not None:
         summary["teacher_stats"] = teacher.stats()
     summary["node_id"] = ray.get_runtime_context().get_node_id()  # issue 7: where the rank ran
@@ -155,18 +162,46 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
         run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=s.max_failures)),
     )
+    import time
+
+    started = time.time()
     try:
         trainer.fit()
     except Exception as e:  # issue 7: a clear stop once every restart has failed, naming what is left
-        raise StudentGroupFailed(_failure_message(cfg, e)) from e
+        raise StudentGroupFailed(_failure_message(cfg, e, started)) from e
     return [json.loads(object_storage.get_bytes(summary_url(out, r))) for r in range(s.workers)]
+
+
+def record_failure(output: str, attempt: str, rank: int, error: BaseException) -> None:
+    """`<output>/failures/<time>-<attempt>-rank_R.json`: what ended this rank (the run's failure message
+    names the first one; a SIGKILLed rank leaves none, its peers then record their lost connection)."""
+    import time
+
+    from data_pipeline import storage
+
+    text = str(error).strip().splitlines()[0][:500] if str(error).strip() else ""
+    record = {"time": time.time(), "attempt": attempt, "rank": rank, "type": type(error).__name__, "error": text}
+    try:
+        storage.put_bytes(storage.join(output, "failures", f"{time.time():.6f}-{attempt}-rank_{rank}.json"),
+                          json.dumps(record).encode())
+    except Exception:  # noqa: BLE001 - never hide the rank's own error behind a failed report of it
+        pass
+
+
+def first_failure(output: str, since: float = 0.0) -> Optional[dict[str, Any]]:
+    """The earliest failure record under `<output>/failures` written after `since` (None when there is none)."""
+    from data_pipeline import storage
+
+    url = storage.join(output, "failures")
+    names = sorted(n for n in storage.listdir(url) if n.endswith(".json") and float(n.split("-")[0]) >= since)
+    return json.loads(storage.get_bytes(storage.join(url, names[0]))) if names else None
 
 
 class StudentGroupFailed(RuntimeError):
     """The student group failed and Ray Train's restarts (cluster.student.max_failures) are used up."""
 
 
-def _failure_message(cfg: Config, error: BaseException) -> str:
+def _failure_message(cfg: Config, error: BaseException, since: float = 0.0) -> str:
     from trainer.checkpoint import latest_valid
 
     try:
@@ -176,5 +211,12 @@ def _failure_message(cfg: Config, error: BaseException) -> str:
     except Exception as e2:  # noqa: BLE001 - the storage itself may be what failed; still report the run's error
         where = f"the checkpoints under {cfg.run.output} could not be listed ({e2})"
     cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = ""
+    try:
+        rec = first_failure(cfg.run.output, since)
+        if rec is not None:  # issue 12: the crash that started it, not the restarts' follow-up errors
+            first = f"; first failure: rank {rec['rank']}: {rec['type']}: {rec['error']}"
+    except Exception:  # noqa: BLE001 - as above
+        pass
     return (f"the student group failed and cluster.student.max_failures={cfg.cluster.student.max_failures} "
-            f"restart(s) did not recover it ({type(error).__name__}: {cause[:500]}); {where}")
+            f"restart(s) did not recover it ({type(error).__name__}: {cause[:500]}){first}; {where}")

@@ -146,10 +146,13 @@ class TeacherServer:
         return True
 
 
+RESTART_WAIT_S = 900.0  # how long a client waits for a restarting replica (it reloads the teacher)
+
+
 class RemoteTeacher:
     """A student rank's handle on the TeacherServer replicas (round-robin per request)."""
 
-    def __init__(self, servers: list, rank: int = 0):
+    def __init__(self, servers: list, rank: int = 0, timeout_s: float = 0.0):
         if not servers:
             raise ValueError("RemoteTeacher needs at least one TeacherServer handle")
         self.servers = servers
@@ -160,8 +163,9 @@ class RemoteTeacher:
         self._count = 0
         self._last_cond: Any = None
         self._keys: dict[int, str] = {}  # server index -> key of the current batch's conditioning there
+        self.timeout_s = timeout_s  # issue 12: a request unanswered this long restarts its replica (0 = never)
 
-    def _cond_key(self, server_index: int, cond: Optional[dict]) -> str:
+    def _cond_key(self, server_index: int, cond: Optional[dict], kill_on_timeout: bool = True) -> str:
         import ray
 
         if cond is not self._last_cond:  # a new batch: its embeddings go out once (per replica)
@@ -170,7 +174,13 @@ class RemoteTeacher:
         if server_index not in self._keys:
             key = f"{self._prefix}{self._count}"
             cpu = None if cond is None else {k: v.detach().cpu() for k, v in cond.items()}  # transport on the host
-            ray.get(self.servers[server_index].put_cond.remote(key, cpu))
+            try:
+                ray.get(self.servers[server_index].put_cond.remote(key, cpu), timeout=self.timeout_s or None)
+            except ray.exceptions.GetTimeoutError:  # hung replica: restart it; the caller's retry resends
+                if kill_on_timeout:
+                    ray.kill(self.servers[server_index], no_restart=False)
+                raise ray.exceptions.ActorUnavailableError(
+                    f"teacher replica {server_index}: put_cond unanswered in {self.timeout_s:g} s", None) from None
             self._keys[server_index] = key
         return self._keys[server_index]
 
@@ -183,20 +193,33 @@ class RemoteTeacher:
         x_cpu, sigma_cpu = x.detach().float().cpu(), sigma.detach().float().cpu()
 
         def send(resend: bool = False):
-            from ray.exceptions import RayActorError
+            from ray.exceptions import ActorUnavailableError, RayActorError
 
-            for attempt in range(_RayFuture.MAX_RETRIES + 1):
+            attempt, waiting, restarting_until = 0, False, time.monotonic() + RESTART_WAIT_S
+            while True:
                 if resend or attempt:  # issue 7: replica i died; Ray restarted it (teacher.max_restarts) with
                     self._keys.pop(i, None)  # an empty conditioning cache: the embeddings go out again first
                 try:
-                    key = self._cond_key(i, cond)
+                    key = self._cond_key(i, cond, kill_on_timeout=not (resend or waiting))
                     break
+                except ActorUnavailableError:  # issue 12: restarting (reloads the teacher): wait for it
+                    waiting = True
+                    if time.monotonic() > restarting_until:
+                        raise
+                    time.sleep(0.2)
                 except RayActorError:  # it died during put_cond: the next put waits for the restart
-                    if attempt == _RayFuture.MAX_RETRIES:
+                    attempt += 1
+                    if attempt > _RayFuture.MAX_RETRIES:
                         raise
             return self.servers[i].velocity.remote(x_cpu, sigma_cpu, key, x.shape[0] // rows)
 
-        return _RayFuture(send(), x.device, lambda: send(resend=True), f"teacher replica {i}")
+        def restart() -> None:
+            import ray
+
+            ray.kill(self.servers[i], no_restart=False)
+
+        return _RayFuture(send(), x.device, lambda: send(resend=True), f"teacher replica {i}",
+                          timeout_s=self.timeout_s, restart=restart)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict]) -> torch.Tensor:
         return self.submit(x, sigma, cond).result()
@@ -213,16 +236,29 @@ class _RayFuture:
 
     MAX_RETRIES = 5
 
-    def __init__(self, ref, device: torch.device, resend=None, where: str = "teacher"):
+    def __init__(self, ref, device: torch.device, resend=None, where: str = "teacher", timeout_s: float = 0.0,
+                 restart=None):
         self.ref, self.device, self.resend, self.where = ref, device, resend, where
+        self.timeout_s, self.restart = timeout_s, restart
 
     def result(self) -> torch.Tensor:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
+        hung = 0
         for attempt in range(self.MAX_RETRIES + 1):
             try:
-                return ray.get(self.ref).to(self.device)
+                try:
+                    return ray.get(self.ref, timeout=self.timeout_s or None).to(self.device)
+                except GetTimeoutError:
+                    # issue 12: a hung replica is restarted and the request retried once
+                    hung += 1
+                    if hung > 1 or self.restart is None or self.resend is None:
+                        raise RuntimeError(f"{self.where}: no answer in {self.timeout_s:g} s (teacher.timeout_s), "
+                                           f"{hung} time(s), after a restart of the replica") from None
+                    self.restart()
+                    self.ref = self.resend()
+                    continue
             except (RayActorError, KeyError) as e:
                 # KeyError: a request queued for the restarting replica named a key its new cache lacks
                 lost_cond = isinstance(e, KeyError) and "unknown conditioning key" in str(e)

@@ -40,6 +40,7 @@ class ReadOptions:
     read_attempts: int = 4
     read_backoff_s: float = 0.5
     encode_batch_size: int = 64
+    retry_window_s: float = 120.0  # transient object-store errors are retried this long before a skip
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> "ReadOptions":
@@ -47,7 +48,8 @@ class ReadOptions:
         return cls(max_prompt_chars=data_cfg.max_prompt_chars, overlong=data_cfg.overlong,
                    shuffle_shards=data_cfg.shuffle_shards, shuffle_within_shard=data_cfg.shuffle_within_shard,
                    pre_encoded=data_cfg.pre_encoded, read_attempts=data_cfg.read_attempts,
-                   read_backoff_s=data_cfg.read_backoff_s, encode_batch_size=data_cfg.encode_batch_size)
+                   read_backoff_s=data_cfg.read_backoff_s, encode_batch_size=data_cfg.encode_batch_size,
+                   retry_window_s=data_cfg.retry_window_s)
 
 
 Item = Union[PromptRecord, BadRecord]
@@ -112,19 +114,37 @@ def parse_tar(data: bytes, shard: str) -> tuple[list[tuple[str, dict[str, bytes]
     return samples, list(bad.values())
 
 
-def fetch_samples(url: str, attempts: int, backoff_s: float) -> tuple[list[tuple[str, dict[str, bytes]]], list[BadRecord]]:
-    """Fetch and parse a shard; a missing/truncated/corrupt one is retried with backoff, then ShardUnreadable."""
+def fetch_samples(url: str, attempts: int, backoff_s: float, window_s: float = 120.0,
+                  ) -> tuple[list[tuple[str, dict[str, bytes]]], list[BadRecord]]:
+    """Fetch and parse a shard (issue 12 rules):
+    - transient object-store errors (5xx, throttling, resets, timeouts) are retried with backoff for
+      `window_s` seconds (a blip must not skip a shard for good), then the shard is skipped;
+    - a missing / truncated / corrupt shard is tried `attempts` times with backoff, then skipped;
+    - credential and permission errors raise `storage.StorageAccessError` at once: not a bad shard."""
     name = storage.basename(url)
-    last = ""
-    for i in range(attempts):
+    last, tries, deadline, k = "", 0, 0.0, 0
+    while True:
         try:
             data = storage.get_bytes(url, attempts=1)  # this loop does the retrying
             return parse_tar(data, name)
-        except (ShardUnreadable, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - classified here
+            if storage.is_auth_error(e):
+                raise storage.access_error(url, e) from None
+            if not isinstance(e, (ShardUnreadable, OSError)) and not storage.is_transient(e):
+                raise
             last = f"{type(e).__name__}: {e}"
-        if i < attempts - 1:
-            time.sleep(backoff_s * (2 ** i))
-    raise ShardUnreadable(f"{last} (after {attempts} attempts)")
+            if storage.is_transient(e):
+                deadline = deadline or time.monotonic() + window_s
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ShardUnreadable(f"{last} (transient errors for {window_s:g} s, data.retry_window_s)")
+                time.sleep(min(left, max(backoff_s, 0.05) * (2 ** min(k, 6)), 10.0))
+                k += 1
+                continue
+        tries += 1
+        if tries >= attempts:
+            raise ShardUnreadable(f"{last} (after {attempts} attempts)")
+        time.sleep(backoff_s * (2 ** (tries - 1)))
 
 
 # ------------------------------------------------------------------------------------------------ reader
@@ -149,7 +169,7 @@ class ShardReader:
         url = self.shards[task.shard_index]
         name = storage.basename(url)
         try:
-            samples, unreadable = fetch_samples(url, o.read_attempts, o.read_backoff_s)
+            samples, unreadable = fetch_samples(url, o.read_attempts, o.read_backoff_s, o.retry_window_s)
         except ShardUnreadable as e:
             return ShardResult(task, url, 0, [], error=str(e))
         unreadable_keys = {b.key: b for b in unreadable}

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -55,32 +56,80 @@ def _input_kind(path: str) -> str:
     raise ValueError(f"{path}: unsupported input (expected one of {', '.join(INPUT_KINDS)})")
 
 
-def read_rows(path: str, column: str = "prompt") -> Iterator[tuple[str, dict[str, Any]]]:
-    """(prompt, meta) per input row; meta from the negative_prompt / seed / size columns when present."""
+@dataclass(frozen=True)
+class BadRow:
+    """An input row `shards build` skips: where it is (file:line, or file row N for parquet) and why."""
+
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def _undecodable(text: str) -> int:
+    """Index of the first byte that was not UTF-8 (decoded with surrogateescape), or -1."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return i
+    return -1
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) per line; bytes that are not UTF-8 survive as lone surrogates (surrogateescape)."""
+    with storage.open_url(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, raw.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
+
+
+def read_rows(path: str, column: str = "prompt") -> Iterator[tuple[str, dict[str, Any]] | BadRow]:
+    """(prompt, meta) per input row, meta from the negative_prompt / seed / size columns when present; a
+    `BadRow` (file and line/row number, reason) for a row that cannot be used (bytes that are not UTF-8,
+    invalid JSON, a wrong field), which the builder counts and skips (issue 12)."""
     kind = _input_kind(path)
     if kind == "txt":
-        with storage.open_url(path, "rb") as f:
-            for line in io.TextIOWrapper(f, encoding="utf-8", newline=None):
-                yield line.rstrip("\n"), {}
+        for lineno, line in _lines(path):
+            at = _undecodable(line)
+            yield BadRow(f"{path}:{lineno}", f"not UTF-8 (byte {at})") if at >= 0 else (line, {})
         return
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        with storage.open_url(path, "rb") as f:
-            table = pq.read_table(f)
-        if column not in table.column_names:
-            raise ValueError(f"{path}: no column {column!r} (columns: {table.column_names}); use --column")
-        cols = [column] + [c for c in META_COLUMNS if c in table.column_names]
-        for row in table.select(cols).to_pylist():
-            yield row[column], {k: row[k] for k in META_COLUMNS if row.get(k) is not None}
+        yield from _parquet_rows(path, column)
         return
+    if kind == "csv":
+        yield from _csv_rows(path, column)
+        return
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        if _undecodable(line) >= 0:
+            yield BadRow(where, f"not UTF-8 (byte {_undecodable(line)})")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield BadRow(where, f"not valid JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict) or column not in obj:
+            yield BadRow(where, f"expected an object with key {column!r} (see --column)")
+            continue
+        yield obj[column], {k: obj[k] for k in META_COLUMNS if obj.get(k) is not None}
+
+
+def _csv_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]] | BadRow]:
     with storage.open_url(path, "rb") as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="" if kind == "csv" else None)
-        if kind == "csv":
-            reader = csv.DictReader(text)
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames}); use --column")
-            for row in reader:
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.DictReader(text)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise ValueError(f"{path}: no column {column!r} (columns: {reader.fieldnames}); use --column")
+        line = reader.line_num + 1  # the line the next row starts on (a quoted field may span lines)
+        for row in reader:
+            where, line = f"{path}:{line}", reader.line_num + 1
+            values = [v for v in row.values() if isinstance(v, str)]
+            if any(_undecodable(v) >= 0 for v in values):
+                yield BadRow(where, "not UTF-8")
+                continue
+            try:
                 meta: dict[str, Any] = {}
                 if row.get("negative_prompt"):
                     meta["negative_prompt"] = row["negative_prompt"]
@@ -88,18 +137,35 @@ def read_rows(path: str, column: str = "prompt") -> Iterator[tuple[str, dict[str
                     meta["seed"] = int(row["seed"])
                 if row.get("size"):
                     meta["size"] = json.loads(row["size"])
-                yield row[column], meta
-            return
-        for lineno, line in enumerate(text, 1):
-            if not line.strip():
+            except ValueError as e:
+                yield BadRow(where, f"bad seed/size column ({e})")
                 continue
+            yield row[column] or "", meta
+
+
+def _parquet_rows(path: str, column: str) -> Iterator[tuple[str, dict[str, Any]] | BadRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with storage.open_url(path, "rb") as f:
+        table = pq.read_table(f)
+    if column not in table.column_names:
+        raise ValueError(f"{path}: no column {column!r} (columns: {table.column_names}); use --column")
+    metas = [c for c in META_COLUMNS if c in table.column_names]
+    # strings as raw bytes, decoded row by row: one row of bad bytes must not fail the whole column
+    prompts = table.column(column)
+    if pa.types.is_string(prompts.type) or pa.types.is_large_string(prompts.type):
+        prompts = prompts.cast(pa.binary())
+    meta_rows = table.select(metas).to_pylist() if metas else None
+    for i, raw in enumerate(prompts.to_pylist()):
+        if isinstance(raw, bytes):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or column not in obj:
-                raise ValueError(f"{path}:{lineno}: expected an object with key {column!r}; use --column")
-            yield obj[column], {k: obj[k] for k in META_COLUMNS if obj.get(k) is not None}
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRow(f"{path} row {i + 1}", f"not UTF-8 (byte {e.start})")
+                continue
+        meta = {k: v for k, v in (meta_rows[i] if meta_rows else {}).items() if v is not None}
+        yield raw, meta
 
 
 def normalize_text(s: str) -> str:
@@ -113,6 +179,7 @@ class BuildReport:
     samples: int = 0
     empty: int = 0  # input rows without text, not written
     duplicates: int = 0  # dropped by dedup
+    bad_rows: list[BadRow] = field(default_factory=list)  # not UTF-8, invalid JSON, ...: skipped (issue 12)
 
 
 def _encode_tar(samples: list[dict[str, Any]]) -> bytes:
@@ -146,7 +213,12 @@ def build_shards(input_path: str, out: str, column: str = "prompt", per_shard: i
         report.urls.append(url)
         pending.clear()
 
-    for prompt, meta in tqdm(read_rows(input_path, column), desc="prompts", unit="prompt", disable=not progress):
+    for row in tqdm(read_rows(input_path, column), desc="prompts", unit="prompt", disable=not progress):
+        if isinstance(row, BadRow):
+            report.bad_rows.append(row)
+            print(f"skipped {row}", file=sys.stderr)  # every bad row, named: the user fixes the source file
+            continue
+        prompt, meta = row
         text = "" if prompt is None else str(prompt)
         if normalize:
             text = normalize_text(text)
@@ -169,7 +241,8 @@ def build_shards(input_path: str, out: str, column: str = "prompt", per_shard: i
     if pending:
         flush()
     if not report.urls:
-        raise ValueError(f"{input_path}: no prompts to write ({report.empty} empty rows)")
+        raise ValueError(f"{input_path}: no prompts to write ({report.empty} empty rows, "
+                         f"{len(report.bad_rows)} bad rows)")
     return report
 
 

@@ -77,6 +77,9 @@ def s3_options() -> dict[str, Any]:
     # else: s3fs/botocore walk the AWS credential chain themselves.
     # No client_kwargs region: bucket creation on S3-compatible servers then fails (STACK.md).
     opts["use_listings_cache"] = False  # checkpoints and shards are listed right after writes
+    # issue 12: retrying is this module's policy (`retry`, the shard reader's window); botocore's own
+    # retries under s3fs's (5 x 5 attempts) made one call under a throttling store take half a minute
+    opts["config_kwargs"] = {"retries": {"total_max_attempts": 2, "mode": "standard"}}
     return opts
 
 
@@ -157,6 +160,40 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(c, OSError) and c.errno in _TRANSIENT_ERRNOS:
             return True
     return False
+
+
+_AUTH_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "TokenRetrievalError",
+               "UnauthorizedSSOTokenError", "SSOTokenLoadError"}
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+               "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "403"}
+
+
+class StorageAccessError(PermissionError):
+    """Object storage refused us (credentials missing, expired or wrong; no permission): retrying or
+    skipping cannot help, the run must stop and say so (issue 12)."""
+
+
+def is_auth_error(exc: BaseException) -> bool:
+    """True for credential / permission failures (never transient, never a bad shard)."""
+    e: BaseException | None = exc
+    seen: list[BaseException] = []
+    while e is not None and all(e is not c for c in seen):
+        seen.append(e)
+        if isinstance(e, PermissionError) or type(e).__name__ in _AUTH_NAMES:
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and str(response.get("Error", {}).get("Code", "")) in _AUTH_CODES:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def access_error(url: str, exc: BaseException) -> StorageAccessError:
+    """A one-line message for an auth failure on `url` (the exception text, never a credential value)."""
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return StorageAccessError(f"{url}: access denied by the object store ({type(exc).__name__}: {detail}); check the "
+                              "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, profile or "
+                              "instance role: not expired?) and the bucket's permissions")
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY_S,

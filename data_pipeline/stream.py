@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
 
@@ -86,6 +87,11 @@ def _stack_embeddings(records: list[PromptRecord]) -> Optional[dict[str, Any]]:
     return out
 
 
+def embedding_signature(embeddings: dict[str, Any]) -> dict[str, list[int]]:
+    """name -> [ndim, *shape[1:]]: what must agree for samples to stack (dim 0, a sequence, may differ)."""
+    return {name: [int(t.dim()), *(int(d) for d in t.shape[1:])] for name, t in sorted(embeddings.items())}
+
+
 class GlobalBatchStream:
     """Cuts `ShardResult`s into global batches and keeps the cursor. Subclasses say where results come from."""
 
@@ -104,6 +110,7 @@ class GlobalBatchStream:
         self._start = Cursor()
         self._batches = 0
         self.stats = DataStats()
+        self._schema: Optional[dict[str, list[int]]] = None  # embedding signature (see _check_embeddings)
         self._state = self._make_state(self._start)
         self._gen: Optional[Iterator[PromptBatch]] = None
 
@@ -141,6 +148,7 @@ class GlobalBatchStream:
             task = result.task
             if result.error is not None:
                 self.stats.add_skipped_shard(result.url, result.error)
+            self._check_embeddings(result)
             good = 0
             for pos, item in result.items:
                 if isinstance(item, BadRecord):
@@ -161,6 +169,24 @@ class GlobalBatchStream:
                 raise RuntimeError(f"{n_shards} shards in a row gave no valid prompt; data stats: "
                                    f"{self.stats.metrics()}; skipped shards: {self.stats.skipped_shards[:3]}")
 
+    def _check_embeddings(self, result: ShardResult) -> None:
+        """issue 12: a pre-encoded sample whose embeddings have other names or shapes than the stream's is
+        a bad record (skipped, counted), not a batch that fails to stack on every restart. The stream's
+        signature is the most common one of the first shard with embeddings; it travels in the cursor, so
+        a resumed stream judges every later sample exactly as the uninterrupted one."""
+        sigs = {pos: embedding_signature(item.embeddings) for pos, item in result.items
+                if isinstance(item, PromptRecord) and item.embeddings is not None}
+        if not sigs:
+            return
+        if self._schema is None:
+            counts = collections.Counter(json.dumps(v, sort_keys=True) for v in sigs.values())
+            self._schema = json.loads(max(sorted(counts), key=lambda k: counts[k]))
+        for i, (pos, item) in enumerate(result.items):
+            if pos in sigs and sigs[pos] != self._schema:
+                result.items[i] = (pos, BadRecord(item.shard, item.key, "bad_embedding",
+                                                  f"embeddings {sigs[pos]} (name: [dims, ...shape[1:]]) differ "
+                                                  f"from the stream's {self._schema}"))
+
     def _make_batch(self, records: list[PromptRecord], after: Cursor) -> PromptBatch:
         self._batches += 1
         return PromptBatch([r.key for r in records], [r.txt for r in records], [r.meta for r in records],
@@ -171,7 +197,7 @@ class GlobalBatchStream:
         return {"version": STATE_VERSION, "seed": self.seed, "shards": self._fingerprint,
                 "num_shards": len(self.shards), "batch_size": self.batch_size, "epoch": c.epoch,
                 "shard_pos": c.shard_pos, "sample_pos": c.sample_pos, "batches": self._batches,
-                "stats": self.stats.state_dict()}
+                "stats": self.stats.state_dict(), "emb_schema": self._schema}
 
     def state_dict(self) -> dict[str, Any]:
         """The position right after the last batch handed out (plain ints/strings: JSON-safe)."""
@@ -199,6 +225,7 @@ class GlobalBatchStream:
         self._batches = int(state["batches"])
         self.stats = DataStats()
         self.stats.load_state_dict(state["stats"])
+        self._schema = state.get("emb_schema")  # absent in cursors written before issue 12
         self._state = self._make_state(self._start)
 
     def close(self) -> None:

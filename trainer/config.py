@@ -166,6 +166,8 @@ class TeacherConfig:
     custom_resource: str = ""
     max_restarts: int = 3
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    # issue 12: a request unanswered for timeout_s means a hung replica: it is restarted, the request retried once
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -194,6 +196,13 @@ class DataConfig:
     read_attempts: int = 4  # per shard, with exponential backoff, before it is skipped and reported
     read_backoff_s: float = 0.5
     encode_batch_size: int = 64  # prompts per encoder call on a DataWorker
+    # issue 12: a feed request or shard visit unanswered for timeout_s means a hung actor: it is killed,
+    # restarted (up to max_restarts times, the BatchFeed and each DataWorker) and the request retried
+    timeout_s: float = 900.0
+    max_restarts: int = 5
+    # issue 12: transient object-store errors (5xx, resets, timeouts) on a shard are retried with backoff for
+    # this long before the shard is skipped; credential / permission errors stop the run at once
+    retry_window_s: float = 120.0
 
 
 @dataclass
@@ -366,6 +375,87 @@ def _coerce(tp: Any, value: Any, path: str, source: str) -> Any:
     raise ConfigError(f"{source}: key '{path}': unsupported type {tp}")  # a bug in the tree, not the file
 
 
+INF = float("inf")
+SEED_MAX = 2**32 - 1
+# issue 12: the range of every numeric key (dotted path -> interval "[lo, hi]", "(lo, hi]", ...). A tuple
+# field's range applies to each element. tests/trainer/test_config_ranges.py checks that every int/float
+# field of the tree is listed here; add the range of a new numeric field next to its key.
+RANGES: dict[str, str] = {
+    "run.seed": f"[0, {SEED_MAX}]",
+    "model.num_timesteps": "(0, 1e6]", "model.latent_channels": "[1, 4096]", "model.latent_size": "[1, 65536]",
+    "model.max_sequence_length": "[1, 65536]", "model.num_classes": "[1, 1e9]", "model.hidden_dim": "[1, 1e6]",
+    "model.num_layers": "[1, 1000]", "model.teacher_iters": "[0, 1e9]", "model.teacher_batch_size": "[1, 1e9]",
+    "model.teacher_lr": "(0, 1]", "model.teacher_seed": f"[0, {SEED_MAX}]",
+    "policy.num_components": "[1, 1024]", "policy.num_grid": "[1, 4096]", "policy.eps": "(0, 1)",
+    "policy.dropout": "[0, 1)", "policy.init_logstd": "[-20, 5]", "policy.init_bias_noise": "[0, 10]",
+    "policy.logstd_inner_dim": "[1, 1e6]", "policy.dx_segment_size": "[0, 1]",
+    "distill.nfe": "[1, 1000]", "distill.final_step_scale": "(0, 1]", "distill.shift": "(0, 1000]",
+    "distill.total_substeps": "[1, 1e6]", "distill.num_intermediate": "[1, 1e4]",
+    "distill.window_substeps": "[0, 1e6]", "distill.teacher_ratio_decay_iters": "[0, 1e9]",
+    "distill.loss_scale": "(0, 1e6]",
+    "teacher.guidance.scale": "[0, 100]", "teacher.guidance.interval": "[0, 1]",
+    "lora.rank": "[1, 65536]", "lora.alpha": "(0, 1e6]", "lora.dropout": "[0, 1)",
+    "optim.lr": "(0, 1]", "optim.betas": "[0, 1)", "optim.weight_decay": "[0, 10]", "optim.warmup_iters": "[0, 1e9]",
+    "optim.warmup_start_factor": "(0, 1]", "optim.grad_clip": "[0, 1e9]", "optim.grad_clip_start": "[0, 1e9]",
+    "ema.gamma": "[0, 1000]", "ema.start": "[0, 1e9]",
+    "train.iters": "[0, 1e9]", "train.batch_size": "[1, 1e7]", "train.micro_batch_size": "[0, 1e7]",
+    "train.log_every": "[0, 1e9]", "train.ckpt_every": "[1, 1e9]", "train.ckpt_keep_last": "[1, 1e6]",
+    "train.ckpt_keep_every": "[0, 1e9]", "train.upload_queue": "[1, 64]",
+    "teacher.replicas": "[1, 1e4]", "teacher.gpus_per_replica": "[0, 64]", "teacher.cpus_per_replica": "[0, 1024]",
+    "teacher.max_batch": "[1, 1e6]", "teacher.batch_wait_ms": "[0, 5000]", "teacher.max_restarts": "[0, 1000]",
+    "teacher.timeout_s": "[0, 86400]",
+    "data.workers": "[1, 1024]", "data.prefetch": "[1, 1024]", "data.max_prompt_chars": "[0, 1e7]",
+    "data.read_attempts": "[1, 100]", "data.read_backoff_s": "[0, 60]", "data.encode_batch_size": "[1, 1e5]",
+    "data.timeout_s": "[0, 86400]", "data.max_restarts": "[0, 1000]", "data.retry_window_s": "[0, 86400]",
+    "eval.every": "[0, 1e9]", "eval.nfe": "[1, 1000]", "eval.num_samples": "[1, 1e5]", "eval.seed": f"[0, {SEED_MAX}]",
+    "cluster.num_cpus": "[0, 1e5]", "cluster.data_cpus_per_worker": "[0, 1024]",
+    "cluster.student.workers": "[1, 1e5]", "cluster.student.gpus_per_worker": "[0, 64]",
+    "cluster.student.cpus_per_worker": "[0, 1024]", "cluster.student.max_failures": "[0, 1000]",
+}
+
+
+def parse_range(text: str) -> tuple[float, float, bool, bool]:
+    """"[lo, hi)" -> (lo, hi, lo_closed, hi_closed)."""
+    lo, hi = (float(v) for v in text[1:-1].split(","))
+    return lo, hi, text[0] == "[", text[-1] == "]"
+
+
+def in_range(value: float, text: str) -> bool:
+    lo, hi, lo_closed, hi_closed = parse_range(text)
+    return (lo <= value if lo_closed else lo < value) and (value <= hi if hi_closed else value < hi)
+
+
+def numeric_fields(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Dotted keys of every int / float / tuple-of-numbers field of the tree."""
+    cls = cls or Config
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += numeric_fields(tp, key + ".")
+        elif tp in (int, float) or (typing.get_origin(tp) is tuple
+                                     and all(a in (int, float) for a in typing.get_args(tp))):
+            out.append(key)
+    return out
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    import math
+
+    for key in numeric_fields():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        text = RANGES.get(key)
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            where = f"{key}[{i}]" if isinstance(value, tuple) else key
+            if not math.isfinite(v):
+                raise ConfigError(f"{source}: key '{where}': expected a finite number, got {v!r}")
+            if text is not None and not in_range(v, text):
+                raise ConfigError(f"{source}: key '{where}': {v!r} is outside {text}")
+
+
 def validate(cfg: Config, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
 
@@ -382,6 +472,7 @@ def validate(cfg: Config, source: str) -> None:
          f"(one of {', '.join(FAMILIES)})")
     need(cfg.model.latent_width >= 0, "model.latent_width", "must be >= 0 (0 = latent_size)")
     need(cfg.model.latent_frames >= 1, "model.latent_frames", "must be >= 1")
+
     need(cfg.distill.nfe >= 1, "distill.nfe", "must be >= 1")
     need(0 < cfg.distill.final_step_scale <= 1, "distill.final_step_scale", "must be in (0, 1]")
     need(cfg.distill.shift > 0, "distill.shift", "must be > 0")
@@ -411,6 +502,9 @@ def validate(cfg: Config, source: str) -> None:
     else:
         need(cfg.train.batch_size % world == 0, "train.batch_size",
              f"must be a multiple of cluster.student.workers ({world})")
+    _check_ranges(cfg, source)  # issue 12: every number in its range, none NaN / inf
+    lo, hi = cfg.teacher.guidance.interval
+    need(lo <= hi, "teacher.guidance.interval", f"must be [low, high] with low <= high, got {[lo, hi]}")
 
 
 def _to_plain(obj: Any) -> Any:

@@ -126,7 +126,8 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
     if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/rollouts.py, issue 6)
         from trainer.rollouts import RolloutHook, chain_hooks
 
-        eval_hook = chain_hooks(eval_hook, RolloutHook(cfg, family, student, logger=logger))
+        rollouts = RolloutHook(cfg, family, student, logger=logger)
+        eval_hook = chain_hooks(eval_hook, rollouts)
 
     def checkpoint_hook(step: int) -> float:
         if guard is not None:
@@ -143,6 +144,8 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
             start_step=state.step if state else 0, generator=generators["piid"], progress=progress,
         )
     finally:
+        if cfg.eval.every:
+            rollouts.close()  # queued rollout uploads
         logger.close()
         if manager is not None:
             manager.close()

@@ -55,17 +55,11 @@ class MetricsLogger:
         self._log = RecordLog(self.path, resume_step=resume_step, flush_steps=cfg.run.log_flush_steps,
                               flush_s=cfg.run.log_flush_s, guard=guard)
         if cfg.wandb.mode != "disabled":
-            import wandb
-
             from trainer.scratch import run_scratch
 
             wandb_dir = os.environ.get("WANDB_DIR") or run_scratch(cfg, "wandb")
             os.makedirs(wandb_dir, exist_ok=True)
-            # resume="allow" with a fixed id continues the same wandb run after a checkpoint resume.
-            self._wandb_run = wandb.init(
-                project=cfg.wandb.project, name=cfg.run.name, mode=cfg.wandb.mode, dir=wandb_dir,
-                config=cfg.to_dict(), id=run_id, resume="allow" if run_id else None,
-            )
+            self._wandb_run = _wandb_init(cfg, wandb_dir, run_id, resume_step)
             storage.put_bytes(storage.join(output, "wandb.json"), json.dumps(
                 {"id": self._wandb_run.id, "project": cfg.wandb.project, "mode": cfg.wandb.mode}).encode())
 
@@ -119,6 +113,31 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wandb_init(cfg: Config, directory: str, run_id: str | None, resume_step: int | None):
+    """A new wandb run, or the checkpoint's run rewound to the resumed step (issue 12): `resume_from=
+    "<id>?_step=<step>"` (wandb >= 0.17.1) truncates the run's history there, so the steps logged again
+    after a resume are kept. With plain resume="allow", wandb drops every `log(step=...)` below the run's
+    last step: the re-logged steps would vanish. A server that refuses rewinding (a preview feature on
+    wandb.ai) falls back to resume="allow" with a warning saying what is lost."""
+    import wandb
+
+    common = dict(project=cfg.wandb.project, name=cfg.run.name, mode=cfg.wandb.mode, dir=directory,
+                  config=cfg.to_dict())
+    if not run_id:
+        return wandb.init(**common)
+    if resume_step is not None:
+        try:
+            return wandb.init(**common, resume_from=f"{run_id}?_step={int(resume_step)}")
+        except Exception as e:  # noqa: BLE001 - a metrics backend must not stop training
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "wandb refused to rewind run %s to step %d (%s); resuming it instead: wandb drops the steps "
+                "after %d that were logged before the restart (metrics.jsonl keeps every step)",
+                run_id, resume_step, str(e).splitlines()[0][:200] if str(e) else type(e).__name__, resume_step)
+    return wandb.init(**common, id=run_id, resume="allow")
 
 
 def truncate_records(path: str | Path, last_step: int) -> int:

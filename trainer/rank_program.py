@@ -314,7 +314,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     manager = resume.make_manager(cfg, info.rank, info.world_size, barrier)
     generators = {"piid": torch.Generator().manual_seed(cfg.run.seed * 7919 + 2 + info.rank)}
     ok = False
-    logger = keys = None
+    logger = keys = eval_hook = None
     try:
         # built before the RNGs are restored, so whatever its construction draws cannot shift a resumed run
         encode = _validation_encoder(cfg) if cfg.eval.every else None
@@ -358,6 +358,8 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
         clock.finish()
         ok = True
     finally:
+        if eval_hook is not None:
+            eval_hook.close()  # queued rollout uploads (issue 12: asynchronous, never fatal)
         if logger is not None:
             logger.close()
         if keys is not None:

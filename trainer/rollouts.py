@@ -143,6 +143,64 @@ def animation(video: torch.Tensor, fmt: str = "GIF", fps: float = 16.0) -> bytes
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------------------------------------ upload
+class RolloutUploader:
+    """Writes rollout files on a background thread (issue 12): training never waits for, nor dies of, a
+    rollout upload. A write that still fails after `storage`'s own retries is tried `attempts` times with
+    backoff, then given up with a warning (`failures` counts them); a rollout that finds the queue full is
+    dropped with a warning (`dropped`) rather than stalling training behind a slow store."""
+
+    def __init__(self, queue_size: int = 2, attempts: int = 3, backoff_s: float = 2.0):
+        import queue
+        import threading
+
+        self.attempts, self.backoff_s = attempts, backoff_s
+        self.failures = self.dropped = 0
+        self._queue: "queue.Queue[Optional[tuple[int, list[tuple[str, bytes]]]]]" = queue.Queue(queue_size)
+        self._thread = threading.Thread(target=self._run, name="rollout-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, files: list[tuple[str, bytes]]) -> None:
+        import queue
+
+        try:
+            self._queue.put_nowait((step, files))
+        except queue.Full:
+            self.dropped += 1
+            log.warning("rollout of step %d dropped: %d earlier rollouts are still uploading", step,
+                        self._queue.maxsize)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._write(*job)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, step: int, files: list[tuple[str, bytes]]) -> None:
+        for url, data in files:
+            for i in range(self.attempts):
+                try:
+                    storage.put_bytes(url, data)
+                    break
+                except Exception as e:  # noqa: BLE001 - a rollout is never worth the run
+                    if i == self.attempts - 1:
+                        self.failures += 1
+                        log.warning("rollout of step %d not uploaded (%s: %s); training goes on", step,
+                                    type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                        return  # the rest of this rollout too: metrics.json must not name missing files
+                    time.sleep(self.backoff_s * (2 ** i))
+
+    def close(self) -> None:
+        """Wait for the queued uploads, then stop the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
 # ------------------------------------------------------------------------------------------------- hook
 class RolloutHook:
     """`hook(step) -> dict[str, float]`: sample, write `rollouts/step_N/` (rank 0), log the preview image.
@@ -153,7 +211,7 @@ class RolloutHook:
     def __init__(self, cfg: Config, family, student: torch.nn.Module, rank: int = 0, logger=None,
                  encode: Optional[Callable[[list[str]], Any]] = None,
                  decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, uploader: Optional["RolloutUploader"] = None):
         if decode is None and not getattr(family, "uses_vae", True):  # the latents are the images (digits)
             decode = lambda x0: family.decode(None, x0, cfg=cfg)  # noqa: E731
         self.cfg, self.student, self.rank, self.logger, self.decode = cfg, student, rank, logger, decode
@@ -166,6 +224,7 @@ class RolloutHook:
         self.cond = None if cond is None else {k: v.to(self.device) for k, v in cond.items()}
         self.noise = validation_noise(cfg, tuple(family.latent_shape(cfg))).to(self.device)  # (N, C, H, W)
         self.seeds = [cfg.eval.seed + i for i in range(cfg.eval.num_samples)]
+        self.uploader = uploader if uploader is not None or rank != 0 else RolloutUploader()
 
     def sample(self) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """-> (states (N, nfe+1, C, H, W) float32 with the noise first and x0 last, per-step policy stats)."""
@@ -201,16 +260,23 @@ class RolloutHook:
         images = self.decode(x0) if self.decode is not None else None
         png = preview_png(x0, images)
         url = rollout_url(self.cfg.run.output, step)
-        storage.put_bytes(storage.join(url, "latents.tar"), latents_shard(states, self.prompts, self.seeds))
-        storage.put_bytes(storage.join(url, "preview.png"), png)
         record = {"step": step, "nfe": self.cfg.eval.nfe, "temperature": self.cfg.eval.temperature,
                   "num_samples": int(x0.shape[0]), "seeds": self.seeds, "prompts": self.prompts,
                   "policy": stats, "metrics": metrics, "seconds": time.perf_counter() - t0}
-        storage.put_bytes(storage.join(url, "metrics.json"), json.dumps(record, indent=1).encode())
+        # metrics.json last: a rollout dir with it is complete
+        self.uploader.submit(step, [(storage.join(url, "latents.tar"), latents_shard(states, self.prompts, self.seeds)),
+                                    (storage.join(url, "preview.png"), png),
+                                    (storage.join(url, "metrics.json"), json.dumps(record, indent=1).encode())])
         if self.logger is not None:
             self.logger.log_image(step, "rollout/preview", png)
         metrics["rollout/seconds"] = time.perf_counter() - t0
+        metrics["rollout/upload_failures"] = float(self.uploader.failures + self.uploader.dropped)
         return metrics
+
+    def close(self) -> None:
+        """Finish the queued rollout uploads (call at the end of the run)."""
+        if self.uploader is not None:
+            self.uploader.close()
 
 
 def chain_hooks(*hooks: Optional[Callable[[int], dict]]) -> Callable[[int], dict]:

@@ -122,7 +122,7 @@ def test_batch_feed_serves_rank_slices_and_resumes_with_fewer_ranks(tmp_path, ra
 
     pool = functools.partial(DataWorkerPool, urls, 4, seed=3, options=OPTS, num_workers=2)
     feed = feed_actor(pool)
-    ranks = [FeedIterator(feed, r, 2) for r in range(2)]
+    ranks = [FeedIterator(feed, r, 2, attempt="a1") for r in range(2)]
     assert ranks[0].state_dict()["batches"] == 0
     got = []
     for _ in range(7):

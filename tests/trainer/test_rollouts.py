@@ -42,7 +42,9 @@ def read_shard(path: Path) -> list[dict]:
 def test_rollout_writes_states_preview_and_metrics_matching_the_sampler(tmp_path):
     cfg = toy_cfg(tmp_path / "run")
     student = toy_student(cfg)
-    metrics = RolloutHook(cfg, Toy2DFamily(), student)(step=4)
+    hook = RolloutHook(cfg, Toy2DFamily(), student)
+    metrics = hook(step=4)
+    hook.close()  # the upload is asynchronous (issue 12)
 
     out = tmp_path / "run" / "rollouts" / "step_00000004"
     samples = read_shard(out / "latents.tar")
@@ -99,7 +101,9 @@ def test_preview_goes_to_wandb_offline(tmp_path, monkeypatch):
     cfg.model.hidden_dim, cfg.model.num_layers = 16, 2
     logger = MetricsLogger(cfg, tmp_path / "run")
     try:
-        RolloutHook(cfg, Toy2DFamily(), toy_student(cfg), logger=logger)(step=1)
+        hook = RolloutHook(cfg, Toy2DFamily(), toy_student(cfg), logger=logger)
+        hook(step=1)
+        hook.close()
     finally:
         logger.close()
     images = list(tmp_path.rglob("media/images/rollout/preview_*.png"))  # the key "rollout/preview"

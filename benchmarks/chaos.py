@@ -1,0 +1,401 @@
+"""Chaos soak (issue 12): a distributed digits run that is killed again and again must end exactly where an
+uninterrupted run ends.
+
+    .venv/bin/python benchmarks/chaos.py [--steps 300 --ckpt-every 20]   # the full soak: 8 faults
+    .venv/bin/python benchmarks/chaos.py --short         # what `make test` runs (tests/cluster/test_chaos.py)
+
+The run: configs/digits_demo.yaml through `piflow train` (embedded Ray, 2 ZeRO-3 student ranks under Ray Train,
+a TeacherServer actor, a DataWorker encoding prompt shards, a BatchFeed), its prompt shards on the moto S3
+server behind a fault-injecting proxy on 127.0.0.1 (tests/s3_fault_proxy.py: 503 / 500 answers, dropped
+connections and slow answers at a few percent of requests). A chaos driver SIGKILLs, at seeded random
+steps, a student rank, the TeacherServer, the DataWorker, the BatchFeed and the whole `piflow train` session
+(then runs the same command again), one of the driver kills while a checkpoint is being written.
+
+Bars: the run finishes; every step's loss equals an uninterrupted run's (same store, no faults) within
+1e-5; the sample keys each rank consumed equal the uninterrupted run's (none lost, none repeated); every
+checkpoint that has a MANIFEST.json verifies (sha256 of every file), checked after every fault and at the
+end. Recovery time per fault = from the kill until the run logs a step past the one it was at.
+
+`run.output` is local: distributed runs with run.output on s3 come with branch issue11; then set
+OUTPUT_ON_S3 = True (the one line to change). The injected NaN teacher batch needs the non-finite guard of
+branch ckpt: see NAN_HOOK.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OUTPUT_ON_S3 = False  # True once distributed runs may write run.output to s3 (branch issue11)
+FAULT_RATES = {"503": 0.01, "500": 0.01, "reset": 0.01, "slow": 0.01}  # per request, through the proxy
+# Process titles Ray gives the actors / workers (matched by prefix, only inside the run's own session).
+TITLES = {"student_rank": "ray::RayTrainWorker", "teacher": "ray::TeacherServer", "data_worker": "ray::DataWorker",
+          "feed": "ray::BatchFeed"}
+FULL_KINDS = ["student_rank", "teacher", "data_worker", "feed", "driver", "student_rank", "driver_in_upload",
+              "teacher"]
+SHORT_KINDS = ["student_rank", "feed", "driver_in_upload"]
+# NAN_HOOK (branch ckpt): the soak should also inject one NaN teacher batch (the step is skipped by the
+# non-finite guard in both runs). Add the kind "nan_teacher" here once trainer/loop.py has the guard and a
+# test hook to poison one teacher answer; nothing in this branch can skip a non-finite step yet.
+NAN_HOOK = None
+
+
+@dataclass
+class Fault:
+    kind: str
+    at_step: int
+    killed_at_step: int = -1
+    pid: int = 0
+    in_upload: Optional[bool] = None  # driver_in_upload: whether a checkpoint was mid-write at the kill
+    recovery_s: float = float("nan")
+
+
+@dataclass
+class Soak:
+    root: Path
+    steps: int
+    ckpt_every: int
+    batch_size: int
+    kinds: list
+    seed: int = 0
+    faults: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- store
+def start_store(seed: int):
+    """moto on loopback, a fault proxy in front; the environment points every process at the proxy."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.s3_fault_proxy import FaultProxy
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    proxy = FaultProxy(f"http://{host}:{port}", seed=seed, slow_s=0.5).start()
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_ACCESS_KEY_ID": "chaos",  # moto takes any
+                       "AWS_SECRET_ACCESS_KEY": "chaos"})
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    os.environ.pop("AWS_PROFILE", None)
+    return moto, proxy, saved
+
+
+def build_shards(bucket: str, repeats: int) -> str:
+    import tempfile
+
+    from data_pipeline import storage
+    from data_pipeline.digits import digit_prompts
+    from data_pipeline.shards import build_shards as build
+
+    storage.makedirs(bucket)
+    url = f"{bucket}/shards"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "prompts.txt"
+        # numbered prompts: every sample key and text is unique, so lost / repeated samples show
+        src.write_text("\n".join(f"{p} #{i}" for i, p in enumerate(digit_prompts(repeats))) + "\n")
+        build(str(src), url, per_shard=40, progress=False)
+    return url
+
+
+def write_config(path: Path, output: str, shards: str, soak: Soak, max_failures: int) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "digits_demo.yaml").read_text())
+    cfg["run"].update(name=path.stem, output=output)
+    cfg["model"]["pretrained"] = str(ROOT / "assets" / "teachers" / "digits")
+    cfg["train"].update(iters=soak.steps, batch_size=soak.batch_size, ckpt_every=soak.ckpt_every, log_every=10,
+                        ckpt_keep_last=3)
+    cfg["eval"]["every"] = 0
+    cfg["wandb"]["mode"] = "disabled"
+    cfg["data"].update(shards=shards, timeout_s=120.0, retry_window_s=120.0)
+    cfg["teacher"].update(timeout_s=120.0, max_restarts=20)
+    cfg["cluster"]["student"]["max_failures"] = max_failures
+    path.write_text(yaml.safe_dump(cfg))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+class Driver:
+    """`piflow train CONFIG` in its own process session (so a kill takes its embedded Ray with it)."""
+
+    def __init__(self, config: Path, log: Path):
+        self.config, self.log = config, log
+        self.proc: Optional[subprocess.Popen] = None
+        self.starts = 0
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+               "PYTHONPATH": str(ROOT)}
+        with open(self.log, "a") as log:
+            log.write(f"\n===== start {self.starts}\n")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(self.config)], cwd=str(ROOT),
+                                     env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.starts += 1
+
+    def pids(self, title: str) -> list[int]:
+        import psutil
+
+        out = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(p.pid) == self.proc.pid and p.cmdline() and p.cmdline()[0].startswith(title):
+                    out.append(p.pid)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return sorted(out)
+
+    def kill_session(self) -> None:
+        from tests.cluster.loopback_ray import _kill_sessions
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        _kill_sessions([self.proc.pid])
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_session()
+            raise RuntimeError(f"piflow train did not finish in {timeout:.0f} s; log: {self.log}")
+
+
+# --------------------------------------------------------------------------------------------- checks
+def last_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    step = 0
+    for line in path.read_text().splitlines():
+        try:
+            step = max(step, int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+            continue
+    return step
+
+
+def losses(out: Path) -> dict[int, float]:
+    from trainer.metrics import read_metrics
+
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    if len(steps) != len(set(steps)):
+        raise AssertionError(f"{out}/metrics.jsonl: a step logged twice")
+    return {r["step"]: r["loss"] for r in records}
+
+
+def consumed(out: Path, world: int = 2) -> dict[int, list[str]]:
+    from trainer.metrics import read_metrics
+
+    per_rank = []
+    for r in range(world):
+        steps: dict[int, list[str]] = {}
+        for rec in read_metrics(out / "data_keys" / f"rank_{r}.jsonl"):
+            if rec["step"] in steps:
+                raise AssertionError(f"rank {r} logged the keys of step {rec['step']} twice")
+            steps[rec["step"]] = rec["keys"]
+        per_rank.append(steps)
+    return {s: [k for group in zip(*(p[s] for p in per_rank)) for k in group] for s in per_rank[0]}
+
+
+def corrupted_checkpoints(output: str) -> list[str]:
+    """Every checkpoint with a MANIFEST.json whose files do not all match it (sha256); [] when all verify."""
+    from data_pipeline import storage
+    from trainer.checkpoint import checkpoints_url, list_steps, read_manifest, step_dirname, verify
+
+    bad = []
+    for step in list_steps(output):
+        url = storage.join(checkpoints_url(output), step_dirname(step))
+        try:
+            manifest = read_manifest(url)
+        except Exception as e:  # noqa: BLE001 - a manifest that cannot be read is corruption too
+            bad.append(f"{url}: {e}")
+            continue
+        if manifest is not None:
+            problem = verify(url, manifest, "sha256")
+            if problem:
+                bad.append(f"{url}: {problem}")
+    return bad
+
+
+def checkpoint_in_progress(out: Path) -> bool:
+    ck = out / "checkpoints"
+    return ck.exists() and any(d.is_dir() and not (d / "MANIFEST.json").exists() for d in ck.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ soak
+def plan(soak: Soak) -> list[Fault]:
+    """Seeded fault steps spread over the run, >= 4 steps apart. The short version's are fixed: a student
+    rank before the first checkpoint (the group restarts fresh: the feed must rewind to the start), the
+    driver during the second checkpoint's write, the feed after it."""
+    if soak.kinds == SHORT_KINDS:
+        e = soak.ckpt_every
+        return [Fault("student_rank", e // 2), Fault("driver_in_upload", 2 * e - 1), Fault("feed", 2 * e + e // 2)]
+    rng = random.Random(soak.seed)
+    lo, hi = max(2, soak.ckpt_every // 2), soak.steps - 4
+    span = (hi - lo) / len(soak.kinds)
+    steps = [int(lo + i * span + rng.uniform(0, max(span - 4, 0))) for i in range(len(soak.kinds))]
+    kinds = list(soak.kinds)
+    rng.shuffle(kinds)
+    return [Fault(k, s) for k, s in zip(kinds, steps)]
+
+
+def run_chaos(soak: Soak, driver: Driver, out: Path, output: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    driver.start()
+    for fault in soak.faults:
+        while last_step(out) < fault.at_step:  # wait for the planned step (and for the last recovery)
+            if driver.proc.poll() is not None:
+                raise RuntimeError(f"piflow train exited ({driver.proc.returncode}) before the fault at step "
+                                   f"{fault.at_step}; log: {driver.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"soak timed out waiting for step {fault.at_step}; log: {driver.log}")
+            time.sleep(0.05)
+        if fault.kind == "driver_in_upload":
+            wait_until = time.monotonic() + 120  # until a checkpoint is being written (parts, no manifest)
+            while not checkpoint_in_progress(out) and time.monotonic() < wait_until:
+                time.sleep(0.005)
+            fault.in_upload = checkpoint_in_progress(out)
+        t_kill = time.monotonic()
+        if fault.kind.startswith("driver"):
+            fault.pid = driver.proc.pid
+            driver.kill_session()
+            # read after the kill: a step logged between the last look and the kill counts as done
+            fault.killed_at_step = last_step(out)
+            driver.start()  # the same command again: it resumes from the newest valid checkpoint
+        else:
+            pids = []
+            while not pids and time.monotonic() < t_kill + 60:
+                pids = driver.pids(TITLES[fault.kind])
+                time.sleep(0.05)
+            if not pids:
+                raise RuntimeError(f"no {TITLES[fault.kind]} process to kill at step {fault.killed_at_step}")
+            fault.pid = random.Random(soak.seed + fault.at_step).choice(pids)
+            fault.killed_at_step = last_step(out)
+            try:
+                os.kill(fault.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            t_kill = time.monotonic()
+        bad = corrupted_checkpoints(output)
+        if bad:
+            raise AssertionError(f"corrupted checkpoint after the {fault.kind} kill: {bad[0]}")
+        while last_step(out) <= fault.killed_at_step and driver.proc.poll() is None:
+            time.sleep(0.05)
+        if driver.proc.poll() is None or last_step(out) > fault.killed_at_step:
+            fault.recovery_s = time.monotonic() - t_kill
+        print(f"chaos: killed {fault.kind} (pid {fault.pid}) at step {fault.killed_at_step}"
+              + (f", checkpoint mid-write: {fault.in_upload}" if fault.in_upload is not None else "")
+              + f"; recovered in {fault.recovery_s:.1f} s", flush=True)
+    rc = driver.wait(max(60.0, deadline - time.monotonic()))
+    if rc != 0:
+        raise RuntimeError(f"piflow train exited with {rc} after the faults; log: {driver.log}")
+
+
+def run_soak(root: Path, steps: int, kinds: list[str], seed: int = 0, ckpt_every: int = 20, batch_size: int = 16,
+             timeout: float = 3600.0) -> dict:
+    """Reference run, then the chaos run; returns the report (bars, faults, recovery statistics)."""
+    import uuid
+
+    from data_pipeline import storage
+
+    root.mkdir(parents=True, exist_ok=True)
+    soak = Soak(root, steps, ckpt_every, batch_size, kinds, seed)
+    soak.faults = plan(soak)
+    moto, proxy, saved_env = start_store(seed)
+    t0 = time.monotonic()
+    try:
+        bucket = f"s3://chaos-{uuid.uuid4().hex[:10]}"
+        shards = build_shards(bucket, repeats=max(4, steps * batch_size // 30))  # ~3 epochs of 10 digits
+        outputs = {}
+        for name in ("reference", "chaos"):
+            local = root / name
+            outputs[name] = (local, f"{bucket}/{name}" if OUTPUT_ON_S3 else str(local))
+            restarts = sum(k == "student_rank" for k in kinds) + 2
+            write_config(root / f"{name}.yaml", outputs[name][1], shards, soak, max_failures=restarts)
+        proxy.rates = {}  # the reference: the same store, no faults
+        ref = Driver(root / "reference.yaml", root / "reference.log")
+        ref.start()
+        if ref.wait(timeout) != 0:
+            raise RuntimeError(f"the reference run failed; log: {ref.log}")
+        t_ref = time.monotonic() - t0
+        proxy.rates = dict(FAULT_RATES)
+        driver = Driver(root / "chaos.yaml", root / "chaos.log")
+        run_chaos(soak, driver, outputs["chaos"][0], outputs["chaos"][1], timeout)
+        t_chaos = time.monotonic() - t0 - t_ref
+    finally:
+        proxy.rates = {}
+        requests, injected = proxy.requests, dict(proxy.counts)
+        proxy.stop()
+        moto.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+    ref_out, out = outputs["reference"][0], outputs["chaos"][0]
+    ref_loss, got_loss = losses(ref_out), losses(out)
+    diffs = {s: abs(got_loss[s] - ref_loss[s]) for s in ref_loss if s in got_loss}
+    rec = [f.recovery_s for f in soak.faults if f.recovery_s == f.recovery_s]
+    report = {
+        "steps": steps, "batch_size": batch_size, "ckpt_every": ckpt_every, "seed": seed,
+        "faults": [f.__dict__ for f in soak.faults],
+        "s3_requests": requests, "s3_faults_injected": injected,
+        "max_loss_diff": max(diffs.values()) if diffs else float("nan"),
+        "recovery_median_s": statistics.median(rec) if rec else float("nan"),
+        "recovery_max_s": max(rec) if rec else float("nan"),
+        "reference_s": t_ref, "chaos_s": t_chaos, "driver_starts": driver.starts,
+        "output_on_s3": OUTPUT_ON_S3,
+        "bars": {
+            "finished": sorted(got_loss) == list(range(1, steps + 1)),
+            "losses_within_1e-5": sorted(ref_loss) == sorted(got_loss) and all(d <= 1e-5 for d in diffs.values()),
+            "same_sample_keys": consumed(out) == consumed(ref_out),
+            "no_corrupted_checkpoint": not corrupted_checkpoints(outputs["chaos"][1]),
+            "killed_during_checkpoint_write": all(f.in_upload for f in soak.faults if f.kind == "driver_in_upload"),
+        },
+    }
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = ["| fault | step | recovery (s) |", "|---|---:|---:|"]
+    for f in r["faults"]:
+        note = " (checkpoint mid-write)" if f["in_upload"] else ""
+        lines.append(f"| {f['kind']}{note} | {f['killed_at_step']} | {f['recovery_s']:.1f} |")
+    lines.append(f"\nrecovery: median {r['recovery_median_s']:.1f} s, max {r['recovery_max_s']:.1f} s; "
+                 f"max |loss - reference| {r['max_loss_diff']:.2e}; S3 requests {r['s3_requests']}, injected faults "
+                 f"{r['s3_faults_injected']}; reference run {r['reference_s']:.0f} s, chaos run {r['chaos_s']:.0f} s")
+    lines.append("bars: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in r["bars"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--short", action="store_true", help="the make-test version: 3 faults, 24 steps")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--ckpt-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/chaos")
+    a = p.parse_args(argv)
+    steps, kinds, every = (24, SHORT_KINDS, 8) if a.short else (a.steps, FULL_KINDS, a.ckpt_every)
+    report = run_soak(Path(a.out).resolve(), steps, kinds, a.seed, ckpt_every=every)
+    print(format_report(report))
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / ("chaos_short.json" if a.short else "chaos.json")).write_text(json.dumps(report, indent=1))
+    return 0 if all(report["bars"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
