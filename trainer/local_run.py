@@ -111,9 +111,9 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
 
         eval_hook = chain_hooks(eval_hook, RolloutHook(cfg, family, student, logger=logger))
 
-    def checkpoint_hook(step: int) -> float:
+    def checkpoint_hook(step: int, loss: Optional[float] = None) -> float:
         return resume.save_state(cfg, manager, step, engine, ema, student, generators=generators,
-                                 wandb_run_id=logger.wandb_run_id or "")
+                                 wandb_run_id=logger.wandb_run_id or "", loss=loss)
 
     try:
         steps = train_loop(

@@ -120,7 +120,7 @@ def test_latest_valid_skips_partial_truncated_and_tampered(tmp_path):
     manager.close()
     root = Path(cfg.run.output) / "checkpoints"
     (root / "step_00000004" / "MANIFEST.json").unlink()  # partial: no manifest
-    with open(root / "step_00000003" / "rank_00000" / "ema.pt", "ab") as f:  # truncated/extended: size differs
+    with open(root / "step_00000003" / "rank_00000" / "state.safetensors", "ab") as f:  # extended: size differs
         f.write(b"x")
     target = root / "step_00000002" / "rank_00000" / "client.pt"  # same size, different content
     data = bytearray(target.read_bytes())
@@ -186,16 +186,6 @@ def test_resume_warns_on_changed_config(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         resume_state(changed, CheckpointManager(cfg.run.output), prepare_output(changed), engine, ema, module)
     assert "train.iters" in caplog.text and "changed config" in caplog.text
-
-
-def test_world_size_mismatch_is_a_clear_error(tmp_path):
-    cfg = make_cfg(tmp_path / "run")
-    module, engine, ema = make_state(cfg)
-    manager = CheckpointManager(cfg.run.output)
-    manager.save(1, engine, ema, {}, module=module)
-    manager.close()
-    with pytest.raises(CheckpointError, match="written by 1 ranks, this run has 2"):
-        CheckpointManager(cfg.run.output, rank=1, world_size=2).load(latest_valid(cfg.run.output), engine, ema)
 
 
 # ------------------------------------------------------------------------------- queue, failures, ranks
@@ -290,9 +280,12 @@ def test_two_ranks_one_manifest_written_after_both_parts(tmp_path):
     manifest = json.loads((url / "MANIFEST.json").read_text())
     assert manifest["world_size"] == 2
     assert {rel.split("/")[0] for rel in manifest["files"]} == {"rank_00000", "rank_00001"}
-    engine1 = make_state(cfg, seed=7)[1]
-    CheckpointManager(cfg.run.output, rank=1, world_size=2).load(latest_valid(cfg.run.output), engine1)
-    assert torch.equal(flat(engine1.module), flat(states[1][0]))
+    assert latest_valid(cfg.run.output, "sha256").step == 1
+    from safetensors.torch import load_file  # rank 1's part holds rank 1's weights (torch engines stand in here)
+
+    saved = load_file(str(url / "rank_00001" / "state.safetensors"))
+    masters = [saved[f"master/{n}"] for n, p in states[1][0].named_parameters()]
+    assert torch.equal(torch.cat(masters), flat(states[1][0]))
 
 
 # -------------------------------------------------------------------------------- kill -9 during upload
@@ -464,7 +457,10 @@ def test_zero3_two_ranks_checkpoint_resume_and_ema_consolidation(tmp_path):
         assert r["cursor"] == 2
     info = latest_valid(output, "sha256")
     assert info.step == 4 and info.manifest["world_size"] == 2
-    assert any("zero" in rel and rel.startswith("rank_00001/") for rel in info.manifest["files"])
+    assert "rank_00001/state.safetensors" in info.manifest["files"]
+    assert all(rel.endswith((".safetensors", ".json", "client.pt")) for rel in info.manifest["files"])
+    for r in results:
+        assert r["unsafe_loads"] == []  # the resume never called torch.load without weights_only=True
     ema = consolidate_ema(info)  # from the two ranks' partitions, no engine
     gathered = torch.load(f"{output}.gathered_ema.pt", weights_only=True)
     assert set(ema) == set(gathered)
