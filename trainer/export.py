@@ -48,6 +48,11 @@ def checkpoint_config(info: CheckpointInfo) -> Config:
 
 def consolidate_ema(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     """Full fp32 EMA tensors by parameter name, from every rank's partition (sha256-checked downloads)."""
+    return consolidate(info, "ema")
+
+
+def consolidate(info: CheckpointInfo, kind: str = "ema") -> dict[str, torch.Tensor]:
+    """Full fp32 tensors of one kind ("ema", "master", "exp_avg", "exp_avg_sq") by parameter name."""
     import tempfile
 
     from trainer.engine import Slot
@@ -66,12 +71,12 @@ def consolidate_ema(info: CheckpointInfo) -> dict[str, torch.Tensor]:
                     raise CheckpointError(f"{info.url}/{rel}: content does not match the manifest")
             dirs[rank] = str(Path(tmp, rank_dirname(rank)))
         states = RankStates(dirs, info.url)
-        if states.first.get("ema") is None:
+        if kind == "ema" and states.first.get("ema") is None:
             raise CheckpointError(f"{info.url}: the checkpoint holds no EMA state (the run kept no EMA)")
         out = {}
         for name, slot in states.slots[min(states.slots)].items():
             whole = Slot(name, slot.shape, slot.numel, 0, slot.numel)
-            out[name] = states.partition("ema", whole).reshape(slot.shape).clone()
+            out[name] = states.partition(kind, whole).reshape(slot.shape).clone()
         states.handles.clear()
     return out
 
