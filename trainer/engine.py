@@ -103,7 +103,8 @@ class TorchEngine:
         lr = self._set_lr()
         max_norm = grad_clip_for(self.cfg, self.global_step)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        reasons = list(nonfinite) + ([] if math.isfinite(grad_norm) else ["grad_norm"])
+        bad = set(nonfinite) | (set() if math.isfinite(grad_norm) else {"grad_norm"})
+        reasons = [name for name in NONFINITE_KINDS if name in bad]
         if not reasons:
             self.optimizer.step()
         else:

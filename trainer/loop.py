@@ -160,7 +160,9 @@ def train_loop(
         record["time/teacher_wait_frac"] = timer.seconds["teacher_wait"] / max(t_total, 1e-12)
 
         if checkpoint_hook is not None and (step % cfg.train.ckpt_every == 0 or step == iters):
-            record["checkpoint_stall_s"] = float(checkpoint_hook(step, loss=total_loss) or 0.0)
+            # a skipped step records a non-finite loss on every rank (rank 0's own loss may have been finite)
+            recorded = math.nan if skipped else total_loss
+            record["checkpoint_stall_s"] = float(checkpoint_hook(step, loss=recorded) or 0.0)
         if eval_hook is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == iters):
             with ema.applied() if ema is not None else nullcontext():
                 record.update({f"eval/{k}": v for k, v in eval_hook(step).items()})

@@ -609,3 +609,17 @@ def test_fault_config_keys_have_ranges():
             config_from_dict({"train": {key: bad}})
     cfg = config_from_dict({})
     assert (cfg.train.max_nonfinite_steps, cfg.train.max_failed_uploads, cfg.train.ckpt_part_timeout_s) == (10, 2, 300.0)
+
+
+def test_no_pickle_on_any_load_path_in_the_source():
+    """Every torch.load in the packages passes weights_only=True; no pickle.load, no DeepSpeed checkpoint
+    loading (its engine loads with weights_only=False)."""
+    offenders = []
+    for pkg in ("trainer", "cluster", "models", "data_pipeline"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
+                code = line.split("#")[0]
+                if ("torch.load(" in code and "weights_only=True" not in code) or "pickle.load" in code \
+                        or ".load_checkpoint(" in code or "allow_pickle=True" in code:
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert offenders == []

@@ -87,7 +87,7 @@ def test_nan_teacher_batch_skips_the_step_and_the_ema(tmp_path, toy_teacher_cach
     assert same(snaps[3], snaps[2])  # weights, Adam moments and EMA untouched by the skipped step
     assert not same(snaps[4], snaps[3])  # training goes on
     assert engine.global_step == 6 and engine.adam_step() == 5 and engine.skipped_steps == 1
-    assert "step 3: non-finite teacher and loss" in caplog.text
+    assert "step 3: non-finite loss and teacher" in caplog.text
     assert "step 3 | loss nan" in console.getvalue() and "nonfinite_skipped 1" in console.getvalue()
     meta = read_manifest(f"{cfg.run.output}/checkpoints/{step_dirname(3)}")["meta"]
     assert meta["loss_finite"] is False and meta["loss"] is None
@@ -114,7 +114,7 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_finite_checkpoint(
                                                                                  one_thread):
     cfg, engine, run, snaps, _ = toy_run(tmp_path, toy_teacher_cache, {2, 3, 4, 5}, "train.max_nonfinite_steps=3",
                                          keep_last=2)
-    with pytest.raises(NonFiniteError, match=r"step 5: 3 consecutive steps with non-finite teacher and loss"):
+    with pytest.raises(NonFiniteError, match=r"step 5: 3 consecutive steps with non-finite loss and teacher"):
         run()
     # keep_last=2 keeps steps 3 and 4 (skipped steps: same weights, loss not finite); the newest checkpoint
     # with a finite loss (2) is retained as well
