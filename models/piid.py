@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from models.rollout import rollout, rollout_to_points, window_average_velocity
+from models.sample_rng import SampleRNG
 from models.timesteps import as_batch, num_substeps, step_grid, warp
 
 
@@ -82,11 +83,15 @@ def _draw_gaps(batch_size: int, n_int: int, r: float, span: torch.Tensor, genera
 
     Student: sorted U(0,1) x n_int, successive differences from 0, times (1 - r) * span.
     Teacher: sorted U(0,1) x (n_int - 1) with 0 prepended and 1 appended, differences, times r * span.
-    Both are always drawn (same random stream whatever r).
+    Both are always drawn (same random stream whatever r). With a `SampleRNG` each sample draws its own.
     """
-    gen_device = generator.device if generator is not None else device
-    u_s = torch.rand((n_int, batch_size), generator=generator, device=gen_device, dtype=torch.float64)
-    u_t = torch.rand((n_int - 1, batch_size), generator=generator, device=gen_device, dtype=torch.float64)
+    if isinstance(generator, SampleRNG):
+        u_s = generator.rand(n_int, dtype=torch.float64, device=device).T  # (n_int, B)
+        u_t = generator.rand(n_int - 1, dtype=torch.float64, device=device).T
+    else:
+        gen_device = generator.device if generator is not None else device
+        u_s = torch.rand((n_int, batch_size), generator=generator, device=gen_device, dtype=torch.float64)
+        u_t = torch.rand((n_int - 1, batch_size), generator=generator, device=gen_device, dtype=torch.float64)
     u_s, u_t = u_s.to(device).sort(dim=0).values, u_t.to(device).sort(dim=0).values
     zeros = torch.zeros((1, batch_size), dtype=torch.float64, device=device)
     ones = torch.ones((1, batch_size), dtype=torch.float64, device=device)

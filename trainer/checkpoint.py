@@ -4,8 +4,10 @@ training thread, retention.
 Layout under `run.output` (a local dir or `s3://`; all access through `data_pipeline.storage`):
 
     checkpoints/step_00001000/
-      rank_00000/engine/...      `save_engine`: torch engine.pt, or this rank's ZeRO-3 shards (zero/...)
-      rank_00000/ema.pt          this rank's EMA shadow (its ZeRO partition) + parameter names and full shapes
+      rank_00000/state.safetensors  this rank's flat partition of every trained parameter: fp32 master
+                                 weights, Adam moments, EMA shadow (and, torch engine, the untrained tensors)
+      rank_00000/state.json      format, world size, step counters, and per parameter its name, full shape,
+                                 numel and where this rank's partition lies in the flattened tensor
       rank_00000/client.pt       step, data cursor, this rank's RNG states, wandb run id, config hash
       parts/rank_00000.json      this rank's file list (size, sha256), written after its files are uploaded
       MANIFEST.json              rank 0, LAST, once every rank's part is there: a checkpoint without it does
@@ -19,8 +21,12 @@ applies retention. A checkpoint goes to a new directory and retention deletes on
 exists, so a failed or killed upload never touches the previous checkpoint. Every storage call retries
 transient errors (storage.py); on top, a whole rank upload is retried `UPLOAD_ATTEMPTS` times.
 
-Files are `torch.save`d and read back with `weights_only=True`: client state (the data cursor included)
-must hold only tensors, numbers, strings and containers.
+Safe, resharding loads: engine and EMA state are safetensors (no pickle: DeepSpeed's own checkpoint files
+are pickles loaded with `weights_only=False`, so they are not used), the client state is `torch.save`d and
+read back with `weights_only=True` (it must hold only tensors, numbers, strings and containers). Every
+manifest and part is checked (structure; paths relative, inside a rank dir, no '..') and every downloaded
+file's sha256 is compared with the manifest before anything is applied. Because each partition records
+where it lies in the flattened tensor, a checkpoint written by W ranks loads at any W' (`RankStates`).
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ from data_pipeline import storage
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: engine and EMA state as resharding safetensors partitions (1: DeepSpeed pickles)
 UPLOAD_ATTEMPTS = 5  # whole-rank attempts on top of storage.py's per-call retries; a retry skips done files
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -107,47 +113,131 @@ def restore_rng(state: dict[str, Any], generators: Optional[dict[str, torch.Gene
         g.set_state(saved[name])
 
 
-# --------------------------------------------------------------------------------------------- engine
-ZERO_TAG = "zero"  # DeepSpeed's tag dir inside rank_R/engine/
+# ------------------------------------------------------------------------------------ rank state files
+STATE_FILE = "state.safetensors"  # this rank's flat partitions: master/, exp_avg/, exp_avg_sq/, ema/, frozen/
+STATE_META = "state.json"  # format, rank, world size, engine counters, the slots (where each partition lies)
+CLIENT_FILE = "client.pt"  # step, data cursor, RNG states: torch.save, read with weights_only=True
 
 
-def save_engine(engine, local_dir: str) -> None:
-    """Write this rank's engine state (weights, optimiser, step) into `local_dir` (one mapping per engine
-    type, here: the engine module keeps no storage knowledge). Every rank must call it (ZeRO barriers)."""
-    from trainer.engine import DeepSpeedEngine, TorchEngine
+def write_rank_state(engine, ema, local_dir: str) -> None:
+    """This rank's engine partitions (fp32 master weights, Adam moments) and EMA shadow as one safetensors
+    file plus a JSON description of the slots. Nothing here needs pickle to read back, and any world size
+    can read it (`RankStates` reshards)."""
+    from safetensors.torch import save_file
 
     os.makedirs(local_dir, exist_ok=True)
-    if isinstance(engine, TorchEngine):
-        torch.save(engine.state_dict(), os.path.join(local_dir, "engine.pt"))
-    elif isinstance(engine, DeepSpeedEngine):
-        # each rank stages into its own dir; DeepSpeed creates the tag dir on rank 0 only
-        os.makedirs(os.path.join(local_dir, ZERO_TAG), exist_ok=True)
-        engine.save_checkpoint(local_dir, ZERO_TAG)  # this rank's ZeRO shards + optimiser partition
-    else:
-        raise TypeError(f"save_engine: unsupported engine {type(engine).__name__}")
+    slots = engine.slots()
+    tensors = engine.local_state()
+    if ema is not None:
+        if len(ema.shadow) != len(slots):
+            raise CheckpointError(f"EMA tracks {len(ema.shadow)} tensors, the engine trains {len(slots)}")
+        for slot, shadow in zip(slots, ema.shadow):
+            tensors[f"ema/{slot.name}"] = shadow.detach().reshape(-1).float().cpu().clone()
+    tensors.update({f"frozen/{k}": v for k, v in engine.frozen_state().items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(local_dir, STATE_FILE))
+    meta = {"format": FORMAT_VERSION, "rank": int(getattr(engine, "rank", 0)), "world_size": engine_world(engine),
+            "engine": type(engine).__name__, "counters": engine.counters(),
+            "slots": [[s.name, list(s.shape), s.numel, s.start, s.length] for s in slots],
+            "ema": {"gamma": ema.gamma, "start": ema.start} if ema is not None else None}
+    with open(os.path.join(local_dir, STATE_META), "w") as f:
+        json.dump(meta, f)
 
 
-def load_engine(engine, local_dir: str) -> None:
-    from trainer.engine import DeepSpeedEngine, TorchEngine
-
-    if isinstance(engine, TorchEngine):
-        engine.load_state_dict(torch.load(os.path.join(local_dir, "engine.pt"), weights_only=True))
-    elif isinstance(engine, DeepSpeedEngine):
-        engine.load_checkpoint(local_dir, ZERO_TAG)
-    else:
-        raise TypeError(f"load_engine: unsupported engine {type(engine).__name__}")
+def engine_world(engine) -> int:
+    return int(getattr(engine, "world_size", 1))
 
 
-# ------------------------------------------------------------------------------------------------ EMA
-def ema_payload(ema, module: Optional[torch.nn.Module]) -> dict[str, Any]:
-    """EMA state plus each tracked parameter's name and full shape, so export can reassemble ZeRO-3
-    partitions (flat, padded, one per rank) without a live engine."""
-    names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
-    return {
-        "state": ema.state_dict(),
-        "names": [names.get(id(p), f"param_{i}") for i, p in enumerate(ema.params)],
-        "shapes": [list(getattr(p, "ds_shape", p.shape)) for p in ema.params],
-    }
+class RankStates:
+    """The rank state files of one checkpoint (a subset of its ranks, downloaded to local dirs).
+
+    `partition(kind, target)` cuts the flat partition a NEW layout wants (`target`, a `Slot` of the engine
+    that loads) out of the OLD ranks' partitions, reading only the overlapping ranges (safetensors slices).
+    With the same world size that is the rank's own file; with another one, pieces of several."""
+
+    def __init__(self, dirs: dict[int, str], where: str):
+        from safetensors import safe_open
+
+        from trainer.engine import Slot
+
+        self.where = where
+        self.meta: dict[int, dict[str, Any]] = {}
+        self.slots: dict[int, dict[str, Any]] = {}
+        self.handles = {}
+        for rank, d in sorted(dirs.items()):
+            path = os.path.join(d, STATE_META)
+            try:
+                with open(path) as f:
+                    meta = json.load(f)
+                if meta.get("format") != FORMAT_VERSION:
+                    raise CheckpointError(f"{where}/{rank_dirname(rank)}/{STATE_META}: format {meta.get('format')!r}, "
+                                          f"this version reads {FORMAT_VERSION}")
+                slots = {row[0]: Slot(row[0], tuple(row[1]), int(row[2]), int(row[3]), int(row[4]))
+                         for row in meta["slots"]}
+                _ = (int(meta["world_size"]), dict(meta["counters"]))
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+                raise CheckpointError(f"{where}/{rank_dirname(rank)}/{STATE_META}: unreadable rank state "
+                                      f"({type(e).__name__}: {e})") from None
+            self.meta[rank], self.slots[rank] = meta, slots
+            self.handles[rank] = safe_open(os.path.join(d, STATE_FILE), framework="pt")
+        self.first = self.meta[min(self.meta)]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.first["counters"].items()}
+
+    def names(self) -> set[str]:
+        return set(self.slots[min(self.slots)])
+
+    def has(self, key: str) -> bool:
+        return key in self.handles[min(self.handles)].keys()
+
+    def partition(self, kind: str, target) -> torch.Tensor:
+        """(target.length,) fp32: elements [target.start, target.start + target.length) of the flattened full
+        tensor `kind/NAME`, zero past numel (ZeRO-3 padding)."""
+        out = torch.zeros(target.length, dtype=torch.float32)
+        lo, hi = target.start, min(target.start + target.length, target.numel)
+        covered = 0
+        for rank, slots in self.slots.items():
+            old = slots.get(target.name)
+            if old is None:
+                raise CheckpointError(f"{self.where}: no '{target.name}' in rank {rank}'s state")
+            if old.numel != target.numel or tuple(old.shape) != tuple(target.shape):
+                raise CheckpointError(f"{self.where}: '{target.name}' has shape {tuple(old.shape)} in the checkpoint, "
+                                      f"{tuple(target.shape)} in this model")
+            a, b = max(lo, old.start), min(hi, old.start + old.length, old.numel)
+            if a < b:
+                piece = self.handles[rank].get_slice(f"{kind}/{target.name}")[a - old.start:b - old.start]
+                out[a - lo:b - lo] = piece.float()
+                covered += b - a
+        if covered != max(hi - lo, 0):
+            raise CheckpointError(f"{self.where}: the ranks read cover {covered} of the {hi - lo} elements of "
+                                  f"'{target.name}' this rank needs")
+        return out
+
+    def frozen(self) -> dict[str, torch.Tensor]:
+        h = self.handles[min(self.handles)]
+        return {k[len("frozen/"):]: h.get_tensor(k) for k in h.keys() if k.startswith("frozen/")}
+
+
+def read_rank_state(engine, ema, states: RankStates) -> None:
+    """Restore the engine and the EMA from `states`, resharded to the engine's own slots."""
+    slots = engine.slots()
+    missing, extra = {s.name for s in slots} - states.names(), states.names() - {s.name for s in slots}
+    if missing or extra:
+        raise CheckpointError(f"{states.where}: trained parameters differ from this model's: only in the model "
+                              f"{sorted(missing)[:5]}, only in the checkpoint {sorted(extra)[:5]}")
+    from trainer.engine import ADAM_STATES
+
+    tensors = {f"{kind}/{s.name}": states.partition(kind, s) for s in slots for kind in ("master",) + ADAM_STATES}
+    engine.load_local_state(tensors, states.counters, frozen=states.frozen())
+    if ema is not None:
+        if not states.has(f"ema/{slots[0].name}"):
+            raise CheckpointError(f"{states.where}: the checkpoint holds no EMA state")
+        with torch.no_grad():
+            for slot, shadow in zip(slots, ema.shadow):
+                shadow.copy_(states.partition("ema", slot).view_as(shadow))
+        saved = states.first.get("ema") or {}
+        ema.gamma, ema.start = saved.get("gamma", ema.gamma), saved.get("start", ema.start)
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -156,6 +246,58 @@ class CheckpointInfo:
     step: int
     url: str  # .../checkpoints/step_00001000
     manifest: dict[str, Any]
+
+
+# A manifest path: rank_RRRRR/ then plain names (no '..', no absolute path, no backslash): a manifest from the
+# bucket must never make a rank read or write outside the checkpoint or its own staging dir.
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_RANK_RE = re.compile(r"^rank_(\d{5})$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_rel(rel: Any, where: str) -> str:
+    """A manifest file path, or CheckpointError naming it: relative, inside a rank dir, no '..'."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (len(parts) < 2 or not _RANK_RE.match(parts[0])
+            or any(p in (".", "..") or not _SEGMENT_RE.match(p) for p in parts[1:])):
+        raise CheckpointError(f"{where}: file path {rel!r} is not a relative path inside a rank dir "
+                              f"(expected rank_NNNNN/name[/name...] without '..')")
+    return rel
+
+
+def check_files(files: Any, where: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}: 'files' must be a mapping of path -> {{size, sha256}}, got "
+                              f"{type(files).__name__}")
+    for rel, meta in files.items():
+        check_rel(rel, where)
+        if (not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool)
+                or meta["size"] < 0 or not isinstance(meta.get("sha256"), str) or not _SHA_RE.match(meta["sha256"])):
+            raise CheckpointError(f"{where}: entry {rel!r} must be {{\"size\": int >= 0, \"sha256\": 64 hex digits}}, "
+                                  f"got {meta!r}"[:300])
+    return files
+
+
+def check_manifest(where: str, data: Any) -> dict[str, Any]:
+    """The structure of a MANIFEST.json, or CheckpointError naming the file and the first thing wrong."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: a manifest must be a JSON object, got {type(data).__name__}")
+    for key, kind in (("format", int), ("step", int), ("world_size", int), ("files", dict)):
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise CheckpointError(f"{where}: key '{key}' must be {kind.__name__}, got {data.get(key)!r}"[:300])
+    if data["format"] != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format {data['format']}, this version reads format {FORMAT_VERSION} "
+                              f"(checkpoints of format 1 held DeepSpeed pickles, which are never loaded)")
+    if data["world_size"] < 1 or data["step"] < 0:
+        raise CheckpointError(f"{where}: world_size must be >= 1 and step >= 0")
+    if not isinstance(data.get("meta", {}), dict):
+        raise CheckpointError(f"{where}: 'meta' must be a JSON object")
+    check_files(data["files"], where)
+    ranks = {int(_RANK_RE.match(rel.split("/")[0]).group(1)) for rel in data["files"]}
+    if not ranks <= set(range(data["world_size"])):
+        raise CheckpointError(f"{where}: files of ranks {sorted(ranks - set(range(data['world_size'])))} in a "
+                              f"checkpoint of world size {data['world_size']}")
+    return data
 
 
 def list_steps(run_output: str) -> list[int]:
@@ -169,14 +311,17 @@ def list_steps(run_output: str) -> list[int]:
 
 
 def read_manifest(ckpt_url: str) -> Optional[dict[str, Any]]:
+    """The checked manifest; None when there is none or it is not JSON (a partial upload); CheckpointError
+    when it is JSON of the wrong structure (it names the file and the key)."""
     url = storage.join(ckpt_url, MANIFEST)
     try:
-        return json.loads(storage.get_bytes(url).decode("utf-8"))
+        data = json.loads(storage.get_bytes(url).decode("utf-8"))
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as e:
         log.warning("%s: unreadable manifest (%s); treating the checkpoint as partial", url, e)
         return None
+    return check_manifest(url, data)
 
 
 def verify(ckpt_url: str, manifest: dict[str, Any], mode: Literal["size", "sha256"] = "size") -> Optional[str]:
@@ -200,14 +345,22 @@ def _size(url: str) -> int:
     return storage.size(url)
 
 
-def latest_valid(run_output: str, verify_mode: Literal["size", "sha256"] = "size") -> Optional[CheckpointInfo]:
-    """The newest checkpoint whose manifest exists and whose files match it; None if there is none.
+def latest_valid(run_output: str, verify_mode: Literal["size", "sha256"] = "size",
+                 below: Optional[int] = None) -> Optional[CheckpointInfo]:
+    """The newest checkpoint (with step < `below`, if given) whose manifest exists, is well-formed and whose
+    files match it; None if there is none. Each one skipped is a warning naming the file and the reason.
 
     'size' (the resume default) compares sizes from a listing; each rank then checks the sha256 of the
-    files it downloads (`CheckpointManager.load`). 'sha256' reads every file here (export, tests)."""
+    files it downloads (`CheckpointManager.fetch`). 'sha256' reads every file here (export, tests)."""
     for step in reversed(list_steps(run_output)):
+        if below is not None and step >= below:
+            continue
         url = storage.join(checkpoints_url(run_output), step_dirname(step))
-        manifest = read_manifest(url)
+        try:
+            manifest = read_manifest(url)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", url, e)
+            continue
         if manifest is None:
             continue
         reason = verify(url, manifest, verify_mode)
@@ -235,11 +388,16 @@ def remove_partial(run_output: str, below: Optional[int] = None) -> list[int]:
     return removed
 
 
-def retained_steps(valid_steps: list[int], keep_last: int, keep_every: int) -> set[int]:
-    """Keep the last `keep_last` steps plus every step that is a multiple of `keep_every` (0 = off)."""
+def retained_steps(valid_steps: list[int], keep_last: int, keep_every: int,
+                   finite_steps: Optional[list[int]] = None) -> set[int]:
+    """Keep the last `keep_last` steps plus every step that is a multiple of `keep_every` (0 = off), plus the
+    newest of `finite_steps` (checkpoints whose recorded loss was finite; None = all of them)."""
     keep = set(sorted(valid_steps)[-keep_last:]) if keep_last > 0 else set()
     if keep_every > 0:
         keep |= {s for s in valid_steps if s % keep_every == 0}
+    finite = valid_steps if finite_steps is None else [s for s in valid_steps if s in set(finite_steps)]
+    if finite:
+        keep.add(max(finite))
     return keep
 
 
@@ -250,6 +408,10 @@ class _Job:
     local_dir: str  # staging/step_N/rank_R
     meta: dict[str, Any]
     uploaded: dict[str, dict[str, Any]] = field(default_factory=dict)  # rel -> size/sha256, kept across retries
+
+
+class PartTimeout(CheckpointError):
+    """Rank 0 waited `part_timeout_s` for another rank's part: retrying the whole upload would not help."""
 
 
 def default_staging_dir(run_output: str, rank: int, scratch: str = "") -> str:
@@ -276,21 +438,31 @@ class CheckpointManager:
     """Saves and loads this rank's part of a checkpoint; rank 0 also writes the manifest and prunes.
 
     `barrier` (a callable, e.g. torch.distributed.barrier) is called only from the training thread, in
-    `close()`, so every rank's uploads are finished before any process exits."""
+    `close()`, so every rank's uploads are finished before any process exits. `any_rank(flag)` (e.g. the
+    engine's all-reduce) lets resume agree on falling back when one rank's download fails its checks.
+
+    Failures are loud: after `max_failed_uploads` consecutive uploads of this rank failed for good, the next
+    `save` raises with the cause (training does not go on unprotected); rank 0 waits at most `part_timeout_s`
+    for the other ranks' parts, once (a missing part is not retried)."""
 
     def __init__(self, run_output: str, rank: int = 0, world_size: int = 1, keep_last: int = 2,
                  keep_every: int = 0, queue_size: int = 2, barrier: Optional[Callable[[], None]] = None,
-                 staging_dir: Optional[str] = None, part_timeout_s: float = 1800.0, scratch: str = ""):
+                 staging_dir: Optional[str] = None, part_timeout_s: float = 300.0, max_failed_uploads: int = 2,
+                 any_rank: Optional[Callable[[bool], bool]] = None, scratch: str = ""):
         if keep_last < 1:
             raise ValueError(f"train.ckpt_keep_last must be >= 1, got {keep_last}")
         if queue_size < 1:
             raise ValueError(f"train.upload_queue must be >= 1, got {queue_size}")
+        if max_failed_uploads < 1:
+            raise ValueError(f"train.max_failed_uploads must be >= 1, got {max_failed_uploads}")
         self.run_output = run_output
         self.root = checkpoints_url(run_output)
         self.rank, self.world_size = rank, world_size
         self.keep_last, self.keep_every = keep_last, keep_every
         self.barrier = barrier
+        self.any_rank = any_rank or (lambda flag: bool(flag))
         self.part_timeout_s = part_timeout_s
+        self.max_failed_uploads = max_failed_uploads
         self._own_staging = staging_dir is None
         # One staging dir per (run, rank), emptied on start: a killed process cannot leave copies piling up.
         self.staging = staging_dir or default_staging_dir(run_output, rank, scratch)
@@ -302,13 +474,25 @@ class CheckpointManager:
         self._worker: Optional[threading.Thread] = None
         self.failed_steps: list[int] = []  # uploads that failed after every retry (logged; close() raises)
         self.completed_steps: list[int] = []  # this rank's finished uploads (rank 0: manifests written)
+        self.consecutive_failures = 0
+        self.last_failure = ""
 
     # ----------------------------------------------------------------------------------------- save
+    def check_uploads(self) -> None:
+        """Raise when the last `max_failed_uploads` uploads of this rank all failed (called by `save`)."""
+        if self.consecutive_failures >= self.max_failed_uploads:
+            raise CheckpointError(
+                f"rank {self.rank}: {self.consecutive_failures} consecutive checkpoint uploads failed (steps "
+                f"{self.failed_steps[-self.consecutive_failures:]}) under {self.root}; last cause: {self.last_failure}. "
+                f"Stopping instead of training unprotected (train.max_failed_uploads={self.max_failed_uploads}); "
+                f"the previous valid checkpoint is untouched and the same command resumes from it")
+
     def save(self, step: int, engine, ema=None, client_state: Optional[dict[str, Any]] = None,
              module: Optional[torch.nn.Module] = None, meta: Optional[dict[str, Any]] = None) -> float:
         """Snapshot this rank's state at `step` and queue its upload. Returns the seconds training waited
-        for a free queue slot. `meta` (rank 0, JSON-able: config, config hash, wandb id) goes into the
-        manifest."""
+        for a free queue slot. `meta` (rank 0, JSON-able: config, config hash, wandb id, loss) goes into the
+        manifest. `module` is unused (kept for callers; the engine names its parameters)."""
+        self.check_uploads()
         from trainer.scratch import ensure_free
 
         local = os.path.join(self.staging, step_dirname(step), rank_dirname(self.rank))
@@ -317,10 +501,8 @@ class CheckpointManager:
         ensure_free(self.staging, max(self._staged_bytes, staging_bytes_estimate(engine, ema)),
                     f"staging the step {step} checkpoint of rank {self.rank}")
         os.makedirs(local)
-        save_engine(engine, os.path.join(local, "engine"))
-        if ema is not None:
-            torch.save(ema_payload(ema, module), os.path.join(local, "ema.pt"))
-        torch.save({"step": step, **(client_state or {})}, os.path.join(local, "client.pt"))
+        write_rank_state(engine, ema, local)
+        torch.save({"step": step, **(client_state or {})}, os.path.join(local, CLIENT_FILE))
         self._staged_bytes = _dir_bytes(local)
         self._ensure_worker()
         t0 = time.perf_counter()
@@ -344,22 +526,31 @@ class CheckpointManager:
 
     def _upload_with_retries(self, job: _Job) -> None:
         url = storage.join(self.root, step_dirname(job.step))
+        cause = ""
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 self._upload(job, url)
                 if self.rank == 0:
                     self._finalize(job, url)
                 self.completed_steps.append(job.step)
+                self.consecutive_failures = 0
                 shutil.rmtree(os.path.dirname(job.local_dir), ignore_errors=True)
                 return
+            except PartTimeout as e:  # another rank's part never came: waiting again would not bring it
+                cause = str(e)
+                log.warning("checkpoint %s rank 0: %s", url, e)
+                break
             except Exception as e:  # noqa: BLE001 - logged, retried, then recorded
-                log.warning("checkpoint %s rank %d: upload attempt %d/%d failed: %s: %s",
-                            url, self.rank, attempt, UPLOAD_ATTEMPTS, type(e).__name__, e)
+                cause = f"{type(e).__name__}: {e}"
+                log.warning("checkpoint %s rank %d: upload attempt %d/%d failed: %s",
+                            url, self.rank, attempt, UPLOAD_ATTEMPTS, cause)
                 if attempt < UPLOAD_ATTEMPTS:
                     time.sleep(min(60.0, 2.0 ** attempt))
         log.error("checkpoint %s rank %d: giving up; the previous checkpoint stays the newest valid one",
                   url, self.rank)
         self.failed_steps.append(job.step)
+        self.last_failure = f"step {job.step}: {cause}"
+        self.consecutive_failures += 1
         shutil.rmtree(os.path.dirname(job.local_dir), ignore_errors=True)
 
     def _upload(self, job: _Job, url: str) -> None:
@@ -378,17 +569,32 @@ class CheckpointManager:
 
     def _finalize(self, job: _Job, url: str) -> None:
         """Rank 0: wait for every rank's part, write MANIFEST.json, prune."""
-        parts = self._wait_for_parts(url)
+        parts = self._wait_for_parts(url, job.step)
         files: dict[str, dict[str, Any]] = {}
         for part in parts:
             files.update(part["files"])
         manifest = {"format": FORMAT_VERSION, "step": job.step, "world_size": self.world_size,
                     "created_unix": time.time(), "files": files, "meta": job.meta}
+        check_manifest(storage.join(url, MANIFEST), manifest)
         storage.put_bytes(storage.join(url, MANIFEST), json.dumps(manifest, indent=1).encode())
         log.info("checkpoint %s complete (%d files)", url, len(files))
         self._prune(job.step)
 
-    def _wait_for_parts(self, url: str) -> list[dict[str, Any]]:
+    def _read_part(self, part_url: str, rank: int, step: int) -> dict[str, Any]:
+        try:
+            part = json.loads(storage.get_bytes(part_url))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{part_url}: not a JSON part ({e})") from None
+        if not isinstance(part, dict) or part.get("rank") != rank or part.get("step") != step:
+            raise CheckpointError(f"{part_url}: expected the part of rank {rank} for step {step}, got "
+                                  f"rank {part.get('rank') if isinstance(part, dict) else '?'!r}")
+        files = check_files(part.get("files"), part_url)
+        prefix = rank_dirname(rank) + "/"
+        if any(not rel.startswith(prefix) for rel in files):
+            raise CheckpointError(f"{part_url}: lists files outside {prefix}")
+        return part
+
+    def _wait_for_parts(self, url: str, step: int) -> list[dict[str, Any]]:
         deadline = time.monotonic() + self.part_timeout_s
         delay = 0.05
         while True:
@@ -396,22 +602,31 @@ class CheckpointManager:
             for r in range(self.world_size):
                 part_url = storage.join(url, "parts", f"{rank_dirname(r)}.json")
                 try:
-                    parts.append(json.loads(storage.get_bytes(part_url)))
+                    parts.append(self._read_part(part_url, r, step))
                 except FileNotFoundError:
                     break
             if len(parts) == self.world_size:
                 return parts
             if time.monotonic() > deadline:
-                raise CheckpointError(f"{url}: only {len(parts)}/{self.world_size} ranks uploaded their part "
-                                      f"within {self.part_timeout_s:.0f}s")
+                raise PartTimeout(f"{url}: rank {len(parts)}'s part (and maybe later ones) missing after "
+                                  f"{self.part_timeout_s:.0f}s; only {len(parts)}/{self.world_size} ranks uploaded "
+                                  f"(train.ckpt_part_timeout_s)")
             time.sleep(delay)
             delay = min(2.0, delay * 2)
 
     def _prune(self, newest: int) -> None:
         remove_partial(self.run_output, below=newest)
-        valid = [s for s in list_steps(self.run_output)
-                 if storage.exists(storage.join(self.root, step_dirname(s), MANIFEST))]
-        keep = retained_steps(valid, self.keep_last, self.keep_every)
+        valid, finite = [], []
+        for s in list_steps(self.run_output):
+            try:
+                manifest = read_manifest(storage.join(self.root, step_dirname(s)))
+            except CheckpointError:
+                manifest = None  # a malformed manifest is not a checkpoint: nothing to retain or delete here
+            if manifest is not None:
+                valid.append(s)
+                if manifest.get("meta", {}).get("loss_finite", True):
+                    finite.append(s)
+        keep = retained_steps(valid, self.keep_last, self.keep_every, finite)
         for step in valid:
             if step not in keep:
                 log.info("retention: removing checkpoint step %d", step)
@@ -438,37 +653,56 @@ class CheckpointManager:
             shutil.rmtree(self.staging, ignore_errors=True)
         if self.failed_steps:
             raise CheckpointError(f"rank {self.rank}: checkpoint uploads failed for steps {self.failed_steps} "
-                                  f"under {self.root}")
+                                  f"under {self.root}; last cause: {self.last_failure}")
 
     # ----------------------------------------------------------------------------------------- load
-    def load(self, info: CheckpointInfo, engine, ema=None, module: Optional[torch.nn.Module] = None) -> dict:
-        """Download this rank's files of `info` (checking each sha256 against the manifest), restore the
-        engine and EMA, return the client state dict (step, cursor, rng, ...)."""
-        manifest_world = info.manifest["world_size"]
-        if manifest_world != self.world_size:
-            raise CheckpointError(f"{info.url} was written by {manifest_world} ranks, this run has "
-                                  f"{self.world_size}: ZeRO shards cannot be re-partitioned on resume")
-        prefix = rank_dirname(self.rank) + "/"
-        local = os.path.join(self.staging, "load", step_dirname(info.step), rank_dirname(self.rank))
+    def fetch(self, info: CheckpointInfo) -> tuple[RankStates, str]:
+        """Download what this rank needs of `info` into staging, checking each file's size and sha256 against
+        the manifest; returns (the rank states, the client-state file). Same world size: this rank's own
+        files; another world size: every rank's state files (resharded on read) and the client state of
+        rank `rank % W`. Raises CheckpointError naming the file that fails; nothing is applied yet."""
+        manifest = check_manifest(f"{info.url}/{MANIFEST}", info.manifest)
+        old_world = manifest["world_size"]
+        same = old_world == self.world_size
+        state_ranks = [self.rank] if same else list(range(old_world))
+        client_rank = self.rank if same else self.rank % old_world
+        wanted = {f"{rank_dirname(r)}/{name}" for r in state_ranks for name in (STATE_FILE, STATE_META)}
+        wanted.add(f"{rank_dirname(client_rank)}/{CLIENT_FILE}")
+        missing = sorted(wanted - set(manifest["files"]))
+        if missing:
+            raise CheckpointError(f"{info.url}: the manifest lists no {missing[0]} (a checkpoint of format "
+                                  f"{FORMAT_VERSION} has {STATE_FILE}, {STATE_META} and {CLIENT_FILE} per rank)")
+        local = os.path.join(self.staging, "load", step_dirname(info.step))
         shutil.rmtree(local, ignore_errors=True)
-        for rel, meta in sorted(info.manifest["files"].items()):
-            if not rel.startswith(prefix):
-                continue
-            path = os.path.join(local, *rel[len(prefix):].split("/"))
+        root = os.path.realpath(local)
+        for rel in sorted(wanted):
+            meta = manifest["files"][rel]
+            path = os.path.join(local, *check_rel(rel, info.url).split("/"))
+            if not os.path.realpath(path).startswith(root + os.sep):  # belt and braces on top of check_rel
+                raise CheckpointError(f"{info.url}: {rel!r} resolves outside the staging dir")
             storage.download(storage.join(info.url, *rel.split("/")), path)
-            digest = sha256_file(path)
-            if digest != meta["sha256"] or os.path.getsize(path) != meta["size"]:
+            digest, size = sha256_file(path), os.path.getsize(path)
+            if digest != meta["sha256"] or size != meta["size"]:
                 raise CheckpointError(f"{info.url}/{rel}: content does not match the manifest (sha256 "
-                                      f"{digest[:12]}... vs {meta['sha256'][:12]}...); delete this checkpoint "
-                                      f"directory to resume from the previous one")
+                                      f"{digest[:12]}... vs {meta['sha256'][:12]}..., {size} vs {meta['size']} "
+                                      f"bytes)")
+        dirs = {r: os.path.join(local, rank_dirname(r)) for r in state_ranks}
+        states = RankStates(dirs, info.url)
+        if states.first["world_size"] != old_world:
+            raise CheckpointError(f"{info.url}: rank state says world size {states.first['world_size']}, the "
+                                  f"manifest {old_world}")
+        return states, os.path.join(local, rank_dirname(client_rank), CLIENT_FILE)
+
+    def apply(self, fetched: tuple[RankStates, str], engine, ema=None) -> dict:
+        """Restore the engine and EMA from `fetch`'s files (resharded), return the client state dict."""
+        states, client_file = fetched
         try:
-            load_engine(engine, os.path.join(local, "engine"))
-            if ema is not None:
-                ema_file = os.path.join(local, "ema.pt")
-                if not os.path.exists(ema_file):
-                    raise CheckpointError(f"{info.url}: no EMA state for rank {self.rank}")
-                ema.load_state_dict(torch.load(ema_file, weights_only=True)["state"])
-            client = torch.load(os.path.join(local, "client.pt"), weights_only=True)
+            read_rank_state(engine, ema, states)
+            return torch.load(client_file, weights_only=True)
         finally:
-            shutil.rmtree(local, ignore_errors=True)
-        return client
+            states.handles.clear()
+            shutil.rmtree(os.path.join(self.staging, "load"), ignore_errors=True)
+
+    def load(self, info: CheckpointInfo, engine, ema=None, module: Optional[torch.nn.Module] = None) -> dict:
+        """`fetch` + `apply` (no fallback: see `trainer.resume.resume_state`)."""
+        return self.apply(self.fetch(info), engine, ema)

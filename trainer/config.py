@@ -150,6 +150,11 @@ class TrainConfig:
     ckpt_keep_last: int = 2
     ckpt_keep_every: int = 0  # also keep every M-th step; 0 = off
     upload_queue: int = 2
+    # issue 12: fault handling. Consecutive non-finite (skipped) steps before the run stops; consecutive
+    # failed checkpoint uploads before the run stops; how long rank 0 waits for another rank's part.
+    max_nonfinite_steps: int = 10
+    max_failed_uploads: int = 2
+    ckpt_part_timeout_s: float = 300.0
 
 
 @dataclass
@@ -492,6 +497,10 @@ def validate(cfg: Config, source: str) -> None:
          "false (data-based pi-ID) needs data.shards: latent shards made by `piflow shards latents`")
     if cfg.teacher.placement == "shared":
         need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
+    need(1 <= cfg.train.max_nonfinite_steps <= 100_000, "train.max_nonfinite_steps", "must be in [1, 100000]")
+    need(1 <= cfg.train.max_failed_uploads <= 100, "train.max_failed_uploads", "must be in [1, 100]")
+    need(1.0 <= cfg.train.ckpt_part_timeout_s <= 86_400.0, "train.ckpt_part_timeout_s",
+         "must be in [1, 86400] seconds")
     world = cfg.cluster.student.workers
     if cfg.train.micro_batch_size:
         need(

@@ -55,6 +55,14 @@ def local_slice(global_batch: int, rank: int, world_size: int) -> slice:
     return slice(rank * n, (rank + 1) * n)
 
 
+def global_positions(global_batch: int, rank: int, world_size: int, layout: str = "strided") -> list[int]:
+    """Positions in the global batch that `rank` owns: batch[r::W] ("strided") or the r-th chunk."""
+    if global_batch % world_size:
+        raise ValueError(f"train.batch_size {global_batch} does not split over {world_size} ranks")
+    n = global_batch // world_size
+    return list(range(rank, global_batch, world_size)) if layout == "strided" else list(range(rank * n, (rank + 1) * n))
+
+
 def global_noise(shape_per_sample: tuple[int, ...], global_batch: int, seed: int, step: int,
                  info: RankInfo) -> torch.Tensor:
     """This rank's part of the global batch's noise for `step`: the same numbers whatever the world size.

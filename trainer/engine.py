@@ -6,20 +6,27 @@ engine (`train.engine: deepspeed`):
 
     engine.module            the (possibly wrapped) trainable module; call it for the forward
     engine.backward(loss)    accumulate gradients of one segment's loss
-    engine.step() -> dict    clip, optimiser step, LR schedule, zero grads; returns {"grad_norm", "lr"}
-    engine.state_dict() / engine.load_state_dict(sd)     (torch engine; DeepSpeed saves its own shards)
+    engine.step(nonfinite) -> dict   clip, optimiser step, LR schedule, zero grads; returns {"grad_norm", "lr",
+                             "skipped", "nonfinite"}: the step is skipped on every rank when any rank saw a
+                             non-finite loss or teacher output (`nonfinite`, agreed by an all-reduce) or the
+                             global grad norm is not finite
+    engine.slots() / engine.local_state() / engine.load_local_state(tensors, meta)
+                             this rank's flat partition of every trained parameter (fp32 master, Adam moments)
+                             and where it lies in the flattened full tensor: the checkpoint format
+                             (trainer/checkpoint.py) reshards from these, with no pickle and no DeepSpeed files
+    engine.any_rank(flag)    True on every rank when `flag` is True on any rank
 
 The DeepSpeed engine adds the ZeRO-3 hooks: `partitioned_construction(cfg)` (build the student
 partitioned), `load_partitioned(module, tensors)` (student-from-teacher init, one tensor at a time),
-`engine.save_checkpoint(dir, tag, client_state, rank_state)` / `engine.load_checkpoint(dir, tag)`,
 `engine.local_master(p)` (the fp32 partition for a sharded EMA) and `engine.gathered_state_dict()`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -50,19 +57,37 @@ def grad_clip_for(cfg: Config, step: int) -> float:
     return cfg.optim.grad_clip
 
 
+ADAM_STATES = ("exp_avg", "exp_avg_sq")  # the optimiser moments a checkpoint holds (torch AdamW names)
+NONFINITE_KINDS = ("loss", "teacher", "grad_norm")  # what the loop's non-finite guard can report
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where this rank's partition of one trained parameter lies: elements [start, start + length) of the
+    flattened full tensor (numel elements, then zero padding up to the partition size under ZeRO-3)."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    start: int
+    length: int
+
+
 class TorchEngine:
     """Single-process engine: torch AdamW, warm-up, delayed clipping."""
 
     def __init__(self, cfg: Config, module: torch.nn.Module):
         self.cfg = cfg
         self.module = module
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         if not self.params:
             raise ValueError("build_engine: the student has no trainable parameters")
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
         )
-        self.global_step = 0
+        self.global_step = 0  # iterations done, skipped ones included (the LR schedule follows iterations)
+        self.skipped_steps = 0  # iterations whose update was skipped (non-finite)
         self._set_lr()
 
     def _set_lr(self) -> float:
@@ -71,24 +96,71 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> dict[str, float]:
+    def any_rank(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def step(self, nonfinite: Sequence[str] = ()) -> dict[str, Any]:
         lr = self._set_lr()
         max_norm = grad_clip_for(self.cfg, self.global_step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        bad = set(nonfinite) | (set() if math.isfinite(grad_norm) else {"grad_norm"})
+        reasons = [name for name in NONFINITE_KINDS if name in bad]
+        if not reasons:
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        return {"grad_norm": float(grad_norm), "lr": lr}
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": bool(reasons), "nonfinite": reasons}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "global_step": self.global_step}
+    # ---- checkpoint state (world size 1: the partition is the whole tensor)
+    def slots(self) -> list[Slot]:
+        return [Slot(n, tuple(p.shape), p.numel(), 0, p.numel()) for n, p in self.named]
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.module.load_state_dict(sd["module"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.global_step = int(sd["global_step"])
+    def adam_step(self) -> int:
+        steps = [int(st["step"]) for st in self.optimizer.state.values() if "step" in st]
+        return max(steps, default=0)
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """{"master/NAME", "exp_avg/NAME", "exp_avg_sq/NAME"}: flat fp32 copies (zeros before the first step)."""
+        out = {}
+        for n, p in self.named:
+            out[f"master/{n}"] = p.detach().reshape(-1).float().clone()
+            st = self.optimizer.state.get(p, {})
+            for key in ADAM_STATES:
+                out[f"{key}/{n}"] = st[key].reshape(-1).float().clone() if key in st else torch.zeros(p.numel())
+        return out
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """Module tensors that are not trained (buffers, frozen weights): whole, this engine has one rank."""
+        trained = {n for n, _ in self.named}
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items() if k not in trained}
+
+    def counters(self) -> dict[str, int]:
+        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "adam_step": self.adam_step()}
+
+    @torch.no_grad()
+    def load_local_state(self, tensors: Mapping[str, torch.Tensor], counters: Mapping[str, int],
+                         frozen: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Restore from flat partitions laid out as `slots()` (the checkpoint reader reshards into them)."""
+        self.global_step, self.skipped_steps = int(counters["global_step"]), int(counters["skipped_steps"])
+        adam_step = int(counters["adam_step"])
+        for n, p in self.named:
+            p.copy_(tensors[f"master/{n}"].view(p.shape).to(p.dtype))
+            if adam_step > 0:
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(adam_step)),
+                    **{key: tensors[f"{key}/{n}"].view(p.shape).to(p.dtype).clone() for key in ADAM_STATES},
+                }
+            else:
+                self.optimizer.state.pop(p, None)
+        if frozen:
+            self.module.load_state_dict(dict(frozen), strict=False)
         self._set_lr()
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed ZeRO-3
@@ -354,8 +426,12 @@ class DeepSpeedEngine:
         optimizer = make_optimizer(cfg, params)
         self._ds, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.module = self._ds  # calling it runs the forward with ZeRO-3's gather hooks
-        self.params = [p for p in self._ds.module.parameters() if p.requires_grad]
-        self.global_step = 0
+        self.named = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.global_step = 0  # iterations done, skipped ones included (the LR schedule follows iterations)
+        self.skipped_steps = 0
+        self._force_skip = False
+        self._install_skip_hook()
         self._set_lr()
 
     # ---- the engine interface
@@ -377,14 +453,57 @@ class DeepSpeedEngine:
         # clear it after every backward: each call then adds to the gradients instead of overwriting them.
         self.optimizer.clear_backward_seen_flag()
 
-    def step(self) -> dict[str, float]:
+    def any_rank(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def step(self, nonfinite: Sequence[str] = ()) -> dict[str, Any]:
+        """One optimiser step, or a skipped one on EVERY rank when any rank reports a non-finite quantity
+        (`nonfinite`: names such as "loss", "teacher"; one all-reduce agrees on them) or the global grad norm
+        is not finite. A skip goes through ZeRO-3's own overflow path (gradients dropped, no update, Adam
+        state untouched): DeepSpeed takes that path by itself only for fp16 overflow and non-finite norms."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([1.0 if name in nonfinite else 0.0 for name in NONFINITE_KINDS])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank must take the same branch below
+        reasons = [name for name, f in zip(NONFINITE_KINDS, flags.tolist()) if f > 0]
         lr = self._set_lr()
         self._set_clip()
-        self._ds.step()
+        self._force_skip = bool(reasons)
+        try:
+            self._ds.step()
+        finally:
+            self._force_skip = False
         grad_norm = self._ds.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        skipped = bool(getattr(self.optimizer, "overflow", False))
+        if skipped and not reasons:
+            reasons = ["grad_norm"]  # ZeRO-3 found the (all-reduced) global norm non-finite and skipped
+        if skipped:
+            self.skipped_steps += 1
         self._ds.zero_grad()
         self.global_step += 1
-        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr}
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": skipped, "nonfinite": reasons}
+
+    def _install_skip_hook(self) -> None:
+        """Make ZeRO-3's overflow check also report our agreed skip flag (bf16/fp32 have no loss-scale overflow
+        check of their own), so a skipped step runs DeepSpeed's own clean-up of the partitioned gradients."""
+        opt = self.optimizer
+        check = opt._overflow_check_and_loss_scale_update
+
+        def check_with_skip(update_scale: bool = True) -> bool:
+            result = check(update_scale=update_scale)
+            if self._force_skip:
+                opt.overflow = True
+                if update_scale:  # (unused by stage 3's step, which cleans up in a second call)
+                    return opt._loss_scale_update_and_overflow_cleanup()
+                return True
+            return result
+
+        opt._overflow_check_and_loss_scale_update = check_with_skip
 
     # ---- sharded views for EMA and checks
     def local_master(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -405,43 +524,74 @@ class DeepSpeedEngine:
             out[name] = b.detach().clone().cpu()
         return out
 
-    # ---- checkpoint hooks (ZeRO writes one shard per rank; every rank must call these)
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any] | None = None,
-                        rank_state: dict[str, Any] | None = None, per_rank_dir: bool = True) -> None:
-        """This rank's ZeRO shards + optimiser partition under `directory/tag`, with `client_state` (step,
-        cursor, ...) in the model-states file and `rank_state` (e.g. this rank's EMA shard) in
-        `rank_state_{rank}.pt` beside it.
-
-        `per_rank_dir` (the checkpoint manager's layout: one directory per rank): every rank writes its own
-        model-states file, so each directory loads on its own. With one shared directory pass False (then
-        only rank 0 writes that file, DeepSpeed's default)."""
-        state = dict(client_state or {})
-        state["piflow_global_step"] = self.global_step
-        if per_rank_dir:
-            self._ds.save_non_zero_checkpoint = True
-        self._ds.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
-        if rank_state is not None:
-            path = Path(directory) / tag / f"rank_state_{self.rank:05d}.pt"
-            torch.save(rank_state, path)
+    # ---- checkpoint state: this rank's flat partitions (ZeRO-3 pads each parameter to world x partition)
+    def slots(self) -> list[Slot]:
         import torch.distributed as dist
 
-        dist.barrier()
+        out = []
+        for n, p in self.named:
+            length = int(p.ds_tensor.ds_numel)
+            rank = dist.get_rank(group=p.ds_process_group)
+            out.append(Slot(n, tuple(p.ds_shape), int(p.ds_numel), rank * length, length))
+        return out
 
-    def load_checkpoint(self, directory: str, tag: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Restore shards, optimiser and step; returns (client_state, this rank's rank_state or None)."""
-        path, client_state = self._ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {directory}")
-        client_state = dict(client_state or {})
-        self.global_step = int(client_state.pop("piflow_global_step"))
+    def _fp32_groups(self) -> list[torch.Tensor]:
+        return list(self.optimizer.fp32_partitioned_groups_flat)
+
+    def adam_step(self) -> int:
+        state = self.optimizer.optimizer.state
+        steps = [int(state[g]["step"]) for g in self._fp32_groups() if "step" in state.get(g, {})]
+        return max(steps, default=0)
+
+    def counters(self) -> dict[str, int]:
+        return {"global_step": self.global_step, "skipped_steps": self.skipped_steps, "adam_step": self.adam_step()}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        have_moments = self.adam_step() > 0
+        out = {}
+        for n, p in self.named:
+            out[f"master/{n}"] = safe_get_local_fp32_param(p).detach().reshape(-1).float().cpu().clone()
+            for key in ADAM_STATES:
+                out[f"{key}/{n}"] = (safe_get_local_optimizer_state(p, key).detach().reshape(-1).float().cpu().clone()
+                                     if have_moments else torch.zeros(int(p.ds_tensor.ds_numel)))
+        return out
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        return {}  # frozen weights come from the teacher (model.pretrained or the seeded tiny model)
+
+    @torch.no_grad()
+    def load_local_state(self, tensors: Mapping[str, torch.Tensor], counters: Mapping[str, int],
+                         frozen: Mapping[str, torch.Tensor] | None = None) -> None:
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        self.global_step, self.skipped_steps = int(counters["global_step"]), int(counters["skipped_steps"])
+        adam_step = int(counters["adam_step"])
+        state = self.optimizer.optimizer.state
+        for g in self._fp32_groups():  # torch AdamW creates its state lazily at the first step: create it here
+            if adam_step > 0:
+                st = state[g]
+                st["step"] = torch.tensor(float(adam_step))
+                for key in ADAM_STATES:
+                    if key not in st:
+                        st[key] = torch.zeros_like(g)
+            else:
+                state.pop(g, None)
+        for n, p in self.named:
+            master = tensors[f"master/{n}"]
+            safe_set_local_fp32_param(p, master.to(self.local_master(p).dtype))
+            p.ds_tensor.data.copy_(master.to(p.ds_tensor.dtype))  # the (bf16/fp32) partition the forward gathers
+            if adam_step > 0:
+                for key in ADAM_STATES:
+                    safe_set_local_optimizer_state(p, tensors[f"{key}/{n}"].to(master.dtype), key)
         self._set_lr()
-        rank_path = Path(directory) / tag / f"rank_state_{self.rank:05d}.pt"
-        rank_state = torch.load(rank_path, weights_only=True) if rank_path.exists() else None
-        return client_state, rank_state
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("train.engine: deepspeed saves one shard per rank: use save_checkpoint")
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Every rank's fp32 master partitions are finite (collective)."""
+        bad = any(not bool(torch.isfinite(self.local_master(p)).all()) for p in self.params)
+        return not self.any_rank(bad)
 
 
 def ensure_distributed(cfg: Config) -> None:

@@ -1,18 +1,15 @@
 """`piflow export RUN_OR_CHECKPOINT --out DIR`: a checkpoint's EMA student as a diffusers-format directory
 (models/pipeline.py describes the format; `PiFlowPipeline.from_pretrained(DIR)` loads it).
 
-Consolidation needs no live engine and no DeepSpeed: every rank's `ema.pt` holds its EMA partition of each
-trained parameter with the parameter's name and full shape (trainer/checkpoint.py). Under ZeRO-3 a partition
-is the rank's contiguous, padded slice of the flattened parameter, so concatenating the ranks' slices in rank
-order and cutting at numel rebuilds the tensor; with one rank it is the tensor itself. The untrained tensors
+Consolidation needs no live engine and no DeepSpeed: every rank's `state.safetensors` holds its EMA partition
+of each trained parameter and `state.json` where that partition lies in the flattened tensor
+(trainer/checkpoint.py), so the full tensor is read back as one "partition" covering all of it. The untrained tensors
 (the frozen base under LoRA) are the base model's: the student is rebuilt from the checkpoint's config (its
 `model.pretrained` reference, or the seeded tiny model), then the EMA tensors are copied in.
 """
 from __future__ import annotations
 
-import io
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -20,8 +17,8 @@ from typing import Optional
 import torch
 
 from data_pipeline import storage
-from trainer.checkpoint import (MANIFEST, CheckpointError, CheckpointInfo, latest_valid, rank_dirname, read_manifest,
-                                verify)
+from trainer.checkpoint import (MANIFEST, STATE_FILE, STATE_META, CheckpointError, CheckpointInfo, RankStates,
+                                latest_valid, rank_dirname, read_manifest, sha256_file, verify)
 from trainer.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -30,7 +27,7 @@ log = logging.getLogger(__name__)
 def resolve_checkpoint(run_or_checkpoint: str) -> CheckpointInfo:
     """A checkpoint dir (with MANIFEST.json) or a run output (its newest valid checkpoint), sha256-checked."""
     url = run_or_checkpoint.rstrip("/")
-    manifest = read_manifest(url)
+    manifest = read_manifest(url)  # CheckpointError (file and key named) when it is malformed
     if manifest is not None:
         reason = verify(url, manifest, "sha256")
         if reason is not None:
@@ -51,23 +48,37 @@ def checkpoint_config(info: CheckpointInfo) -> Config:
 
 
 def consolidate_ema(info: CheckpointInfo) -> dict[str, torch.Tensor]:
-    """Full fp32 EMA tensors by parameter name, from every rank's partition."""
-    payloads = []
-    for rank in range(int(info.manifest["world_size"])):
-        rel = f"{rank_dirname(rank)}/ema.pt"
-        if rel not in info.manifest["files"]:
-            raise CheckpointError(f"{info.url}: no EMA state for rank {rank} ({rel}); the run kept no EMA")
-        data = storage.get_bytes(storage.join(info.url, rank_dirname(rank), "ema.pt"))
-        payloads.append(torch.load(io.BytesIO(data), weights_only=True))
-    names, shapes = payloads[0]["names"], payloads[0]["shapes"]
-    out = {}
-    for i, (name, shape) in enumerate(zip(names, shapes)):
-        flat = torch.cat([p["state"]["shadow"][i].reshape(-1) for p in payloads])
-        numel = math.prod(shape)
-        if flat.numel() < numel:
-            raise CheckpointError(f"{info.url}: EMA partitions of {name} hold {flat.numel()} values, "
-                                  f"the parameter has {numel}")
-        out[name] = flat[:numel].reshape(shape).clone()
+    """Full fp32 EMA tensors by parameter name, from every rank's partition (sha256-checked downloads)."""
+    return consolidate(info, "ema")
+
+
+def consolidate(info: CheckpointInfo, kind: str = "ema") -> dict[str, torch.Tensor]:
+    """Full fp32 tensors of one kind ("ema", "master", "exp_avg", "exp_avg_sq") by parameter name."""
+    import tempfile
+
+    from trainer.engine import Slot
+
+    world = int(info.manifest["world_size"])
+    with tempfile.TemporaryDirectory(prefix="piflow-export-") as tmp:
+        dirs = {}
+        for rank in range(world):
+            for name in (STATE_FILE, STATE_META):
+                rel = f"{rank_dirname(rank)}/{name}"
+                if rel not in info.manifest["files"]:
+                    raise CheckpointError(f"{info.url}: the manifest lists no {rel}")
+                path = Path(tmp, rank_dirname(rank), name)
+                storage.download(storage.join(info.url, rank_dirname(rank), name), str(path))
+                if sha256_file(str(path)) != info.manifest["files"][rel]["sha256"]:
+                    raise CheckpointError(f"{info.url}/{rel}: content does not match the manifest")
+            dirs[rank] = str(Path(tmp, rank_dirname(rank)))
+        states = RankStates(dirs, info.url)
+        if kind == "ema" and states.first.get("ema") is None:
+            raise CheckpointError(f"{info.url}: the checkpoint holds no EMA state (the run kept no EMA)")
+        out = {}
+        for name, slot in states.slots[min(states.slots)].items():
+            whole = Slot(name, slot.shape, slot.numel, 0, slot.numel)
+            out[name] = states.partition(kind, whole).reshape(slot.shape).clone()
+        states.handles.clear()
     return out
 
 

@@ -129,12 +129,12 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
         rollouts = RolloutHook(cfg, family, student, logger=logger)
         eval_hook = chain_hooks(eval_hook, rollouts)
 
-    def checkpoint_hook(step: int) -> float:
+    def checkpoint_hook(step: int, loss: Optional[float] = None) -> float:
         if guard is not None:
             guard()
         logger.flush()  # the log on storage covers every step up to the checkpoint
         return resume.save_state(cfg, manager, step, engine, ema, student, generators=generators,
-                                 wandb_run_id=logger.wandb_run_id or "")
+                                 wandb_run_id=logger.wandb_run_id or "", loss=loss)
 
     try:
         steps = train_loop(

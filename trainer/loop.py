@@ -5,6 +5,8 @@ iterator, hooks), so the same loop runs in-process, under torchrun or under Ray 
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -15,6 +17,14 @@ from tqdm.auto import tqdm
 
 from models.piid import DataSegments, PiIDParams, data_free_iteration, data_iteration, teacher_ratio
 from trainer.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps, or non-finite weights at a checkpoint: the run stops; the newest
+    valid checkpoint (never written from non-finite weights) is where to resume from."""
+
 
 # make_policy(x_src (B,C,H,W), sigma_src (B,), cond) -> GMPolicy | DXPolicy (one student forward)
 MakePolicy = Callable[[torch.Tensor, torch.Tensor, Any], Any]
@@ -77,14 +87,22 @@ def train_loop(
     ema=None,  # trainer.ema.PowerEMA or None
     logger=None,  # trainer.metrics.MetricsLogger or None
     eval_hook: Optional[Callable[[int], dict[str, float]]] = None,  # run with the EMA weights applied
-    checkpoint_hook: Optional[Callable[[int], Optional[float]]] = None,  # returns the stall in seconds
+    checkpoint_hook: Optional[Callable[..., Optional[float]]] = None,  # (step, loss=) -> the stall in seconds
     start_step: int = 0,
     generator: Optional[torch.Generator] = None,
     progress: bool = True,
     iteration: Optional[Callable] = None,  # replaces data_free_iteration, e.g. trainer.overlap.overlapped_iteration
+    sample_rng: Optional[Callable[[int], Any]] = None,  # iteration -> per-sample random streams (models.sample_rng)
 ) -> int:
-    """Run iterations start_step .. cfg.train.iters - 1. Returns the number of completed steps."""
+    """Run iterations start_step .. cfg.train.iters - 1. Returns the number of completed steps.
+
+    Non-finite guard: a non-finite loss or teacher output on any rank, or a non-finite global grad norm, skips
+    the optimiser step on every rank (the engine agrees) and the EMA update; it is counted
+    (`nonfinite_skipped`) and warned about; `train.max_nonfinite_steps` consecutive skips stop the run.
+    pi-ID's random draws come from `sample_rng(it)` when given (keyed by global sample index: the same
+    numbers with any world size), else from `generator`."""
     params = piid_params(cfg)
+    consecutive = 0
     iters = cfg.train.iters
     bar = tqdm(range(start_step, iters), initial=start_step, total=iters, desc=f"pi-ID {cfg.distill.nfe}-NFE",
                disable=not progress, mininterval=1.0)
@@ -103,26 +121,49 @@ def train_loop(
             return policy
 
         r = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
+        gen = sample_rng(it) if sample_rng is not None else generator
         if data is not None:  # one segment per sample from a noised data latent
             segments = data_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, data, cond, params,
-                                      teacher_ratio=r, generator=generator)
+                                      teacher_ratio=r, generator=gen)
         elif iteration is None:
             segments = data_free_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, cond, params,
-                                           teacher_ratio=r, generator=generator)
+                                           teacher_ratio=r, generator=gen)
         else:  # it gets the raw teacher (to submit requests) and adds its own "teacher_wait" seconds
-            segments = iteration(policy_of, teacher, noise, cond, params, teacher_ratio=r, generator=generator,
+            segments = iteration(policy_of, teacher, noise, cond, params, teacher_ratio=r, generator=gen,
                                  seconds=timer.seconds)
-        record: dict[str, float] = {"teacher_ratio": r}
-        total_loss = 0.0
+        record: dict[str, Any] = {"teacher_ratio": r}
+        total_loss, nonfinite = 0.0, []
         for weighted_loss, m in segments:
-            timer.wrap("backward", engine.backward)(weighted_loss)
+            timer.wrap("backward", engine.backward)(weighted_loss)  # always: ZeRO-3 backwards are collective
             k = int(m["step"])
             record[f"loss/seg{k}"] = float(m["loss"])
             record[f"mse/seg{k}"] = float(m["mse"])
             total_loss += float(weighted_loss.detach())
-        record.update(timer.wrap("optimizer", engine.step)())
-        if ema is not None:
-            record["ema_beta"] = timer.wrap("ema", ema.update)(it)
+            if not math.isfinite(float(m["u_teacher_rms"])) and "teacher" not in nonfinite:
+                nonfinite.append("teacher")
+        if not math.isfinite(total_loss):
+            nonfinite.append("loss")
+        out = timer.wrap("optimizer", engine.step)(nonfinite)
+        skipped, reasons = out.pop("skipped"), out.pop("nonfinite")
+        record.update(out)
+        record["nonfinite_skipped"] = engine.skipped_steps  # cumulative over the run (checkpointed)
+        if skipped:
+            consecutive += 1
+            log.warning("step %d: non-finite %s (on this or another rank); optimizer step and EMA update "
+                        "skipped (%d in a row, limit train.max_nonfinite_steps=%d)", step, " and ".join(reasons),
+                        consecutive, cfg.train.max_nonfinite_steps)
+            if consecutive >= cfg.train.max_nonfinite_steps:
+                if logger is not None:
+                    logger.log(step, {**record, "loss": total_loss})
+                raise NonFiniteError(f"step {step}: {consecutive} consecutive steps with non-finite "
+                                     f"{' and '.join(reasons)} (train.max_nonfinite_steps="
+                                     f"{cfg.train.max_nonfinite_steps}); the weights were not updated by them and "
+                                     f"the newest valid checkpoint is intact: inspect the data and teacher, then "
+                                     f"resume or lower optim.lr")
+        else:
+            consecutive = 0
+            if ema is not None:
+                record["ema_beta"] = timer.wrap("ema", ema.update)(it)
 
         record["loss"] = total_loss  # sum_k S_k L_k data-free, L data-based (§3.5)
         record.update(stats)
@@ -134,7 +175,9 @@ def train_loop(
         record["time/teacher_wait_frac"] = timer.seconds["teacher_wait"] / max(t_total, 1e-12)
 
         if checkpoint_hook is not None and (step % cfg.train.ckpt_every == 0 or step == iters):
-            record["checkpoint_stall_s"] = float(checkpoint_hook(step) or 0.0)
+            # a skipped step records a non-finite loss on every rank (rank 0's own loss may have been finite)
+            recorded = math.nan if skipped else total_loss
+            record["checkpoint_stall_s"] = float(checkpoint_hook(step, loss=recorded) or 0.0)
         if eval_hook is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == iters):
             with ema.applied() if ema is not None else nullcontext():
                 record.update({f"eval/{k}": v for k, v in eval_hook(step).items()})

@@ -8,7 +8,6 @@ same dict when `wandb.mode` is `offline` or `online` (`disabled` never imports i
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -24,11 +23,11 @@ _CONSOLE_KEYS = ("loss", "grad_norm", "lr", "logstd_mean", "time/step")
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe scalar: tensors and numpy numbers become floats, non-finite floats stay as strings."""
+    """Plain scalar: tensors and numpy numbers become Python numbers. Non-finite floats stay floats: the
+    console shows `loss nan`, wandb plots the gap, and metrics.jsonl writes `NaN` / `Infinity` (which
+    `read_metrics`, Python's json and pandas read back as floats) instead of hiding them as strings."""
     if hasattr(value, "item"):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     return value
 
 
@@ -80,6 +79,8 @@ class MetricsLogger:
             for k in _CONSOLE_KEYS:
                 if isinstance(record.get(k), (int, float)):
                     parts.append(f"{k} {record[k]:.4g}")
+            if record.get("nonfinite_skipped"):
+                parts.append(f"nonfinite_skipped {record['nonfinite_skipped']}")
             tqdm.write(" | ".join(parts), file=self.stream)  # keeps an active progress bar intact
 
     def log_image(self, step: int, key: str, png: bytes) -> None:

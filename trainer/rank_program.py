@@ -22,7 +22,8 @@ from data_pipeline.records import LATENT_KEY
 from models.piid import DataSegments
 from models.timesteps import sample_segment_of
 from trainer.config import Config, ConfigError
-from trainer.distributed import RankInfo, device_for, rank_info
+from models.sample_rng import SampleRNG
+from trainer.distributed import RankInfo, device_for, global_positions, rank_info
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine, build_partitioned_student, safetensors_source
 
@@ -166,10 +167,7 @@ class PromptBatches:
         return self
 
     def global_positions(self) -> list[int]:
-        n, r, w = self.batch_size, self.info.rank, self.info.world_size
-        if n % w:
-            raise ValueError(f"train.batch_size {n} does not split over {w} ranks")
-        return list(range(r, n, w)) if self.layout == "strided" else list(range(r * (n // w), (r + 1) * (n // w)))
+        return global_positions(self.batch_size, self.info.rank, self.info.world_size, self.layout)
 
     def __next__(self) -> tuple[torch.Tensor, Any]:
         batch = next(self.source)
@@ -311,8 +309,16 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     # The launcher decided fresh vs resume (and applied --force) once for the run; a group that Ray Train
     # restarts lands here again and must resume from the newest valid checkpoint, not re-decide.
     ckpt_info = resume.prepare_output(cfg, info.rank, barrier, decided=True)
-    manager = resume.make_manager(cfg, info.rank, info.world_size, barrier)
-    generators = {"piid": torch.Generator().manual_seed(cfg.run.seed * 7919 + 2 + info.rank)}
+    manager = resume.make_manager(cfg, info.rank, info.world_size, barrier, any_rank=setup.engine.any_rank)
+    # pi-ID draws its random numbers per sample, keyed by (run.seed, global sample index) like the noise
+    # (models/sample_rng.py): a W-rank run is the same computation as a 1-rank one, and a resume on another
+    # number of ranks continues it. No per-rank generator is left to checkpoint.
+    generators: dict[str, torch.Generator] = {}
+    positions = global_positions(cfg.train.batch_size, info.rank, info.world_size, cfg.data.layout)
+
+    def sample_rng(it: int) -> SampleRNG:
+        return SampleRNG(cfg.run.seed, [it * cfg.train.batch_size + p for p in positions])
+
     ok = False
     logger = keys = eval_hook = None
     try:
@@ -334,7 +340,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
         keys = KeyLog(cfg, out, info.rank, start, guard=guard) if prompt_batches is not None else None
         clock = FirstStepClock(OnDevice(batches, setup.device), times)
 
-        def checkpoint_hook(step: int) -> float:
+        def checkpoint_hook(step: int, loss: Optional[float] = None) -> float:
             # the cursor just past the batches CONSUMED so far (the rank reads no batch ahead of the loop)
             data = batches.state_dict() if prompt_batches is not None else {"synthetic_step": step}
             if guard is not None:
@@ -344,7 +350,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
                 keys.flush()
             return resume.save_state(cfg, manager, step, setup.engine, setup.ema, setup.student,
                                      data_state=data, generators=generators,
-                                     wandb_run_id=logger.wandb_run_id or "")
+                                     wandb_run_id=logger.wandb_run_id or "", loss=loss)
 
         eval_hook = None
         if cfg.eval.every:  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
@@ -354,7 +360,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
         log = _RankLogger(logger, info.world_size, keys, batches if prompt_batches is not None else None)
         steps = train_loop(cfg, setup.engine, setup.student.make_policy, setup.teacher, clock, ema=setup.ema,
                            logger=log, eval_hook=eval_hook, checkpoint_hook=checkpoint_hook, start_step=start,
-                           generator=generators["piid"], progress=progress, iteration=iteration_for(cfg))
+                           progress=progress, iteration=iteration_for(cfg), sample_rng=sample_rng)
         clock.finish()
         ok = True
     finally:
@@ -401,9 +407,7 @@ def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[i
     n = cfg.train.batch_size
     if n % info.world_size:
         raise ValueError(f"train.batch_size {n} does not split over {info.world_size} ranks")
-    per = n // info.world_size
-    idx = (torch.arange(info.rank, n, info.world_size) if cfg.data.layout == "strided"
-           else torch.arange(info.rank * per, (info.rank + 1) * per))
+    idx = torch.tensor(global_positions(n, info.rank, info.world_size, cfg.data.layout))
     step = start_step
     while True:
         g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)

@@ -20,14 +20,15 @@ a resume draw the same numbers as an uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
 from data_pipeline import storage
-from trainer.checkpoint import (CheckpointInfo, CheckpointManager, capture_rng, checkpoints_url, latest_valid,
-                                list_steps, restore_rng, step_dirname)
+from trainer.checkpoint import (CheckpointError, CheckpointInfo, CheckpointManager, capture_rng, checkpoints_url,
+                                latest_valid, list_steps, restore_rng, step_dirname)
 from trainer.config import Config
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,13 @@ class ResumeState:
     checkpoint_url: str
 
 
-def make_manager(cfg: Config, rank: int, world_size: int,
-                 barrier: Optional[Callable[[], None]] = None) -> CheckpointManager:
+def make_manager(cfg: Config, rank: int, world_size: int, barrier: Optional[Callable[[], None]] = None,
+                 any_rank: Optional[Callable[[bool], bool]] = None) -> CheckpointManager:
     return CheckpointManager(cfg.run.output, rank=rank, world_size=world_size, keep_last=cfg.train.ckpt_keep_last,
                              keep_every=cfg.train.ckpt_keep_every, queue_size=cfg.train.upload_queue,
-                             barrier=barrier, scratch=cfg.run.scratch)
+                             barrier=barrier, part_timeout_s=cfg.train.ckpt_part_timeout_s,
+                             max_failed_uploads=cfg.train.max_failed_uploads, any_rank=any_rank,
+                             scratch=cfg.run.scratch)
 
 
 def output_is_used(run_output: str) -> bool:
@@ -113,20 +116,57 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return keys
 
 
+def fetch_with_fallback(cfg: Config, manager: CheckpointManager, info: Optional[CheckpointInfo]):
+    """Download and check `info` on every rank; when any rank's files fail their checks (sha256, size,
+    malformed rank state), every rank falls back to the next older valid checkpoint, with a warning naming
+    the file. Rank 0 removes the rejected checkpoint (the resumed timeline overwrites its step anyway).
+    Returns (info, fetched) or (None, None) when there was nothing to resume."""
+    while info is not None:
+        try:
+            fetched, err = manager.fetch(info), None
+        except CheckpointError as e:
+            fetched, err = None, e
+        if err is not None:
+            log.warning("checkpoint %s failed its checks on rank %d: %s; falling back to an older one",
+                        info.url, manager.rank, err)
+        if not manager.any_rank(err is not None):
+            return info, fetched
+        older = latest_valid(cfg.run.output, below=info.step)
+        if manager.barrier is not None:
+            manager.barrier()  # every rank is done reading the rejected checkpoint
+        if manager.rank == 0:
+            log.warning("removing rejected checkpoint %s; resuming from %s", info.url,
+                        older.url if older else "nothing")
+            storage.remove(info.url, recursive=True)
+        if manager.barrier is not None:
+            manager.barrier()
+        if older is None:
+            raise ResumeError(f"every checkpoint under {checkpoints_url(cfg.run.output)} failed its checks "
+                              f"(the last: {info.url}: {err or 'on another rank'}); pass --force to start fresh")
+        info = older
+    return None, None
+
+
 def resume_state(cfg: Config, manager: CheckpointManager, info: Optional[CheckpointInfo], engine, ema=None,
                  module: Optional[torch.nn.Module] = None,
                  generators: Optional[dict[str, torch.Generator]] = None) -> Optional[ResumeState]:
-    """Restore engine, EMA and this rank's RNGs from `info` (from `prepare_output`); None for a fresh start."""
+    """Restore engine, EMA and this rank's RNGs from `info` (from `prepare_output`), or from an older valid
+    checkpoint when `info` fails its checks on any rank; None for a fresh start. The checkpoint may come from
+    another world size (resharded on load); the RNGs then come from rank `rank % W`."""
+    info, fetched = fetch_with_fallback(cfg, manager, info)
     if info is None:
         return None
-    client = manager.load(info, engine, ema, module)
+    client = manager.apply(fetched, engine, ema)
     restore_rng(client["rng"], generators)
     old_cfg = info.manifest.get("meta", {}).get("config")
     if old_cfg is not None:
-        changed = config_diff(old_cfg, cfg.to_dict())
+        changed = [k for k in config_diff(old_cfg, cfg.to_dict()) if k != "cluster.student.workers"]
         if changed:
             log.warning("resuming %s with a changed config (%s); the run continues, but it is not an exact "
                         "continuation of the original one", info.url, ", ".join(changed))
+    if info.manifest["world_size"] != manager.world_size:
+        log.warning("resuming %s (written by %d ranks) on %d ranks: engine, optimizer and EMA partitions resharded",
+                    info.url, info.manifest["world_size"], manager.world_size)
     log.info("resumed from %s (step %d)", info.url, info.step)
     return ResumeState(step=int(client["step"]), data_state=client.get("data"),
                        wandb_run_id=str(client.get("wandb_run_id", "")), checkpoint_url=info.url)
@@ -134,10 +174,21 @@ def resume_state(cfg: Config, manager: CheckpointManager, info: Optional[Checkpo
 
 def save_state(cfg: Config, manager: CheckpointManager, step: int, engine, ema=None,
                module: Optional[torch.nn.Module] = None, data_state: Any = None,
-               generators: Optional[dict[str, torch.Generator]] = None, wandb_run_id: str = "") -> float:
+               generators: Optional[dict[str, torch.Generator]] = None, wandb_run_id: str = "",
+               loss: Optional[float] = None) -> float:
     """Checkpoint after `step` optimiser steps. Returns the seconds training waited (checkpoint_stall_s).
-    `data_state` must be the cursor of the batches CONSUMED so far (not of read-ahead)."""
+    `data_state` must be the cursor of the batches CONSUMED so far (not of read-ahead); `loss` (the step's
+    loss) is recorded in the manifest: retention always keeps the newest checkpoint whose loss was finite.
+    Refuses (NonFiniteError, on every rank) to write non-finite weights or EMA."""
+    from trainer.loop import NonFiniteError
+
+    ema_bad = ema is not None and any(not bool(torch.isfinite(s).all()) for s in ema.shadow)
+    if not engine.weights_finite() or engine.any_rank(ema_bad):
+        raise NonFiniteError(f"step {step}: the weights or the EMA hold non-finite values; refusing to write a "
+                             f"checkpoint (the newest valid one under {checkpoints_url(cfg.run.output)} stays)")
     client = {"rng": capture_rng(generators), "data": data_state, "wandb_run_id": wandb_run_id,
               "config_hash": cfg.hash()}
-    meta = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "wandb_run_id": wandb_run_id}
+    finite = loss is None or math.isfinite(loss)
+    meta = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "wandb_run_id": wandb_run_id,
+            "loss": loss if loss is not None and finite else None, "loss_finite": finite}
     return manager.save(step, engine, ema, client, module=module, meta=meta if manager.rank == 0 else None)

@@ -100,10 +100,10 @@ class GMPolicy:
             raise ValueError(f"GMPolicy.with_dropout: p must be in [0, 1), got {p}")
         if p == 0:
             return self
+        from models.sample_rng import uniform
+
         B, K = self.means.shape[:2]
-        device = generator.device if generator is not None else self.means.device
-        drop = torch.rand((B, K), generator=generator, device=device) < p  # (B, K)
-        drop = drop.to(self.means.device)
+        drop = uniform(generator, B, (K,), torch.float32, self.means.device) < p  # (B, K)
         drop &= ~drop.all(dim=1, keepdim=True)  # never remove every component of a sample
         logweights = self.logweights.masked_fill(drop.reshape(B, K, 1, 1, 1), float("-inf"))
         return self._replace(logweights=logweights)

@@ -172,7 +172,7 @@ def test_two_rank_run_trains_checkpoints_rollouts_and_consumes_the_global_order(
     info = latest_valid(str(out), "sha256")
     assert info is not None and info.step == ITERS and info.manifest["world_size"] == WORLD
     for r in range(WORLD):
-        for name in ("client.pt", "ema.pt"):
+        for name in ("client.pt", "state.safetensors", "state.json"):
             assert f"rank_{r:05d}/{name}" in info.manifest["files"]
     client = torch.load(io.BytesIO(storage.get_bytes(storage.join(info.url, "rank_00000", "client.pt"))),
                         weights_only=True)

@@ -47,9 +47,18 @@ def ds_checkpoint_run(output: str, teacher_path: str) -> dict:
     trained = {n for n, p in student.named_parameters() if p.requires_grad}
 
     url = f"{output}/checkpoints/{step_dirname(2)}"
+    unsafe, real_load = [], torch.load
+
+    def guarded_load(*args, **kwargs):  # records any load that could unpickle code (none may happen)
+        if kwargs.get("weights_only") is not True:
+            unsafe.append(repr(args[:1]))
+        return real_load(*args, **kwargs)
+
+    torch.load = guarded_load
     state = resume_state(cfg, CheckpointManager(output, rank=info.rank, world_size=info.world_size), 
                          CheckpointInfo(2, url, read_manifest(url)), engine, ema, student, gens)
+    torch.load = real_load
     replay = [train_step(step) for step in range(state.step, 4)]
     if info.rank == 0:  # tensors go through a file: the result queue cannot carry shared-memory tensors
         torch.save({n: gathered[n].clone() for n in trained}, f"{output}.gathered_ema.pt")
-    return {"losses": losses, "replay": replay, "cursor": state.data_state["cursor"]}
+    return {"losses": losses, "replay": replay, "cursor": state.data_state["cursor"], "unsafe_loads": unsafe}

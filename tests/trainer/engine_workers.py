@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from tests.trainer.tiny_flux import C, H, W, TinyFlux, make_cond
+from trainer.checkpoint import RankStates, read_rank_state, write_rank_state
 from trainer.config import config_from_dict
 from trainer.distributed import global_noise, local_slice, rank_info
 from trainer.ema import PowerEMA, power_ema_beta
@@ -77,8 +78,7 @@ def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: b
     for step in range(steps):
         loss, stats = train_step(step)
         if step == ckpt_step:
-            engine.save_checkpoint(f"{ckpt_dir}/rank_{info.rank}", f"step_{step:08d}", client_state={"cursor": step + 1},
-                                   rank_state={"ema": ema.state_dict()})
+            write_rank_state(engine, ema, f"{ckpt_dir}/rank_{info.rank}")
         full = engine.gathered_state_dict() if ds else {k: v.detach().clone() for k, v in student.state_dict().items()}
         names = [n for n, p in (engine._ds.module if ds else student).named_parameters() if p.requires_grad]
         beta = power_ema_beta(step, cfg.ema.gamma, cfg.ema.start)
@@ -101,10 +101,9 @@ def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: b
     out["ema_shard_numel"] = sum(s.numel() for s in ema.shadow)
     if ckpt_dir:
         final_ema = [s.clone() for s in ema.shadow]
-        client, rank_state = engine.load_checkpoint(f"{ckpt_dir}/rank_{info.rank}", f"step_{ckpt_step:08d}")
-        ema.load_state_dict(rank_state["ema"])
+        read_rank_state(engine, ema, RankStates({info.rank: f"{ckpt_dir}/rank_{info.rank}"}, ckpt_dir))
         out["replay_loss"] = []
-        for step in range(client["cursor"], steps):
+        for step in range(ckpt_step + 1, steps):
             loss, _ = train_step(step)
             out["replay_loss"].append(float(loss.detach()))
         out["replay_ema_equal"] = all(torch.equal(a, b) for a, b in zip(final_ema, ema.shadow))

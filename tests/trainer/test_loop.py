@@ -52,7 +52,7 @@ def test_loop_hooks_and_ema(tmp_path, toy_teacher_cache, one_thread):
 
     steps = train_loop(cfg, engine, student.make_policy, teacher,
                        noise_batches(cfg, family, torch.Generator().manual_seed(0)), ema=ema,
-                       eval_hook=eval_hook, checkpoint_hook=lambda step: saved.append(step) or 0.0,
+                       eval_hook=eval_hook, checkpoint_hook=lambda step, loss=None: saved.append(step) or 0.0,
                        generator=torch.Generator().manual_seed(1), progress=False)
     assert steps == 6
     assert saved == [4, 6]  # every ckpt_every steps and at the end

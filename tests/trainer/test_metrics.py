@@ -21,7 +21,7 @@ def test_jsonl_records_and_console(tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["loss"] for r in records] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
-    assert records[0]["bad"] == "nan"  # valid JSON even for non-finite values
+    assert math.isnan(records[0]["bad"])  # a NaN is read back as a float NaN, not hidden as a string
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("step 2 | loss 0.5") and lines[1].startswith("step 4 | loss 0.25")
 
