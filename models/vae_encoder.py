@@ -56,13 +56,12 @@ class ImageEncoder:
 
 def load_image_encoder(cfg: Config) -> ImageEncoder:
     from models.families import get_family
-    from models.pipeline import _vae_class
 
     family = get_family(cfg.model.family)
     if not getattr(family, "uses_vae", True):
         return ImageEncoder(family, None)
     if cfg.model.pretrained:
-        vae = _vae_class(cfg.model.family).from_pretrained(cfg.model.pretrained, subfolder="vae").eval()
+        vae = family.vae_class.from_pretrained(cfg.model.pretrained, subfolder="vae").eval()
     elif cfg.model.tiny and cfg.model.family in ("dit", "flux"):
         vae = tiny_vae(cfg.model.family, cfg.model.latent_channels)
     else:
