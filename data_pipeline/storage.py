@@ -102,9 +102,10 @@ def round_trip(url: str, name: str) -> None:
     if is_s3(url):
         import s3fs
 
-        fs = s3fs.S3FileSystem(**s3_options(), skip_instance_cache=True,
-                               config_kwargs={"connect_timeout": 5, "read_timeout": 15,
-                                              "retries": {"max_attempts": 1}})
+        opts = s3_options()  # fail fast: one attempt, short timeouts (the retry policy is for training)
+        opts["config_kwargs"] = {**opts.get("config_kwargs", {}), "connect_timeout": 5, "read_timeout": 15,
+                                 "retries": {"max_attempts": 1}}
+        fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
         fs.retries = 1  # s3fs's own retry loop (5 by default) on top of botocore's
     else:
         fs = filesystem(url)

@@ -18,10 +18,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, accelerator: str = "cpu") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR=accelerator,
                       OMP_NUM_THREADS="1")
+    if accelerator == "cpu":  # a CPU rank even where a GPU is present (the gpu tier's CPU references)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         import torch
 
@@ -37,12 +39,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0) -> list[Any]:
-    """Run `fn(*args)` on `world_size` ranks; returns the per-rank results (index = rank)."""
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180.0, accelerator: str = "cpu") -> list[Any]:
+    """Run `fn(*args)` on `world_size` ranks; returns the per-rank results (index = rank). `accelerator`:
+    DeepSpeed's (`cpu` over gloo; `cuda` for the gpu tier, over nccl)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, accelerator)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

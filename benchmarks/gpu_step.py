@@ -1,0 +1,254 @@
+"""One pi-Flow training step of FLUX.1-dev width on a GPU, measured (issue 13).
+
+A real-width, reduced-depth FLUX.1-dev transformer (the released config: hidden 3072 = 24 heads x 128, T5 width
+4096, CLIP pooled 768, RoPE axes (16, 56, 56); `--double` double-stream and `--single` single-stream blocks
+instead of 19 + 38), random bf16 weights, built the way a student rank builds it (`family.build_student`: the
+recipe's LoRA rank 256 on the recipe's targets, the GM head K = 8, the trainable output norm; the teacher is the
+LoRA base with the adapters off, `teacher.placement: shared`). At `--resolution` 1024 (a 128 x 128 x 16 latent,
+4096 image tokens + `--text-tokens` T5 tokens) it measures:
+
+- student forward + backward: time, FLOPs (counted by torch's FlopCounterMode on the same call, without
+  activation checkpointing, so they are model FLOPs) and MFU against the bf16 matmul rate this script measures
+  on the same GPU (8192^3, median of 20), and against the datasheet's dense bf16 peak (989 TFLOP/s for H100/H200);
+- teacher forward throughput: latents per second for one rank's request (micro-batch x n_int queries);
+- the 128-substep GM rollout (network-free, K = 8) as a fraction of one student forward;
+- peak memory of one optimizer step against `piflow plan` for the same reduced-depth model on 1 GPU.
+
+    python benchmarks/gpu_step.py                 # CUDA: real width, 1 double + 2 single blocks, 1024^2
+    python benchmarks/gpu_step.py --tiny          # CPU: the tiny FLUX config at a small latent (the test suite)
+
+Prints one table and writes JSON (default benchmarks/results/gpu_step.json, or `--out`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def build(args, device: torch.device):
+    """(cfg, family, student, teacher) as a LoRA student rank of the FLUX recipe builds them."""
+    from models.families import get_family
+    from models.families.flux import FLUX_DEV_CONFIG
+    from models.teacher import Teacher
+    from trainer.config import load_config
+
+    latent = args.resolution // 8
+    overrides = [f"model.latent_size={latent}", "model.pretrained=", f"model.max_sequence_length={args.text_tokens}",
+                 f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "run.output=/tmp/piflow-gpu-step",
+                 f"train.micro_batch_size={args.batch}"]
+    if args.tiny:
+        overrides += ["model.tiny=true", "model.dtype=float32", "lora.rank=4", "lora.alpha=4.0",
+                      "policy.logstd_inner_dim=16"]
+    cfg = load_config(str(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml"), overrides)
+    family = get_family("flux")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    conf = family.tiny_config(cfg) if args.tiny else dict(FLUX_DEV_CONFIG, num_layers=args.double,
+                                                             num_single_layers=args.single)
+    torch.manual_seed(0)
+    with torch.device(device):
+        trunk = family.transformer_class(**conf).to(dtype)
+    teacher = Teacher(family, cfg, None)
+    student = family.build_student(cfg, teacher=teacher, network=trunk).to(device)
+    return cfg, family, conf, student, teacher
+
+
+def conditioning(cfg, conf, batch: int, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return {"prompt_embeds": torch.randn(batch, cfg.model.max_sequence_length, conf["joint_attention_dim"],
+                                         generator=g).to(device, dtype),
+            "pooled_prompt_embeds": torch.randn(batch, conf["pooled_projection_dim"], generator=g).to(device, dtype)}
+
+
+def timed(fn, device, warmup: int, repeat: int) -> list[float]:
+    """Seconds per call (device-synchronised wall clock), after `warmup` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_tflops(device, n: int, repeat: int) -> float:
+    """The bf16 matmul rate of this device (random data, median): the ceiling MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    secs = timed(lambda: a @ b, device, warmup=3, repeat=repeat)
+    return 2 * n ** 3 / statistics.median(secs) / 1e12
+
+
+def policy_loss(policy) -> torch.Tensor:
+    """A scalar touching every policy output (the step's cost is the network's, not this sum's)."""
+    return policy.means.float().square().mean() + policy.logweights.float().exp().mean() + policy.logstd.float().mean()
+
+
+def planned_gib(cfg, conf, family) -> dict:
+    """`piflow plan` for this reduced-depth model on one GPU (the LoRA row the config uses)."""
+    from trainer.planner import make_plan
+
+    saved = family.public_config
+    family.public_config = conf  # the planner builds the family's public config on meta
+    try:
+        plan = make_plan(cfg, gpus=1, gpu_mem_gib=141.0)
+    finally:
+        family.public_config = saved
+    row = next(r for r in plan.student_rows if r.mode == "lora" and r.checkpointing == cfg.model.gradient_checkpointing)
+    return {"total": row.total_gib, **row.parts_gib}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny FLUX on the CPU (or GPU if present): checks the script")
+    ap.add_argument("--double", type=int, default=1, help="double-stream blocks (FLUX.1-dev: 19)")
+    ap.add_argument("--single", type=int, default=2, help="single-stream blocks (FLUX.1-dev: 38)")
+    ap.add_argument("--resolution", type=int, default=0, help="image side in pixels (default 1024; tiny 64)")
+    ap.add_argument("--text-tokens", type=int, default=0, help="T5 tokens (default 512; tiny 8)")
+    ap.add_argument("--batch", type=int, default=2, help="student micro-batch (the recipe: 2 prompts per GPU)")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (the recipe's setting)")
+    ap.add_argument("--repeat", type=int, default=0, help="timed repetitions (default 10 on GPU, 2 on CPU)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_step.json"))
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        print("no CUDA device: run with --tiny (the CPU check), or on a GPU machine", file=sys.stderr)
+        return 2
+    args.resolution = args.resolution or (64 if args.tiny else 1024)
+    args.text_tokens = args.text_tokens or (8 if args.tiny else 512)
+    repeat = args.repeat or (10 if device.type == "cuda" else 2)
+    warmup = 3 if device.type == "cuda" else 1
+
+    from models.rollout import rollout
+
+    cfg, family, conf, student, teacher = build(args, device)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    C, H, W = family.latent_shape(cfg)
+    B, n_int = args.batch, cfg.distill.num_intermediate
+    g = torch.Generator(device="cpu").manual_seed(2)
+    x_src = torch.randn(B, C, H, W, generator=g).to(device)
+    sigma_src = torch.ones(B, device=device)
+    cond = conditioning(cfg, conf, B, device, dtype)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95))
+
+    # ---- student forward + backward (time, model FLOPs, MFU)
+    def fwd_bwd():
+        policy_loss(student.make_policy(x_src, sigma_src, cond)).backward()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ckpt = cfg.model.gradient_checkpointing
+    if ckpt:
+        trunk = student.transformer if hasattr(student, "transformer") else None
+        if trunk is not None:
+            trunk.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fwd_bwd()
+    fwd_bwd_flops = counter.get_total_flops()
+    with FlopCounterMode(display=False) as fwd_counter, torch.no_grad():
+        student.make_policy(x_src, sigma_src, cond)
+    fwd_flops = fwd_counter.get_total_flops()
+    if ckpt and hasattr(student, "transformer"):
+        student.transformer.enable_gradient_checkpointing()
+    optimizer.zero_grad(set_to_none=True)
+    t_fwd_bwd = statistics.median(timed(fwd_bwd, device, warmup, repeat))
+    optimizer.zero_grad(set_to_none=True)
+
+    def fwd():
+        with torch.no_grad():
+            return student.make_policy(x_src, sigma_src, cond)
+
+    t_fwd = statistics.median(timed(fwd, device, warmup, repeat))
+
+    # ---- teacher forward throughput: one rank's request (B x n_int latents, r = 0)
+    x_q = torch.randn(B * n_int, C, H, W, generator=g).to(device)
+    sigma_q = torch.rand(B * n_int, generator=g).to(device)
+    cond_q = {k: v.repeat_interleave(n_int, dim=0) for k, v in cond.items()}
+    t_teacher = statistics.median(timed(lambda: teacher(x_q, sigma_q, cond_q), device, warmup, repeat))
+
+    # ---- the network-free 128-substep GM rollout vs one student forward
+    policy = fwd().detach()
+    t_rollout = statistics.median(timed(lambda: rollout(policy, x_src, 1.0, 0.0, cfg.distill.shift,
+                                                        cfg.distill.total_substeps), device, warmup, repeat))
+
+    # ---- peak memory of one optimizer step vs the plan
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tiny": args.tiny,
+              "torch": torch.__version__, "blocks": {"double": conf["num_layers"], "single": conf["num_single_layers"]},
+              "hidden": conf["num_attention_heads"] * conf["attention_head_dim"], "resolution": args.resolution,
+              "latent": [C, H, W], "image_tokens": (H // 2) * (W // 2), "text_tokens": args.text_tokens,
+              "micro_batch": B, "checkpointing": ckpt, "K": cfg.policy.num_components,
+              "parameters": sum(p.numel() for p in student.parameters()),
+              "trainable_parameters": sum(p.numel() for p in trainable),
+              "student_fwd_bwd_s": t_fwd_bwd, "student_fwd_s": t_fwd, "fwd_bwd_flops": fwd_bwd_flops,
+              "fwd_flops": fwd_flops, "teacher_request_latents": B * n_int, "teacher_fwd_s": t_teacher,
+              "teacher_latents_per_s": B * n_int / t_teacher, "rollout_128_s": t_rollout,
+              "rollout_over_student_fwd": t_rollout / t_fwd}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        static = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        measured_tflops = matmul_tflops(device, 8192, 20)
+        name = torch.cuda.get_device_name()
+        sheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+        plan = planned_gib(cfg, conf, family)
+        result.update({
+            "matmul_bf16_tflops": measured_tflops, "datasheet_bf16_tflops": sheet,
+            "achieved_tflops": fwd_bwd_flops / t_fwd_bwd / 1e12,
+            "mfu_vs_measured_matmul": fwd_bwd_flops / t_fwd_bwd / 1e12 / measured_tflops,
+            "mfu_vs_datasheet": (fwd_bwd_flops / t_fwd_bwd / 1e12 / sheet) if sheet else None,
+            "memory_static_gib": static / 2 ** 30, "memory_peak_gib": peak / 2 ** 30,
+            "memory_step_gib": (peak - static) / 2 ** 30, "plan_gib": plan,
+            "plan_activations_gib": plan.get("activations"),
+        })
+
+    rows = [("student fwd+bwd (s)", f"{t_fwd_bwd:.4f}"), ("student fwd (s)", f"{t_fwd:.4f}"),
+            ("fwd+bwd model TFLOP", f"{fwd_bwd_flops / 1e12:.2f}"),
+            (f"teacher fwd, {B * n_int} latents (s)", f"{t_teacher:.4f}"),
+            ("teacher latents / s", f"{B * n_int / t_teacher:.2f}"),
+            ("GM rollout 128 substeps (s)", f"{t_rollout:.4f}"),
+            ("rollout / student fwd", f"{t_rollout / t_fwd:.3f}")]
+    if device.type == "cuda":
+        rows += [("bf16 matmul 8192^3 (TFLOP/s)", f"{result['matmul_bf16_tflops']:.0f}"),
+                 ("achieved (TFLOP/s)", f"{result['achieved_tflops']:.0f}"),
+                 ("MFU vs measured matmul", f"{result['mfu_vs_measured_matmul']:.3f}"),
+                 ("MFU vs datasheet", f"{result['mfu_vs_datasheet']:.3f}" if result["mfu_vs_datasheet"] else "n/a"),
+                 ("peak memory, one step (GiB)", f"{result['memory_peak_gib']:.2f}"),
+                 ("  of which the step's own (GiB)", f"{result['memory_step_gib']:.2f}"),
+                 ("plan total, 1 GPU (GiB)", f"{result['plan_gib']['total']:.2f}"),
+                 ("plan activations (GiB)", f"{result['plan_activations_gib']:.2f}")]
+    title = (f"{result['device']}: FLUX width {result['hidden']}, {conf['num_layers']}+{conf['num_single_layers']} "
+             f"blocks, {args.resolution}^2, batch {B}, K={cfg.policy.num_components}, ckpt={ckpt}")
+    print(title)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:>10}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
