@@ -102,12 +102,13 @@ def planned_gib(cfg, conf, family) -> dict:
     """`piflow plan` for this reduced-depth model on one GPU (the LoRA row the config uses)."""
     from trainer.planner import make_plan
 
-    saved = family.public_config
-    family.public_config = conf  # the planner builds the family's public config on meta
+    cls = type(family)  # get_family may hand out new instances: swap the class attribute the planner reads
+    saved = cls.public_config
+    cls.public_config = conf  # the planner builds the family's public config on meta
     try:
         plan = make_plan(cfg, gpus=1, gpu_mem_gib=141.0)
     finally:
-        family.public_config = saved
+        cls.public_config = saved
     row = next(r for r in plan.student_rows if r.mode == "lora" and r.checkpointing == cfg.model.gradient_checkpointing)
     return {"total": row.total_gib, **row.parts_gib}
 
@@ -122,8 +123,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2, help="student micro-batch (the recipe: 2 prompts per GPU)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (the recipe's setting)")
     ap.add_argument("--repeat", type=int, default=0, help="timed repetitions (default 10 on GPU, 2 on CPU)")
+    ap.add_argument("--cudnn-attention", action="store_true",
+                    help="let SDPA pick cuDNN attention (torch 2.11 + H200: its backward failed at FLUX width, see README)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_step.json"))
     args = ap.parse_args()
+    if torch.cuda.is_available() and not args.cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient attention instead
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
@@ -151,22 +156,6 @@ def main() -> int:
     def fwd_bwd():
         policy_loss(student.make_policy(x_src, sigma_src, cond)).backward()
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    ckpt = cfg.model.gradient_checkpointing
-    if ckpt:
-        trunk = student.transformer if hasattr(student, "transformer") else None
-        if trunk is not None:
-            trunk.disable_gradient_checkpointing()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fwd_bwd()
-    fwd_bwd_flops = counter.get_total_flops()
-    with FlopCounterMode(display=False) as fwd_counter, torch.no_grad():
-        student.make_policy(x_src, sigma_src, cond)
-    fwd_flops = fwd_counter.get_total_flops()
-    if ckpt and hasattr(student, "transformer"):
-        student.transformer.enable_gradient_checkpointing()
     optimizer.zero_grad(set_to_none=True)
     t_fwd_bwd = statistics.median(timed(fwd_bwd, device, warmup, repeat))
     optimizer.zero_grad(set_to_none=True)
@@ -188,12 +177,28 @@ def main() -> int:
     t_rollout = statistics.median(timed(lambda: rollout(policy, x_src, 1.0, 0.0, cfg.distill.shift,
                                                         cfg.distill.total_substeps), device, warmup, repeat))
 
+    # ---- FLOPs (after the timings: a counting mode must not disturb them), without activation checkpointing
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ckpt = cfg.model.gradient_checkpointing
+    if ckpt:
+        student.transformer.disable_gradient_checkpointing()
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd()
+    fwd_bwd_flops = counter.get_total_flops()
+    optimizer.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as fwd_counter, torch.no_grad():
+        student.make_policy(x_src, sigma_src, cond)
+    fwd_flops = fwd_counter.get_total_flops()
+    if ckpt:
+        student.transformer.enable_gradient_checkpointing()
+
     # ---- peak memory of one optimizer step vs the plan
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tiny": args.tiny,
               "torch": torch.__version__, "blocks": {"double": conf["num_layers"], "single": conf["num_single_layers"]},
               "hidden": conf["num_attention_heads"] * conf["attention_head_dim"], "resolution": args.resolution,
               "latent": [C, H, W], "image_tokens": (H // 2) * (W // 2), "text_tokens": args.text_tokens,
-              "micro_batch": B, "checkpointing": ckpt, "K": cfg.policy.num_components,
+              "micro_batch": B, "checkpointing": ckpt, "cudnn_attention": bool(args.cudnn_attention), "K": cfg.policy.num_components,
               "parameters": sum(p.numel() for p in student.parameters()),
               "trainable_parameters": sum(p.numel() for p in trainable),
               "student_fwd_bwd_s": t_fwd_bwd, "student_fwd_s": t_fwd, "fwd_bwd_flops": fwd_bwd_flops,

@@ -77,3 +77,14 @@ def device_for(info: RankInfo) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where small tensors of a collective (flags, losses) must live: NCCL only reduces CUDA tensors, gloo CPU
+    ones. Found on the first GPU step: a CPU flag tensor under NCCL fails with "No backend type associated with
+    device type cpu"."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -456,7 +456,9 @@ class DeepSpeedEngine:
     def any_rank(self, flag: bool) -> bool:
         import torch.distributed as dist
 
-        t = torch.tensor([1.0 if flag else 0.0])
+        from trainer.distributed import collective_device
+
+        t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
@@ -467,7 +469,9 @@ class DeepSpeedEngine:
         state untouched): DeepSpeed takes that path by itself only for fp16 overflow and non-finite norms."""
         import torch.distributed as dist
 
-        flags = torch.tensor([1.0 if name in nonfinite else 0.0 for name in NONFINITE_KINDS])
+        from trainer.distributed import collective_device
+
+        flags = torch.tensor([1.0 if name in nonfinite else 0.0 for name in NONFINITE_KINDS], device=collective_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank must take the same branch below
         reasons = [name for name, f in zip(NONFINITE_KINDS, flags.tolist()) if f > 0]
         lr = self._set_lr()

@@ -238,7 +238,9 @@ class _RankLogger:
             import torch.distributed as dist
 
             names = sorted(k for k in values if k == "loss" or k.startswith(("loss/", "mse/")))
-            t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64)
+            from trainer.distributed import collective_device
+
+            t = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device=collective_device())
             dist.all_reduce(t)
             values = {**values, "loss_rank0": values["loss"], **dict(zip(names, (t / self.world_size).tolist()))}
         self.logger.log(step, values)

@@ -22,13 +22,13 @@ def _losses(summary: dict) -> list[float]:
 
 
 def _pretrained(family: str, tmp_path) -> str:
-    if family != "dit":
-        return ""
-    from models.families import get_family  # the DiT teacher as a diffusers dir (the partitioned loader's path)
+    """The tiny teacher as a diffusers dir: a seeded tiny model built on the GPU (under zero.Init) would draw other
+    numbers than on the CPU, weights from a file are the same on both."""
+    from models.families import get_family
 
     tiny = _cfg(family, "fp32", str(tmp_path / "unused"))
-    get_family("dit").load_network(tiny).save_pretrained(str(tmp_path / "dit" / "transformer"))
-    return str(tmp_path / "dit")
+    get_family(family).load_network(tiny).save_pretrained(str(tmp_path / family / "transformer"))
+    return str(tmp_path / family)
 
 
 def _one_rank(cfg, accelerator: str) -> dict:
@@ -45,8 +45,13 @@ def test_first_steps_on_cuda(family, tmp_path):
     from trainer.config import load_config
 
     pretrained = _pretrained(family, tmp_path)
-    fp32_gpu = _one_rank(_cfg(family, "fp32", str(tmp_path / "fp32_gpu"), pretrained), "cuda")
-    fp32_cpu = _one_rank(_cfg(family, "fp32", str(tmp_path / "fp32_cpu"), pretrained), "cpu")
+    fp32 = {}
+    for accelerator in ("cuda", "cpu"):
+        cfg = _cfg(family, "fp32", str(tmp_path / f"fp32_{accelerator}"), pretrained)
+        cfg.lora.dropout = 0.0  # LoRA dropout masks come from the device's RNG: not the same numbers on CPU and GPU
+        cfg.eval.every = 0  # the tiny text encoders are not in the teacher dir
+        fp32[accelerator] = _one_rank(cfg, accelerator)
+    fp32_gpu, fp32_cpu = fp32["cuda"], fp32["cpu"]
     bf16_gpu = _one_rank(_cfg(family, "bf16", str(tmp_path / "bf16_gpu"), pretrained), "cuda")
     for s in (fp32_gpu, fp32_cpu, bf16_gpu):
         assert s["steps"] == 5 and s["checkpoint_steps"] == [5]
@@ -54,9 +59,12 @@ def test_first_steps_on_cuda(family, tmp_path):
     # the same computation on the GPU and the CPU: fp32 (cuDNN may use TF32 for DiT's patch convolution: ~1e-3)
     l_gpu, l_cpu, l_bf16 = _losses(fp32_gpu), _losses(fp32_cpu), _losses(bf16_gpu)
     assert len(l_gpu) == len(l_cpu) == len(l_bf16) == 5
+    # LoRA A is initialised from the device's RNG (B = 0, so step 1 does not see it): LoRA families match at
+    # step 1 and stay close after; the full fine-tune (DiT) matches at every step
+    assert l_gpu[0] == pytest.approx(l_cpu[0], rel=1e-2)
     for a, b in zip(l_gpu, l_cpu):
-        assert a == pytest.approx(b, rel=1e-2)
-    assert all(torch.isfinite(torch.tensor(l_bf16))) and sum(l_bf16) == pytest.approx(sum(l_gpu), rel=0.15)
+        assert a == pytest.approx(b, rel=1e-2 if family == "dit" else 0.2)
+    assert all(torch.isfinite(torch.tensor(l_bf16))) and sum(l_bf16) == pytest.approx(sum(l_gpu), rel=0.2)
     # the bf16 run's export samples on the GPU like on the CPU
     export_student(str(tmp_path / "bf16_gpu"), tmp_path / "export")
     pipe = PiFlowPipeline.from_pretrained(str(tmp_path / "export"))
