@@ -173,6 +173,9 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
                "checkpoints": str(Path(cfg.run.output) / "checkpoints"),
                "rollouts": str(Path(cfg.run.output) / "rollouts"),
                "metrics": str(Path(cfg.run.output) / "metrics.jsonl")}
+    if data_export_dir is not None:  # the data-based run sits beside the data-free one (cluster/demo.py)
+        outputs["export_data"] = str(data_export_dir)
+        outputs["run_data"] = str(Path(data_export_dir).parent / "run_data")
     real = load_digits_split("test")
     for c in range(10):
         sel = labels == c
