@@ -87,18 +87,6 @@ DEMO_METHODS = (("teacher", 32), ("teacher", 4), ("data-free", 4), ("data-free",
                 ("data-based", 1))
 
 
-def teacher_euler(teacher, noise: torch.Tensor, cond: dict, steps: int, shift: float) -> torch.Tensor:
-    """The teacher's own Euler sampler on the uniform raw-time grid warped by `shift`."""
-    from models.timesteps import warp
-
-    sigmas = warp(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
-    x = noise.clone()
-    with torch.no_grad():
-        for i in range(steps):
-            x = x + teacher(x, sigmas[i].expand(len(x)), cond) * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
 def _grid_png(rows: list[torch.Tensor], path, scale: int = 6, gap: int = 1) -> None:
     """rows: list of (N, 1, 8, 8) image sets in [-1, 1], one grid row each; tiles upscaled nearest and separated
     by `gap` grey pixels (before upscaling)."""
@@ -127,6 +115,7 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
     from models.families import get_family
     from models.pipeline import PiFlowPipeline
     from models.text_encoders import load_text_encoder
+    from trainer.evaluation.generate import teacher_euler
 
     out_dir = Path(out_dir)
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
@@ -174,6 +163,9 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
                "checkpoints": storage.join(cfg.run.output, "checkpoints"),
                "rollouts": storage.join(cfg.run.output, "rollouts"),
                "metrics": storage.join(cfg.run.output, "metrics.jsonl")}
+    if data_export_dir is not None:  # the data-based run beside the data-free one (cluster/demo.py)
+        outputs["export_data"] = str(data_export_dir)
+        outputs["run_data"] = cfg.run.output.rstrip("/") + "_data"
     real = load_digits_split("test")
     for c in range(10):
         sel = labels == c

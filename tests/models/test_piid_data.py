@@ -11,7 +11,7 @@ from tests.models.test_piid import F64, SHIFT, GaussianData, RecordingTeacher, p
 CHI2_CRIT = {1: 10.828, 3: 16.266}
 
 
-def _chi_square(nfe, f, n=20000, seed=3):
+def _chi_square(nfe, f, n=8000, seed=3):
     b = 1 / (nfe - 1 + f)
     starts = torch.tensor([(j - 1 + f) * b for j in range(1, nfe + 1)], dtype=F64)
     lengths = torch.tensor([f * b] + [b] * (nfe - 1), dtype=F64)
