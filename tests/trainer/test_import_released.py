@@ -211,3 +211,15 @@ def test_imported_pi_qwen_samples_with_diffusers_alone(tmp_path):
     assert info["project_imported"] == [] and info["modules"] == ["policy_head", "text_encoder", "transformer"]
     got = torch.load(tmp_path / "standalone.pt", weights_only=True)
     assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
+
+
+def test_adapter_key_spellings_normalise_to_module_names():
+    from models.converters.released import lora_targets, strip_prefix
+
+    t = torch.zeros(1)
+    sd = strip_prefix({"base_model.model.transformer_blocks.0.ff.net.2.lora_A.default.weight": t,
+                       "transformer.single_transformer_blocks.3.proj_mlp.lora_B.weight": t,
+                       "transformer.proj_out_means.weight": t})
+    assert set(sd) == {"transformer_blocks.0.ff.net.2.lora_A.weight",
+                       "single_transformer_blocks.3.proj_mlp.lora_B.weight", "proj_out_means.weight"}
+    assert lora_targets({**sd, "single_transformer_blocks.3.proj_mlp.lora_A.weight": t}) == ["ff.net.2", "proj_mlp"]
