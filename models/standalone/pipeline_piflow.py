@@ -98,6 +98,13 @@ def unpack_2x2(tokens, height: int, width: int):
     return x.reshape(B, F // 4, height, width)
 
 
+def unpack_channel_last(tokens, height: int, width: int, p: int = 2):
+    """DiT's un-patchify: feature (i*p + j) * C + c of the row-major patch tokens."""
+    B, T, F = tokens.shape
+    x = tokens.reshape(B, height // p, width // p, p, p, F // (p * p)).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, F // (p * p), height, width)
+
+
 def image_ids(h: int, w: int, device, dtype):
     rows = torch.arange(h, device=device, dtype=dtype).view(-1, 1).expand(h, w)
     cols = torch.arange(w, device=device, dtype=dtype).view(1, -1).expand(h, w)
@@ -118,9 +125,15 @@ class PiFlowPipeline(DiffusionPipeline):
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, vae=vae)
         self.register_to_config(piflow=piflow or {})
         self._captured = {}
-        # the head reads what the transformer's final layers see: norm_out's (hidden, temb) and proj_out's input
-        transformer.norm_out.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("temb", args[1]))
-        transformer.proj_out.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("hidden", args[0]))
+        # the head reads what the transformer's final layers see: the input of the last projection, and the
+        # conditioning embedding (norm_out's second input; DiT: the shared embedding's output)
+        if hasattr(transformer, "proj_out_2"):
+            transformer.emb.register_forward_hook(lambda m, args, out: self._captured.__setitem__("temb", out))
+            proj = transformer.proj_out_2
+        else:
+            transformer.norm_out.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("temb", args[1]))
+            proj = transformer.proj_out
+        proj.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("hidden", args[0]))
 
     # ---- base components that the export references instead of copying
     def _component(self, name: str):
@@ -140,6 +153,11 @@ class PiFlowPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: List[str]) -> dict:
         """The student's conditioning, as the training project encodes it for this family."""
         cfg = self.config.piflow
+        if cfg["family"] == "dit":  # class-conditional: the prompts are class ids written as text
+            try:
+                return {"class_labels": torch.tensor([int(p.strip()) for p in prompts], dtype=torch.long)}
+            except ValueError:
+                raise ValueError(f"this ImageNet student takes class ids as prompts (e.g. '207'), got {prompts}")
         if cfg["family"] == "qwen_image":  # Qwen2.5-VL hidden states inside the chat template, prefix dropped
             model, tok = self._component("text_encoder"), self._component("tokenizer")
             drop = cfg["template_drop"]
@@ -170,6 +188,9 @@ class PiFlowPipeline(DiffusionPipeline):
         B, C, H, W = x.shape
         tr = self.transformer
         dtype, device = tr.dtype, tr.device
+        if cfg["family"] == "dit":  # the network patchifies the image itself
+            return dict(hidden_states=x.to(device, dtype), timestep=(sigma * cfg["num_timesteps"]).to(device),
+                        class_labels=cond["class_labels"].to(device))
         embeds = cond["prompt_embeds"].to(device, dtype)
         inputs = dict(hidden_states=pack_2x2(x).to(device, dtype), encoder_hidden_states=embeds,
                       timestep=(sigma * cfg["num_timesteps"]).to(device, dtype))
@@ -193,8 +214,10 @@ class PiFlowPipeline(DiffusionPipeline):
         means, logweights, logstd = head(hidden.to(head.device, hdtype), temb.to(head.device, hdtype))
         K = means.shape[2]
 
+        unpack = unpack_channel_last if self.config.piflow["family"] == "dit" else unpack_2x2
+
         def untokenize(t):  # (B, T, K, F) -> (B, K, F / 4, H, W)
-            return unpack_2x2(t.permute(0, 2, 1, 3).reshape(B * K, t.shape[1], t.shape[3]), H, W).view(B, K, -1, H, W)
+            return unpack(t.permute(0, 2, 1, 3).reshape(B * K, t.shape[1], t.shape[3]), H, W).view(B, K, -1, H, W)
 
         return GMPolicy(untokenize(means).float().to(x.device), untokenize(logweights).float().to(x.device),
                         logstd.float().to(x.device), x.float(), sigma.float(), self.config.piflow["eps"])
@@ -206,7 +229,7 @@ class PiFlowPipeline(DiffusionPipeline):
             std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
             z = (x * std + mean).unsqueeze(2)
             return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0][:, :, 0].float()
-        z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        z = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0].float()
 
     def prepare_latents(self, batch: int, height: int, width: int, generator, latents):
