@@ -13,8 +13,8 @@ in a process that has diffusers but not this project:
                             `transformer.<module>.lora_{A,B}.weight`) and policy_head.safetensors
     README.md               the model card (base model, licence, pi-Flow settings, steps, eval table)
 
-Families: FLUX-architecture (flux, digits), Qwen-Image and DiT (its FM-DiT class ships as
-`transformer/dit_fm.py`) with a GM head. Wan keeps the `student/` format only and says so in the card.
+Families: FLUX-architecture (flux, digits), Qwen-Image, DiT (its FM-DiT class ships as `transformer/dit_fm.py`)
+and Wan (clips: a list of frames per sample) with a GM head.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 log = logging.getLogger(__name__)
-STANDALONE_FAMILIES = ("flux", "digits", "qwen_image", "dit")
+STANDALONE_FAMILIES = ("flux", "digits", "qwen_image", "dit", "wan")
 LICENCES = {
     "black-forest-labs/FLUX.1-dev": ("flux-1-dev-non-commercial-license", "FLUX.1 [dev] Non-Commercial License "
                                      "(inherited from the base model: non-commercial use only)"),
@@ -95,15 +95,26 @@ def write_base_components(cfg, out: Path, self_contained: bool) -> tuple[dict, d
     names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     if cfg.model.family == "dit":  # class ids are the prompts: no text encoder
         names = []
+    if cfg.model.family == "wan":
+        defaults.update(text_encoder=["transformers", "UMT5EncoderModel"], tokenizer=["transformers", "T5TokenizerFast"],
+                        vae=["diffusers", "AutoencoderKLWan"])
+        names = ["text_encoder", "tokenizer"]
     if cfg.model.family == "qwen_image":
         defaults.update(text_encoder=["transformers", "Qwen2_5_VLForConditionalGeneration"],
                         tokenizer=["transformers", "Qwen2Tokenizer"], vae=["diffusers", "AutoencoderKLQwenImage"])
         names = ["text_encoder", "tokenizer"]
-    uses_vae = cfg.model.family != "digits" and not cfg.model.tiny
+    uses_vae = cfg.model.family != "digits" and (not cfg.model.tiny or cfg.model.family == "wan")
     if uses_vae:
         names.append("vae")
     index, references = {}, {}
-    if cfg.model.tiny and names:
+    if cfg.model.tiny and cfg.model.family == "wan":  # the family builds its tiny UMT5 and VAE itself
+        from models.families import get_family
+
+        encoder = get_family("wan").load_text_encoder(cfg)
+        encoder.model.save_pretrained(out / "text_encoder")
+        encoder.tok.save_pretrained(out / "tokenizer")
+        get_family("wan").load_vae(cfg).save_pretrained(out / "vae")
+    elif cfg.model.tiny and names:
         save_tiny_text_encoders(cfg.model.family, out, cfg.run.seed)
     for name in names:
         root = cfg.model.pretrained if name == "vae" else (cfg.model.text_encoder or cfg.model.pretrained)
@@ -211,12 +222,17 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
 
             vae_cfg = AutoencoderKL.load_config(str(out) if "vae" in components else cfg.model.pretrained,
                                                 subfolder="vae")
-            vae_scale = 2 ** (len(vae_cfg["temperal_downsample"]) if "temperal_downsample" in vae_cfg
-                              else len(vae_cfg["block_out_channels"]) - 1)
+            if "dim_mult" in vae_cfg:  # Wan: one 2x per level after the first
+                vae_scale = 2 ** (len(vae_cfg["dim_mult"]) - 1)
+            elif "temperal_downsample" in vae_cfg:
+                vae_scale = 2 ** len(vae_cfg["temperal_downsample"])
+            else:
+                vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         elif cfg.model.family != "digits":
             vae_scale = 8  # a tiny base has no VAE: sizes in pixels as for the released 8x VAEs
         piflow = {"family": cfg.model.family, "latent_channels": cfg.model.latent_channels,
-                  "latent_size": cfg.model.latent_size, "vae_scale_factor": vae_scale,
+                  "latent_size": cfg.model.latent_size, "latent_width": cfg.model.latent_width,
+                  "latent_frames": cfg.model.latent_frames, "vae_scale_factor": vae_scale,
                   "num_timesteps": cfg.model.num_timesteps, "max_sequence_length": cfg.model.max_sequence_length,
                   "guidance": cfg.teacher.guidance.scale if cfg.teacher.guidance.mode == "embedded" else None,
                   "nfe": cfg.distill.nfe, "final_step_scale": cfg.distill.final_step_scale,
