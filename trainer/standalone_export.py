@@ -13,8 +13,8 @@ in a process that has diffusers but not this project:
                             `transformer.<module>.lora_{A,B}.weight`) and policy_head.safetensors
     README.md               the model card (base model, licence, pi-Flow settings, steps, eval table)
 
-Families: FLUX-architecture (flux, digits) and Qwen-Image with a GM head. Others (DiT, Wan) keep the `student/`
-format only and say so in the card (their pipeline code is not written yet).
+Families: FLUX-architecture (flux, digits), Qwen-Image, DiT (its FM-DiT class ships as `transformer/dit_fm.py`)
+and Wan (clips: a list of frames per sample) with a GM head.
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ from typing import Optional
 import torch
 
 log = logging.getLogger(__name__)
-STANDALONE_FAMILIES = ("flux", "digits", "qwen_image")
+STANDALONE_FAMILIES = ("flux", "digits", "qwen_image", "dit", "wan")
 LICENCES = {
     "black-forest-labs/FLUX.1-dev": ("flux-1-dev-non-commercial-license", "FLUX.1 [dev] Non-Commercial License "
                                      "(inherited from the base model: non-commercial use only)"),
     "Qwen/Qwen-Image": ("apache-2.0", "Apache 2.0 (inherited from Qwen-Image)"),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": ("apache-2.0", "Apache 2.0 (inherited from Wan 2.1)"),
 }
+DIT_VAE = "stabilityai/sd-vae-ft-ema"
 SOURCE = Path(__file__).resolve().parents[1] / "models" / "standalone"
 
 
@@ -52,9 +53,11 @@ def merged_transformer_state(student) -> dict[str, torch.Tensor]:
             a, b = m.lora_A[adapter].weight.float(), m.lora_B[adapter].weight.float()
             w = state[f"{name}.weight"]
             state[f"{name}.weight"] = (w.float() + m.scaling[adapter] * (b @ a)).to(w.dtype)
-    for prefix, module in (("norm_out", student.tail["norm_out"]), ("proj_out", student.teacher_tail["proj_out"])):
+    for name in student.family.output_modules:  # trained copies where the student keeps one, else the teacher's
+        key = name.replace(".", "_")
+        module = student.tail[key] if key in student.tail else student.teacher_tail[key]
         for k, v in module.state_dict().items():
-            state[f"{prefix}.{k}"] = v.detach().clone()
+            state[f"{name}.{k}"] = v.detach().clone()
     return state
 
 
@@ -90,15 +93,28 @@ def write_base_components(cfg, out: Path, self_contained: bool) -> tuple[dict, d
                 "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
                 "vae": ["diffusers", "AutoencoderKL"]}
     names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    if cfg.model.family == "dit":  # class ids are the prompts: no text encoder
+        names = []
+    if cfg.model.family == "wan":
+        defaults.update(text_encoder=["transformers", "UMT5EncoderModel"], tokenizer=["transformers", "T5TokenizerFast"],
+                        vae=["diffusers", "AutoencoderKLWan"])
+        names = ["text_encoder", "tokenizer"]
     if cfg.model.family == "qwen_image":
         defaults.update(text_encoder=["transformers", "Qwen2_5_VLForConditionalGeneration"],
                         tokenizer=["transformers", "Qwen2Tokenizer"], vae=["diffusers", "AutoencoderKLQwenImage"])
         names = ["text_encoder", "tokenizer"]
-    uses_vae = cfg.model.family != "digits" and not cfg.model.tiny
+    uses_vae = cfg.model.family != "digits" and (not cfg.model.tiny or cfg.model.family == "wan")
     if uses_vae:
         names.append("vae")
     index, references = {}, {}
-    if cfg.model.tiny:
+    if cfg.model.tiny and cfg.model.family == "wan":  # the family builds its tiny UMT5 and VAE itself
+        from models.families import get_family
+
+        encoder = get_family("wan").load_text_encoder(cfg)
+        encoder.model.save_pretrained(out / "text_encoder")
+        encoder.tok.save_pretrained(out / "tokenizer")
+        get_family("wan").load_vae(cfg).save_pretrained(out / "vae")
+    elif cfg.model.tiny and names:
         save_tiny_text_encoders(cfg.model.family, out, cfg.run.seed)
     for name in names:
         root = cfg.model.pretrained if name == "vae" else (cfg.model.text_encoder or cfg.model.pretrained)
@@ -112,6 +128,8 @@ def write_base_components(cfg, out: Path, self_contained: bool) -> tuple[dict, d
                 out / name)
         if (out / name).exists():
             index[name] = defaults[name] if name == "vae" else _class_of(out / name, defaults[name])
+        elif name == "vae" and cfg.model.family == "dit":  # the ImageNet latents are SD-VAE ft-EMA's
+            references[name] = ["diffusers", "AutoencoderKL", DIT_VAE, None]
         elif root:
             references[name] = [*defaults[name], root, name]
         else:
@@ -130,7 +148,7 @@ def model_card(cfg, step: int, kind: str, standalone: bool, eval_table: Optional
              f"image = pipe(\"{(cfg.eval.prompts or ['a photo of a cat'])[0]}\", num_inference_steps={d.nfe}, "
              "generator=torch.Generator().manual_seed(0)).images[0]\n```\n") if standalone else \
         ("This family's export loads with the piflow project (`piflow sample DIR`); the standalone diffusers "
-         "pipeline is written for the FLUX-architecture families and Qwen-Image so far.\n")
+         "pipeline is written for the FLUX-architecture families, Qwen-Image and DiT so far.\n")
     lines = [
         "---", f"base_model: {cfg.model.pretrained or 'none'}", f"license: {licence_id}", "library_name: diffusers",
         "tags: [pi-flow, few-step, distillation]", "---", "",
@@ -182,6 +200,10 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
         clean = type(tr).from_config(dict(tr.config))
         clean.load_state_dict(merged_transformer_state(student), strict=True)
         clean.save_pretrained(out / "transformer")
+        transformer_entry = ["diffusers", type(tr).__name__]
+        if cfg.model.family == "dit" and type(tr).__name__ == "FlowDiTTransformer2DModel":  # our class: ship it
+            shutil.copy(SOURCE.parent / "families" / "dit_fm.py", out / "transformer" / "dit_fm.py")
+            transformer_entry = ["dit_fm", "FlowDiTTransformer2DModel"]
         h = student.head
         head = head_module.PiFlowGMHead(hidden_dim=h.proj_out_means.in_features, out_dim=h.out_dim,
                                         num_components=h.num_components, patch_pixels=h.patch_pixels,
@@ -193,17 +215,24 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
         shutil.copy(SOURCE / "pipeline_piflow.py", out / "pipeline_piflow.py")
         components, references = write_base_components(cfg, out, self_contained)
         vae_scale = 1
-        if "vae" in components or "vae" in references:
+        if cfg.model.family == "dit":
+            vae_scale = 8  # SD-VAE
+        elif "vae" in components or "vae" in references:
             from diffusers import AutoencoderKL
 
             vae_cfg = AutoencoderKL.load_config(str(out) if "vae" in components else cfg.model.pretrained,
                                                 subfolder="vae")
-            vae_scale = 2 ** (len(vae_cfg["temperal_downsample"]) if "temperal_downsample" in vae_cfg
-                              else len(vae_cfg["block_out_channels"]) - 1)
+            if "dim_mult" in vae_cfg:  # Wan: one 2x per level after the first
+                vae_scale = 2 ** (len(vae_cfg["dim_mult"]) - 1)
+            elif "temperal_downsample" in vae_cfg:
+                vae_scale = 2 ** len(vae_cfg["temperal_downsample"])
+            else:
+                vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         elif cfg.model.family != "digits":
             vae_scale = 8  # a tiny base has no VAE: sizes in pixels as for the released 8x VAEs
         piflow = {"family": cfg.model.family, "latent_channels": cfg.model.latent_channels,
-                  "latent_size": cfg.model.latent_size, "vae_scale_factor": vae_scale,
+                  "latent_size": cfg.model.latent_size, "latent_width": cfg.model.latent_width,
+                  "latent_frames": cfg.model.latent_frames, "vae_scale_factor": vae_scale,
                   "num_timesteps": cfg.model.num_timesteps, "max_sequence_length": cfg.model.max_sequence_length,
                   "guidance": cfg.teacher.guidance.scale if cfg.teacher.guidance.mode == "embedded" else None,
                   "nfe": cfg.distill.nfe, "final_step_scale": cfg.distill.final_step_scale,
@@ -215,7 +244,7 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
             piflow.update(prompt_template=QWEN_TEMPLATE, template_drop=QWEN_TEMPLATE_DROP,
                           tokenizer_max=QWEN_TOKENIZER_MAX)
         index = {"_class_name": ["pipeline_piflow", "PiFlowPipeline"], "_diffusers_version": __version__,
-                 "transformer": ["diffusers", type(tr).__name__], "policy_head": ["policy_head", "PiFlowGMHead"],
+                 "transformer": transformer_entry, "policy_head": ["policy_head", "PiFlowGMHead"],
                  **components, "piflow": piflow}
         (out / "model_index.json").write_text(json.dumps(index, indent=1))
         if kind == "lora":

@@ -28,8 +28,16 @@ class ReleasedLayoutError(ValueError):
     """A released checkpoint that does not fit the student; the message names the file and the tensor."""
 
 
-def strip_prefix(sd: Tensors, prefix: str = "transformer.") -> Tensors:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+def strip_prefix(sd: Tensors) -> Tensors:
+    """Module names as the transformer sees them: `transformer.` (diffusers) / `base_model.model.` (PEFT) prefixes
+    and PEFT's adapter-name infix (`lora_A.default.weight`) removed."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("transformer.", "base_model.model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[re.sub(r"\.(lora_[AB])\.[A-Za-z_0-9]+\.weight$", r".\1.weight", k)] = v
+    return out
 
 
 # --------------------------------------------------------------------------------------- pi-FLUX / pi-Qwen

@@ -98,6 +98,13 @@ def unpack_2x2(tokens, height: int, width: int):
     return x.reshape(B, F // 4, height, width)
 
 
+def unpack_channel_last(tokens, height: int, width: int, p: int = 2):
+    """DiT's un-patchify: feature (i*p + j) * C + c of the row-major patch tokens."""
+    B, T, F = tokens.shape
+    x = tokens.reshape(B, height // p, width // p, p, p, F // (p * p)).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, F // (p * p), height, width)
+
+
 def image_ids(h: int, w: int, device, dtype):
     rows = torch.arange(h, device=device, dtype=dtype).view(-1, 1).expand(h, w)
     cols = torch.arange(w, device=device, dtype=dtype).view(1, -1).expand(h, w)
@@ -118,9 +125,19 @@ class PiFlowPipeline(DiffusionPipeline):
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, vae=vae)
         self.register_to_config(piflow=piflow or {})
         self._captured = {}
-        # the head reads what the transformer's final layers see: norm_out's (hidden, temb) and proj_out's input
-        transformer.norm_out.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("temb", args[1]))
-        transformer.proj_out.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("hidden", args[0]))
+        # the head reads what the transformer's final layers see: the input of the last projection, and the
+        # conditioning embedding (norm_out's second input; DiT: the shared embedding's output)
+        if hasattr(transformer, "condition_embedder"):  # Wan: temb is the time embedder's output
+            transformer.condition_embedder.time_embedder.register_forward_hook(
+                lambda m, args, out: self._captured.__setitem__("temb", out))
+            proj = transformer.proj_out
+        elif hasattr(transformer, "proj_out_2"):
+            transformer.emb.register_forward_hook(lambda m, args, out: self._captured.__setitem__("temb", out))
+            proj = transformer.proj_out_2
+        else:
+            transformer.norm_out.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("temb", args[1]))
+            proj = transformer.proj_out
+        proj.register_forward_pre_hook(lambda m, args: self._captured.__setitem__("hidden", args[0]))
 
     # ---- base components that the export references instead of copying
     def _component(self, name: str):
@@ -140,6 +157,22 @@ class PiFlowPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: List[str]) -> dict:
         """The student's conditioning, as the training project encodes it for this family."""
         cfg = self.config.piflow
+        if cfg["family"] == "dit":  # class-conditional: the prompts are class ids written as text
+            try:
+                return {"class_labels": torch.tensor([int(p.strip()) for p in prompts], dtype=torch.long)}
+            except ValueError:
+                raise ValueError(f"this ImageNet student takes class ids as prompts (e.g. '207'), got {prompts}")
+        if cfg["family"] == "wan":  # UMT5 last hidden states, zero past each prompt's tokens (as WanPipeline)
+            import html
+            import re
+
+            model, tok = self._component("text_encoder"), self._component("tokenizer")
+            clean = [re.sub(r"\s+", " ", html.unescape(html.unescape(p)).strip()).strip() for p in prompts]
+            batch = tok(clean, padding="max_length", max_length=cfg["max_sequence_length"], truncation=True,
+                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+            hidden = model(batch.input_ids.to(model.device), batch.attention_mask.to(model.device)).last_hidden_state
+            keep = batch.attention_mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+            return {"prompt_embeds": (hidden * keep).float().cpu()}
         if cfg["family"] == "qwen_image":  # Qwen2.5-VL hidden states inside the chat template, prefix dropped
             model, tok = self._component("text_encoder"), self._component("tokenizer")
             drop = cfg["template_drop"]
@@ -170,6 +203,14 @@ class PiFlowPipeline(DiffusionPipeline):
         B, C, H, W = x.shape
         tr = self.transformer
         dtype, device = tr.dtype, tr.device
+        if cfg["family"] == "wan":  # the clip (B, C, T, H, W): frames are folded into the policy's height axis
+            T = cfg["latent_frames"]
+            return dict(hidden_states=x.reshape(B, C, T, H // T, W).to(device, dtype),
+                        timestep=(sigma * cfg["num_timesteps"]).to(device),
+                        encoder_hidden_states=cond["prompt_embeds"].to(device, dtype))
+        if cfg["family"] == "dit":  # the network patchifies the image itself
+            return dict(hidden_states=x.to(device, dtype), timestep=(sigma * cfg["num_timesteps"]).to(device),
+                        class_labels=cond["class_labels"].to(device))
         embeds = cond["prompt_embeds"].to(device, dtype)
         inputs = dict(hidden_states=pack_2x2(x).to(device, dtype), encoder_hidden_states=embeds,
                       timestep=(sigma * cfg["num_timesteps"]).to(device, dtype))
@@ -193,20 +234,29 @@ class PiFlowPipeline(DiffusionPipeline):
         means, logweights, logstd = head(hidden.to(head.device, hdtype), temb.to(head.device, hdtype))
         K = means.shape[2]
 
+        unpack = unpack_channel_last if self.config.piflow["family"] in ("dit", "wan") else unpack_2x2
+
         def untokenize(t):  # (B, T, K, F) -> (B, K, F / 4, H, W)
-            return unpack_2x2(t.permute(0, 2, 1, 3).reshape(B * K, t.shape[1], t.shape[3]), H, W).view(B, K, -1, H, W)
+            return unpack(t.permute(0, 2, 1, 3).reshape(B * K, t.shape[1], t.shape[3]), H, W).view(B, K, -1, H, W)
 
         return GMPolicy(untokenize(means).float().to(x.device), untokenize(logweights).float().to(x.device),
                         logstd.float().to(x.device), x.float(), sigma.float(), self.config.piflow["eps"])
 
     def decode(self, vae, x):
-        """Policy latents -> images in [-1, 1] (the family's VAE normalisation)."""
+        """Policy latents -> images in [-1, 1] (the family's VAE normalisation); Wan: clips (B, 3, F, H, W)."""
+        if self.config.piflow["family"] == "wan":
+            B, C, TH, W = x.shape
+            T = self.config.piflow["latent_frames"]
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
+            z = x.reshape(B, C, T, TH // T, W) * std + mean
+            return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0].float()
         if self.config.piflow["family"] == "qwen_image":  # per-channel statistics, a video VAE on one frame
             mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(x)
             std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(x)
             z = (x * std + mean).unsqueeze(2)
             return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0][:, :, 0].float()
-        z = x / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        z = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
         return vae.decode(z.to(vae.device, vae.dtype), return_dict=False)[0].float()
 
     def prepare_latents(self, batch: int, height: int, width: int, generator, latents):
@@ -231,10 +281,11 @@ class PiFlowPipeline(DiffusionPipeline):
         num_inference_steps defaults to the distilled NFE; output_type 'pil' | 'np' | 'pt' | 'latent'."""
         cfg = self.config.piflow
         scale = cfg["vae_scale_factor"]
-        H = (height or cfg["latent_size"] * scale) // scale
-        W = (width or cfg["latent_size"] * scale) // scale
+        H = height // scale if height else cfg["latent_size"]  # latent frame size
+        W = width // scale if width else (cfg.get("latent_width") or cfg["latent_size"])
         if H % 2 or W % 2:
             raise ValueError(f"height and width must be multiples of {2 * scale}, got {height}x{width}")
+        H *= cfg.get("latent_frames", 1)  # video: the frames are folded into the height axis
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         B = len(prompts)
@@ -261,7 +312,16 @@ class PiFlowPipeline(DiffusionPipeline):
                 images = (x.clamp(-1, 1) + 1) / 2
             else:
                 images = (self.decode(vae, x).clamp(-1, 1) + 1) / 2
-            if output_type == "np":
+            if images.dim() == 5:  # clips: a list of frames per sample
+                frames = images.permute(0, 2, 3, 4, 1)
+                if output_type == "np":
+                    images = frames.cpu().numpy()
+                elif output_type == "pil":
+                    from PIL import Image
+
+                    arrays = (frames * 255).round().to(torch.uint8).cpu().numpy()
+                    images = [[Image.fromarray(f) for f in clip] for clip in arrays]
+            elif output_type == "np":
                 images = images.permute(0, 2, 3, 1).cpu().numpy()
             elif output_type == "pil":
                 from PIL import Image

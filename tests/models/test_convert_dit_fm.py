@@ -131,7 +131,7 @@ def test_the_planner_counts_the_fm_dit_xl2():
     d, L = 1152, 28
     block = 6 * d * d + 6 * d + 4 * (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     root = (4 * 4 * d + d) + (256 * d + d) + (d * d + d) + 1001 * d + (2 * d * d + 2 * d) + (4 * 4 * d + 16)
-    assert counts.total == L * block + root  # one shared embedding: 674.6M, not 28 copies (diffusers: 752.5M)
+    assert counts.total == L * block + root  # one shared embedding: 674.8M (28 per-block copies would add 75M)
 
 
 def run_convert(tmp_path, sd_or_obj, name="ckpt.pth", extra=()):

@@ -255,3 +255,12 @@ def test_tiny_twin_trains_exports_and_samples_a_clip(tmp_path):
     expected = pipe(prompt=["a red cat"], generator=[torch.Generator().manual_seed(3)], output_type="latent")
     got = torch.load(tmp_path / "clip.pt", weights_only=True)
     assert got.shape == (1, C, T * S, S) and torch.allclose(got, expected, atol=1e-6)
+    # the export stands alone: diffusers only, this project blocked, same latents as this project's pipeline
+    from tests.trainer.test_export_standalone import run_diffusers_only
+
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
+    expected = pipe(prompt=["a red cat"], num_images=2, num_inference_steps=4, generator=gens, output_type="latent")
+    info = run_diffusers_only(out, tmp_path, ["a red cat"], "latent-only")
+    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "text_encoder", "transformer", "vae"]
+    got = torch.load(tmp_path / "standalone.pt", weights_only=True)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()

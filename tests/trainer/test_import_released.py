@@ -124,6 +124,7 @@ def released_gm_dit(K=3, inner=20, seed=0) -> dict[str, torch.Tensor]:
     return sd
 
 
+@pytest.mark.slow
 def test_gm_dit_import_permutes_patch_first_rows_to_component_first(tmp_path):
     sd = released_gm_dit()
     torch.save({"state_dict": {"diffusion_ema.denoising." + k: v for k, v in sd.items()}}, tmp_path / "gmdit.pth")
@@ -154,6 +155,17 @@ def test_gm_dit_import_permutes_patch_first_rows_to_component_first(tmp_path):
     # sampleable: piflow sample on the import
     assert main(["sample", str(out), "--prompt", "207", "--nfe", "1", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.pt").exists() and torch.isfinite(torch.load(tmp_path / "s.pt", weights_only=True)).all()
+    # and with diffusers alone (the FM-DiT class ships inside the export)
+    from tests.trainer.test_export_standalone import run_diffusers_only
+
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["dit_fm", "FlowDiTTransformer2DModel"]
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
+    expected = pipe(prompt=["207", "3"], num_images=2, num_inference_steps=4, generator=gens, output_type="latent")
+    info = run_diffusers_only(out, tmp_path, ["207", "3"], "latent-only")
+    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "transformer"]
+    got = torch.load(tmp_path / "standalone.pt", weights_only=True)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
 
 
 def test_layout_mismatches_are_refused_with_one_line(tmp_path, capsys):
@@ -211,3 +223,15 @@ def test_imported_pi_qwen_samples_with_diffusers_alone(tmp_path):
     assert info["project_imported"] == [] and info["modules"] == ["policy_head", "text_encoder", "transformer"]
     got = torch.load(tmp_path / "standalone.pt", weights_only=True)
     assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
+
+
+def test_adapter_key_spellings_normalise_to_module_names():
+    from models.converters.released import lora_targets, strip_prefix
+
+    t = torch.zeros(1)
+    sd = strip_prefix({"base_model.model.transformer_blocks.0.ff.net.2.lora_A.default.weight": t,
+                       "transformer.single_transformer_blocks.3.proj_mlp.lora_B.weight": t,
+                       "transformer.proj_out_means.weight": t})
+    assert set(sd) == {"transformer_blocks.0.ff.net.2.lora_A.weight",
+                       "single_transformer_blocks.3.proj_mlp.lora_B.weight", "proj_out_means.weight"}
+    assert lora_targets({**sd, "single_transformer_blocks.3.proj_mlp.lora_A.weight": t}) == ["ff.net.2", "proj_mlp"]
