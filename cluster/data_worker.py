@@ -165,9 +165,9 @@ class DataWorkerPool(GlobalBatchStream):
                     raise RuntimeError(f"data worker {visit % len(self.workers)} died {attempt + 1} times at shard "
                                        f"visit {visit} (from cursor {start}); giving up") from e
                 try:  # queued by Ray until the restarted actor is up
-                    ray.get(worker.start.remote(start.epoch, start.shard_pos, start.sample_pos, visit),
-                            timeout=RESTART_WAIT_S)
-                except (RayActorError, GetTimeoutError) as e2:
+                    call_with_restart(worker, "start", start.epoch, start.shard_pos, start.sample_pos, visit,
+                                      timeout_s=RESTART_WAIT_S, retries=0, what=f"data worker {visit % len(self.workers)}")
+                except RuntimeError as e2:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} could not be restarted after "
                                        f"dying at shard visit {visit}: {e2}") from e
                 ref = worker.next_result.remote()
