@@ -312,8 +312,6 @@ def run_soak(root: Path, steps: int, kinds: list[str], seed: int = 0, ckpt_every
     """Reference run, then the chaos run; returns the report (bars, faults, recovery statistics)."""
     import uuid
 
-    from data_pipeline import storage
-
     root.mkdir(parents=True, exist_ok=True)
     soak = Soak(root, steps, ckpt_every, batch_size, kinds, seed)
     soak.faults = plan(soak)
