@@ -136,7 +136,8 @@ class Driver:
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(ROOT),
+               "RAY_raylet_start_wait_time_s": "180"}  # a loaded shared machine: Ray's 60 s is not enough
         with open(self.log, "a") as log:
             log.write(f"\n===== start {self.starts}\n")
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(self.config)], cwd=str(ROOT),
@@ -310,8 +311,6 @@ def run_soak(root: Path, steps: int, kinds: list[str], seed: int = 0, ckpt_every
              timeout: float = 3600.0) -> dict:
     """Reference run, then the chaos run; returns the report (bars, faults, recovery statistics)."""
     import uuid
-
-    from data_pipeline import storage
 
     root.mkdir(parents=True, exist_ok=True)
     soak = Soak(root, steps, ckpt_every, batch_size, kinds, seed)

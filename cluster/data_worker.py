@@ -33,6 +33,11 @@ class _Failure:
         self.summary = f"{type(exc).__name__}: {first}"  # the one line a failure message leads with
 
 
+class NotStarted(RuntimeError):
+    """next_result reached a DataWorker process that was never started: a restarted actor (its first
+    process died) got the request before the pool restarted its reading; the pool does that now."""
+
+
 class DataWorker:
     """Reads this worker's share of shard visits ahead on a thread (a plain class; the pool wraps it in Ray)."""
 
@@ -79,7 +84,7 @@ class DataWorker:
     def next_result(self) -> ShardResult:
         """The next shard visit assigned to this worker (blocks while it is being read)."""
         if self._thread is None:
-            raise RuntimeError("DataWorker.next_result before start()")
+            raise NotStarted("DataWorker.next_result before start()")
         while True:
             try:
                 item = self._queue.get(timeout=0.5)
@@ -152,22 +157,25 @@ class DataWorkerPool(GlobalBatchStream):
         max_restarts) and the worker starts reading again AT this visit: the stream has consumed exactly the
         visits before it, and the worker's lost read-ahead is re-read, so no sample is lost or repeated."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         worker = self.workers[visit % len(self.workers)]
         for attempt in range(self.max_restarts + 1):
             try:
                 return ray.get(ref, timeout=self.timeout_s or None)
-            except (RayActorError, GetTimeoutError) as e:
+            except (RayActorError, GetTimeoutError, RayTaskError) as e:
+                if isinstance(e, RayTaskError) and not isinstance(e, RayActorError) \
+                        and not isinstance(getattr(e, "cause", None), NotStarted) and "before start()" not in str(e):
+                    raise  # a real error of the reader: surfaced as it is
                 if isinstance(e, GetTimeoutError):  # hung (a stuck read or encoder): restart it like a dead one
                     ray.kill(worker, no_restart=False)
                 if attempt == self.max_restarts:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} died {attempt + 1} times at shard "
                                        f"visit {visit} (from cursor {start}); giving up") from e
                 try:  # queued by Ray until the restarted actor is up
-                    ray.get(worker.start.remote(start.epoch, start.shard_pos, start.sample_pos, visit),
-                            timeout=RESTART_WAIT_S)
-                except (RayActorError, GetTimeoutError) as e2:
+                    call_with_restart(worker, "start", start.epoch, start.shard_pos, start.sample_pos, visit,
+                                      timeout_s=RESTART_WAIT_S, retries=0, what=f"data worker {visit % len(self.workers)}")
+                except RuntimeError as e2:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} could not be restarted after "
                                        f"dying at shard visit {visit}: {e2}") from e
                 ref = worker.next_result.remote()
