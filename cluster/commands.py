@@ -179,7 +179,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         meta = export_summary(args.out)
         print(f"exported {meta['kind']} {meta['family']} student (base {meta['base_model']}) to {args.out}")
         if args.push_to_hub:
-            from trainer.standalone_export import push_to_hub
+            from trainer.weights import push_to_hub
 
             print(f"pushed to {push_to_hub(args.out, args.push_to_hub)}")
         return 0

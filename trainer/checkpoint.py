@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 2  # 2: engine and EMA state as resharding safetensors partitions (1: DeepSpeed pickles)
+RESHARDS = True  # a checkpoint of W ranks resumes on W' ranks (cluster/preflight.py reads this)
 UPLOAD_ATTEMPTS = 5  # whole-rank attempts on top of storage.py's per-call retries; a retry skips done files
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 

@@ -386,7 +386,10 @@ SEED_MAX = 2**32 - 1
 # field's range applies to each element. tests/trainer/test_config_ranges.py checks that every int/float
 # field of the tree is listed here; add the range of a new numeric field next to its key.
 RANGES: dict[str, str] = {
-    "run.seed": f"[0, {SEED_MAX}]",
+    "run.seed": f"[0, {SEED_MAX}]", "run.log_flush_steps": "[1, 100000]", "run.log_flush_s": "(0, 86400]",
+    "run.lease_heartbeat_s": "(0, 3600]", "model.latent_width": "[0, 65536]", "model.latent_frames": "[1, 4096]",
+    "train.max_nonfinite_steps": "[1, 100000]", "train.max_failed_uploads": "[1, 100]",
+    "train.ckpt_part_timeout_s": "[1, 86400]",
     "model.num_timesteps": "(0, 1e6]", "model.latent_channels": "[1, 4096]", "model.latent_size": "[1, 65536]",
     "model.max_sequence_length": "[1, 65536]", "model.num_classes": "[1, 1e9]", "model.hidden_dim": "[1, 1e6]",
     "model.num_layers": "[1, 1000]", "model.teacher_iters": "[0, 1e9]", "model.teacher_batch_size": "[1, 1e9]",
@@ -468,15 +471,10 @@ def validate(cfg: Config, source: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: key '{key}': {msg}")
 
-    need(1 <= cfg.run.log_flush_steps <= 100_000, "run.log_flush_steps", "must be in [1, 100000]")
-    need(cfg.run.log_flush_s > 0, "run.log_flush_s", "must be > 0")
-    need(cfg.run.lease_heartbeat_s > 0, "run.lease_heartbeat_s", "must be > 0")
     from models.families import FAMILIES
 
     need(cfg.model.family in FAMILIES, "model.family", f"unknown family {cfg.model.family!r} "
          f"(one of {', '.join(FAMILIES)})")
-    need(cfg.model.latent_width >= 0, "model.latent_width", "must be >= 0 (0 = latent_size)")
-    need(cfg.model.latent_frames >= 1, "model.latent_frames", "must be >= 1")
 
     need(cfg.distill.nfe >= 1, "distill.nfe", "must be >= 1")
     need(0 < cfg.distill.final_step_scale <= 1, "distill.final_step_scale", "must be in (0, 1]")
@@ -497,10 +495,6 @@ def validate(cfg: Config, source: str) -> None:
          "false (data-based pi-ID) needs data.shards: latent shards made by `piflow shards latents`")
     if cfg.teacher.placement == "shared":
         need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
-    need(1 <= cfg.train.max_nonfinite_steps <= 100_000, "train.max_nonfinite_steps", "must be in [1, 100000]")
-    need(1 <= cfg.train.max_failed_uploads <= 100, "train.max_failed_uploads", "must be in [1, 100]")
-    need(1.0 <= cfg.train.ckpt_part_timeout_s <= 86_400.0, "train.ckpt_part_timeout_s",
-         "must be in [1, 86400] seconds")
     world = cfg.cluster.student.workers
     if cfg.train.micro_batch_size:
         need(

@@ -261,13 +261,3 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
                     "format (student/) only", ", ".join(STANDALONE_FAMILIES), cfg.model.family, cfg.policy.type)
     (out / "README.md").write_text(model_card(cfg, step, kind, ok, eval_table or find_eval_table(cfg)))
     return ok
-
-
-def push_to_hub(out_dir: str | Path, repo_id: str) -> str:
-    """Upload the export dir to a Hub model repo (credentials from the HF token chain, never printed)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(folder_path=str(out_dir), repo_id=repo_id, repo_type="model")
-    return f"https://huggingface.co/{repo_id}"

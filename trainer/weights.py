@@ -109,3 +109,13 @@ def with_local_weights(cfg: Config) -> Config:
     out.model.pretrained = local_model_dir(cfg.model.pretrained, cfg)
     out.model.text_encoder = local_model_dir(cfg.model.text_encoder, cfg)
     return out
+
+
+def push_to_hub(out_dir: str, repo_id: str) -> str:
+    """Upload the export dir to a Hub model repo (credentials from the HF token chain, never printed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    api.upload_folder(folder_path=str(out_dir), repo_id=repo_id, repo_type="model")
+    return f"https://huggingface.co/{repo_id}"

@@ -120,10 +120,13 @@ def test_missing_hub_id_names_the_id_and_the_cache(capsys, config, tmp_path, mon
     assert str(tmp_path / "hf" / "hub") in line and "HF_HUB_OFFLINE" in line
 
 
-def test_resume_world_size_mismatch_is_named(capsys, config, bucket):
+def test_resume_on_another_world_size_passes_preflight(config, bucket):
+    """Checkpoints reshard on load (trainer/checkpoint.py, tests/trainer/test_reshard.py): a 2-rank checkpoint
+    resumed on 1 rank is no longer refused before the run starts."""
+    from cluster.preflight import check_resume_world_size
+    from trainer.config import load_config
+
     out = f"s3://{bucket}/runs/w"
-    seed_previous_run(out)  # a checkpoint of 2 ranks (no files: the manifest lists none, so it is valid)
-    rc, err = run_cli(capsys, config, *TOY, f"run.output={out}")
-    line = one_line(err)
-    assert rc == 2 and "cluster.student.workers=1" in line and "written by 2 ranks" in line
-    assert "cluster.student.workers=2" in line
+    seed_previous_run(out)  # a checkpoint of 2 ranks
+    cfg = load_config(config, [*TOY, f"run.output={out}", "cluster.student.workers=1"])
+    check_resume_world_size(cfg)  # no PreflightError
