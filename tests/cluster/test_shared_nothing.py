@@ -2,8 +2,7 @@
 worker node, each with its own Ray --temp-dir, its own run.scratch
 (`run.scratch: $PIFLOW_NODE_SCRATCH`, expanded on each node) and its own HF_HOME; run.output and the prompt
 shards on the moto S3 server. Tiny FLUX (LoRA + GM head, shared teacher), 2 ZeRO-3 ranks forced onto the two
-nodes, a driver (`piflow train --address`) on the head (Ray attaches a driver to the head node when several
-nodes share its address).
+nodes, the data feed pinned to the head (`cluster.data_custom_resource`), a driver (`piflow train --address`).
 
 - An uninterrupted run gives the reference losses.
 - The same run again (4 steps, checkpoints every 2); once its step-2 checkpoint exists, the worker node is killed with SIGKILL (its
@@ -59,7 +58,7 @@ def run_config(output: str, shards: str) -> dict:
         "ema": {"start": 1},
         "data": {"shards": shards, "workers": 1, "prefetch": 2},
         "eval": {"every": 4, "nfe": 2, "num_samples": 2, "prompts": ["a red cat", "a handwritten seven"], "seed": 5},
-        "cluster": {"data_cpus_per_worker": 0.0,
+        "cluster": {"data_cpus_per_worker": 0.0, "data_custom_resource": "data_slot",
                     "student": {"workers": 2, "cpus_per_worker": 1.0, "max_failures": 2,
                                 "custom_resource": "student_slot"}},
         "wandb": {"mode": "disabled"},
@@ -73,7 +72,7 @@ def nodes(s3_server):
     dirs = {name: root / name for name in ("scratch0", "scratch1", "hf0", "hf1", "driver")}
     for d in dirs.values():
         d.mkdir()
-    cluster = LoopbackCluster(num_cpus=2, resources={"student_slot": 1},
+    cluster = LoopbackCluster(num_cpus=2, resources={"student_slot": 1, "data_slot": 1},
                               head_env={"PIFLOW_NODE_SCRATCH": str(dirs["scratch0"]), "HF_HOME": str(dirs["hf0"])})
     try:
         cluster.start()

@@ -121,6 +121,7 @@ def test_rendered_sbatch_trains_the_tiny_config_to_s3(slurm, s3_server, tmp_path
     storage.makedirs(f"s3://{bucket}")
     out = f"s3://{bucket}/runs/tiny"
     gcs, dash, client = free_ports(3)
+    ray_tmp = tempfile.mkdtemp(prefix="pfsr-", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
     script = tmp_path / "run.sbatch"
     render = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "template", "slurm", str(TINY), "--nodes", "1", "--cpus-per-node", "2",
@@ -134,18 +135,23 @@ def test_rendered_sbatch_trains_the_tiny_config_to_s3(slurm, s3_server, tmp_path
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                # this host's own Ray ports and temp dir (other Ray clusters may run on the machine)
                "PIFLOW_RAY_START_ARGS": " ".join([f"--ray-client-server-port={client}",
-                                                  f"--temp-dir={tmp_path / 'ray'}", *_node_ports()])}
+                                                  f"--temp-dir={ray_tmp}", *_node_ports()])}
     job_env = {k: v for k, v in job_env.items() if not k.startswith("RAY_ADDRESS")}
     sub = subprocess.run([_tool("sbatch"), "--parsable", str(script)], cwd=tmp_path, env=job_env,
                          capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
     deadline = time.monotonic() + 780
-    while subprocess.run([_tool("squeue"), "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
-        assert time.monotonic() < deadline, "the SLURM job did not finish"
-        time.sleep(2)
+    try:
+        while subprocess.run([_tool("squeue"), "-h", "-j", job], env=env, capture_output=True,
+                             text=True).stdout.strip():
+            assert time.monotonic() < deadline, "the SLURM job did not finish"
+            time.sleep(2)
+    finally:
+        subprocess.run([_tool("scancel"), job], env=env, capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     log = (tmp_path / f"job-{job}.out").read_text()
-    assert f"piflow: job flux_dev_gm_k8_4nfe_tiny-{job} SUCCEEDED" in log, log[-6000:]
+    assert f"piflow: job flux-dev-gm-k8-4nfe-tiny-{job} SUCCEEDED" in log, log[-6000:]
     assert "piflow: startup ray_nodes_up" in log
     assert [r["step"] for r in read_metrics(storage.join(out, "metrics.jsonl"))] == [1, 2]
     assert storage.exists(storage.join(out, "config.yaml"))
