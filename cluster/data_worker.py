@@ -412,9 +412,14 @@ def start_data_feed(cfg: Any, worker_options: Optional[dict[str, Any]] = None) -
                                 encoder, **options)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # the one feed actor lives with the driver (issue 11): a worker node that dies must not take it along
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = feed_actor(factory, max_restarts=cfg.data.max_restarts, scheduling_strategy=here)
+    # the one feed actor lives with the driver, or on the nodes of cluster.data_custom_resource (issue 11): a
+    # worker node that dies must not take it along
+    if cfg.cluster.data_custom_resource:
+        actor = feed_actor(factory, max_restarts=cfg.data.max_restarts,
+                           resources={cfg.cluster.data_custom_resource: 0.01})
+    else:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        actor = feed_actor(factory, max_restarts=cfg.data.max_restarts, scheduling_strategy=here)
     ray.get(actor.initial_state.remote())  # fail here, with the actor's error, if the shards cannot be listed
     strategy = options.get("scheduling_strategy")
     return DataFeed(actor, getattr(strategy, "placement_group", None))

@@ -113,11 +113,15 @@ def data_placement(cfg: Config) -> dict[str, Any]:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cpus = cfg.cluster.data_cpus_per_worker
-    if cpus <= 0:  # zero-CPU readers stay with the driver (issue 11: not on a worker node that may be lost)
+    pin = {"resources": {cfg.cluster.data_custom_resource: 0.01}} if cfg.cluster.data_custom_resource else {}
+    if cpus <= 0:  # zero-CPU readers stay with the driver, or where data_custom_resource pins them (issue 11)
+        if pin:
+            return {"num_cpus": 0, **pin}
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)}
-    pg = placement_group([{"CPU": cpus}] * cfg.data.workers, strategy="SPREAD")
+    bundle = {"CPU": cpus, **pin.get("resources", {})}
+    pg = placement_group([bundle] * cfg.data.workers, strategy="SPREAD")
     ray.get(pg.ready())
-    return {"num_cpus": cpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}
+    return {"num_cpus": cpus, **pin, "scheduling_strategy": PlacementGroupSchedulingStrategy(pg)}

@@ -168,6 +168,9 @@ def build_submission(req: SubmitRequest) -> dict[str, Any]:
 
     config_rel = relative_config(req.config, req.working_dir)
     cfg = load_config(req.config, [*req.overrides, "cluster.address=auto"])  # ConfigError before any upload
+    from cluster.preflight import check_output_url
+
+    check_output_url(cfg.run.output)  # the scheme here; the rest of the preflight runs in the job (its credentials)
     runtime_env = {"working_dir": str(Path(req.working_dir).resolve()),
                    "excludes": excludes_for(req, cfg.run.output), "env_vars": job_env(req.env)}
     return {"entrypoint": entrypoint(req, config_rel), "runtime_env": runtime_env,

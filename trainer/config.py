@@ -228,6 +228,9 @@ class ClusterConfig:
     data_cpus_per_worker: float = 1.0
     storage_path: str = ""  # Ray Train run dir; "" = <run.output>/ray_train (local output) or node-local scratch
     student: StudentGroupConfig = field(default_factory=StudentGroupConfig)
+    # issue 11: a custom Ray resource ("" = none) the data feed and data workers each take 0.01 of: pins the
+    # run's data plumbing to the nodes that advertise it (e.g. the head), away from nodes that may be lost
+    data_custom_resource: str = ""
 
 
 @dataclass

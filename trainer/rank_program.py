@@ -262,8 +262,8 @@ class KeyLog:
     def log(self, step: int, keys: list[str]) -> None:
         self._log.append({"step": step, "keys": keys})
 
-    def flush(self) -> None:
-        self._log.flush()
+    def flush(self, through_step: int | None = None) -> None:
+        self._log.flush(through_step)
 
     def close(self) -> None:
         self._log.close()
@@ -347,9 +347,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
             data = batches.state_dict() if prompt_batches is not None else {"synthetic_step": step}
             if guard is not None:
                 guard()  # a run whose lease was taken over stops before it writes a checkpoint
-            logger.flush()  # the logs on storage cover every step up to the checkpoint
+            logger.flush(step)  # the logs on storage cover every step up to the checkpoint
             if keys is not None:
-                keys.flush()
+                keys.flush(step)
             return resume.save_state(cfg, manager, step, setup.engine, setup.ema, setup.student,
                                      data_state=data, generators=generators,
                                      wandb_run_id=logger.wandb_run_id or "", loss=loss)

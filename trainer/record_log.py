@@ -132,6 +132,7 @@ class RecordLog:
         self.flush_steps, self.flush_s, self.guard, self.clock = flush_steps, flush_s, guard, clock
         self._buffer: list[str] = []
         self._steps: set[int] = set()
+        self._flush_at: Optional[int] = None  # flush once a record of this step is appended (a checkpoint's)
         self._file = None
         if self.segmented:
             if resume_step is not None:
@@ -153,12 +154,18 @@ class RecordLog:
             self._file.flush()
             return
         self._buffer.append(line)
-        self._steps.add(int(record.get("step", 0)))
-        if len(self._steps) >= self.flush_steps or self.clock() - self._last_flush >= self.flush_s:
+        step = int(record.get("step", 0))
+        self._steps.add(step)
+        due = self._flush_at is not None and step >= self._flush_at
+        if due or len(self._steps) >= self.flush_steps or self.clock() - self._last_flush >= self.flush_s:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the buffered records as the next segment (object storage); a no-op when nothing is buffered."""
+    def flush(self, through_step: Optional[int] = None) -> None:
+        """Write the buffered records as the next segment (object storage); a no-op when nothing is buffered.
+        `through_step`: also flush as soon as that step's record arrives (the loop checkpoints step S before
+        it logs S: the segment with S then follows the checkpoint within milliseconds, long before the
+        checkpoint's manifest, which waits for every rank's upload)."""
+        self._flush_at = through_step
         self._last_flush = self.clock()
         if not self._buffer:
             return

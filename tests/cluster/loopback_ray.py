@@ -61,6 +61,7 @@ class LoopbackCluster:
     procs: list = field(default_factory=list)
     gcs_address: str = ""
     dashboard_url: str = ""
+    head_env: dict = field(default_factory=dict)  # extra environment of the head node's processes
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for processes of (or clients of) this cluster: token auth on, this cluster's token."""
@@ -72,9 +73,9 @@ class LoopbackCluster:
         env.update(extra)
         return env
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, env: Optional[dict] = None) -> subprocess.Popen:
         log = open(self.root / log_name, "w")
-        p = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=self.env(),
+        p = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args], env=self.env(**(env or {})),
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
         self.procs.append(p)
         return p
@@ -86,18 +87,36 @@ class LoopbackCluster:
         self._spawn(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--num-cpus={self.num_cpus}",
                      f"--resources={json.dumps(self.resources)}", f"--temp-dir={self.root / 'rtmp'}",
-                     *_node_ports()], "head.log")
+                     *_node_ports()], "head.log", self.head_env)
         self.wait_for_nodes(1)
         return self
 
-    def add_node(self, num_cpus: int, resources: Optional[dict] = None) -> None:
-        n = len(self.procs)
-        self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-                     f"--resources={json.dumps(resources or {})}",
-                     # its own temp dir: nodes sharing one would share runtime_resources/, and one node's
-                     # runtime-env cleanup deletes the working dir a job driver on the other runs in
-                     f"--temp-dir={self.root / f'rtmp{n}'}", *_node_ports()], f"node{n}.log")
-        self.wait_for_nodes(n + 1)
+    def add_node(self, num_cpus: int, resources: Optional[dict] = None, env: Optional[dict] = None
+                 ) -> subprocess.Popen:
+        """A worker node; `env`: extra environment of its processes (its own scratch, HF_HOME, ...). Returns its
+        `ray start` process (its session: `kill_node`)."""
+        for attempt in range(3):  # a loaded GCS can miss `ray start`'s 30 s registration deadline: try again
+            n = len(self.procs)
+            p = self._spawn([f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                         f"--resources={json.dumps(resources or {})}",
+                         # its own temp dir: nodes sharing one would share runtime_resources/, and one node's
+                         # runtime-env cleanup deletes the working dir a job driver on the other runs in
+                         f"--temp-dir={self.root / f'rtmp{n}'}", *_node_ports()], f"node{n}.log", env)
+            try:
+                self.wait_for_nodes(len([q for q in self.procs if q.poll() is None]))
+                return p
+            except RuntimeError:
+                if attempt == 2 or p.poll() is None:
+                    raise
+                self.procs.remove(p)
+                _kill_sessions([p.pid])
+        raise AssertionError("unreachable")
+
+    def kill_node(self, proc: subprocess.Popen) -> None:
+        """kill -9 a worker node: its `ray start`, raylet and every process of its session (its workers)."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _kill_sessions([proc.pid])
 
     def wait_for_nodes(self, n: int, timeout: float = 120.0) -> None:
         """Until the dashboard answers and `n` nodes are alive (polled through the Jobs-API-side HTTP)."""
@@ -107,7 +126,7 @@ class LoopbackCluster:
         last = ""
         while time.monotonic() < deadline:
             for p in self.procs:
-                if p.poll() is not None:
+                if p.poll() is not None and p.returncode != -signal.SIGKILL:  # (kill_node's are expected)
                     raise RuntimeError(f"ray start exited with {p.returncode}; logs:\n{self.logs()}")
             try:
                 req = urllib.request.Request(f"{self.dashboard_url}/nodes?view=summary",

@@ -100,3 +100,21 @@ def test_read_metrics_names_a_bad_segment_line(prefix):
     storage.put_bytes(storage.join(url, "00000000.jsonl"), b'{"step": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"00000000.jsonl:2"):
         read_metrics(url)
+
+
+def test_a_checkpoint_flush_covers_the_checkpoint_step_logged_after_it(prefix):
+    """The loop saves step S's checkpoint before it logs step S: flush(through_step=S) puts what is buffered
+    up now and S's record as soon as it arrives, so a crash after the checkpoint never loses S's record."""
+    url = storage.join(prefix, "data_keys", "rank_1.jsonl")
+    log = RecordLog(url, resume_step=0, flush_steps=100, flush_s=1e9)
+    log.append({"step": 1, "keys": ["a"]})
+    log.flush(through_step=2)  # checkpoint of step 2
+    assert steps_of(url) == [1]
+    log.append({"step": 2, "keys": ["b"]})
+    assert steps_of(url) == [1, 2]  # on storage before step 3 starts
+    log.append({"step": 3, "keys": ["c"]})
+    assert steps_of(url) == [1, 2]  # back to the normal cadence
+    resumed = RecordLog(url, resume_step=2, flush_steps=100, flush_s=1e9)  # killed during step 3
+    resumed.append({"step": 3, "keys": ["c"]})
+    resumed.close()
+    assert steps_of(url) == [1, 2, 3]
