@@ -13,6 +13,7 @@ CPU ranks, and the single-process torch engine.
 from __future__ import annotations
 
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,42 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def run_until_killed(cfg: dict, fault: dict, attempts: int = 2) -> list:
+    """Start 2 ranks that SIGKILL themselves (the fault); returns their exit codes. A rank that fails on its
+    own (it reports through the queue, e.g. its rendezvous port was taken meanwhile) stops the others at
+    once and the start is retried; the error is raised when every attempt failed."""
+    import queue as queue_mod
+    import time
+
+    ctx = mp.get_context("spawn")
+    for _ in range(attempts):
+        error = ""
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_entry, args=(r, 2, port, rank_run, (cfg, fault), q)) for r in range(2)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 900
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            try:
+                rank, status, value = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                continue
+            error = f"rank {rank} {status}: {value}"
+            break
+        if not error and any(p.is_alive() for p in procs):
+            error = "no SIGKILL within 900 s"
+        for p in procs:
+            p.join(timeout=1 if error else 60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if not error:
+            return [p.exitcode for p in procs]
+        shutil.rmtree(cfg["run"]["output"], ignore_errors=True)
+    raise RuntimeError(f"the 2-rank run to be killed failed on its own: {error[-3000:]}")  # noqa: F821
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> str:
     from tests.cluster.flux_fixtures import save_tiny_teacher
@@ -73,14 +110,7 @@ def runs(teacher_dir, tmp_path_factory) -> dict[str, Path]:
     killed = cfg(2, "killed")
     killed["teacher"] = {**killed["teacher"], "placement": "separate", "overlap": False}
     fault = {"at": 4, "kind": "kill", "wait_for": str(o["killed"] / "checkpoints" / step_dirname(4) / "MANIFEST.json")}
-    ctx, port = mp.get_context("spawn"), _free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, 2, port, rank_run, (killed, fault), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    o["killed_exitcodes"] = [p.exitcode for p in procs]
+    o["killed_exitcodes"] = run_until_killed(killed, fault)
     o["killed_before"] = dict(losses(o["killed"]))
     # the same output on 1 rank resumes at step 4; then ZeRO-3 2 ranks -> torch engine
     o["summaries_1"] = run_ranks(rank_runs, 1, [(cfg(1, "killed"), None),
