@@ -182,6 +182,11 @@ def save_state(cfg: Config, manager: CheckpointManager, step: int, engine, ema=N
     Refuses (NonFiniteError, on every rank) to write non-finite weights or EMA."""
     from trainer.loop import NonFiniteError
 
+    failing = manager.consecutive_failures >= manager.max_failed_uploads
+    if engine.any_rank(failing):  # every rank stops together, not just the one whose uploads fail
+        manager.check_uploads()
+        raise CheckpointError(f"step {step}: another rank's last {manager.max_failed_uploads} checkpoint uploads "
+                              f"failed (its log names the cause); stopping (train.max_failed_uploads)")
     ema_bad = ema is not None and any(not bool(torch.isfinite(s).all()) for s in ema.shadow)
     if not engine.weights_finite() or engine.any_rank(ema_bad):
         raise NonFiniteError(f"step {step}: the weights or the EMA hold non-finite values; refusing to write a "

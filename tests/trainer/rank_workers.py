@@ -55,3 +55,31 @@ def rank_run(cfg_dict: dict, fault: dict | None = None) -> dict:
             teacher = FaultyTeacher(teacher, per_iter, fault["at"], fault.get("kind", "nan"), fault.get("wait_for", ""))
     torch.manual_seed(0)
     return run_rank(cfg, teacher, cond_shapes=COND_SHAPES)
+
+
+def rank_runs(jobs: list) -> list:
+    """Several `rank_run`s one after the other in the same ranks (process start and imports dominate the
+    cost of these tiny runs). A job is (cfg_dict, fault) or (cfg_dict, fault, (src_output, step)): the
+    latter first copies the checkpoint `step` of `src_output` into the job's run.output (rank 0; a barrier
+    when distributed), so the job resumes from it."""
+    import shutil
+    from pathlib import Path
+
+    from trainer.checkpoint import step_dirname
+    from trainer.distributed import rank_info
+
+    out = []
+    for job in jobs:
+        cfg_dict, fault = job[0], job[1]
+        if len(job) > 2:
+            src, step = job[2]
+            if rank_info().rank == 0:
+                name = step_dirname(step)
+                shutil.copytree(Path(src) / "checkpoints" / name,
+                                Path(cfg_dict["run"]["output"]) / "checkpoints" / name)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        out.append(rank_run(cfg_dict, fault))
+    return out

@@ -21,7 +21,7 @@ import torch
 
 from tests.trainer.ds_spawn import _entry, _free_port, run_ranks
 from tests.trainer.engine_workers import flux_cfg
-from tests.trainer.rank_workers import rank_run
+from tests.trainer.rank_workers import rank_run, rank_runs
 from trainer.checkpoint import latest_valid, step_dirname
 from trainer.export import consolidate
 from trainer.metrics import read_metrics
@@ -51,10 +51,40 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def copy_checkpoint(src: Path, step: int, dst: Path) -> None:
-    """A fresh run.output holding only `src`'s checkpoint of `step` (resume then starts from it)."""
-    name = step_dirname(step)
-    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+def run_until_killed(cfg: dict, fault: dict, attempts: int = 2) -> list:
+    """Start 2 ranks that SIGKILL themselves (the fault); returns their exit codes. A rank that fails on its
+    own (it reports through the queue, e.g. its rendezvous port was taken meanwhile) stops the others at
+    once and the start is retried; the error is raised when every attempt failed."""
+    import queue as queue_mod
+    import time
+
+    ctx = mp.get_context("spawn")
+    for _ in range(attempts):
+        error = ""
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_entry, args=(r, 2, port, rank_run, (cfg, fault), q)) for r in range(2)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 900
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            try:
+                rank, status, value = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                continue
+            error = f"rank {rank} {status}: {value}"
+            break
+        if not error and any(p.is_alive() for p in procs):
+            error = "no SIGKILL within 900 s"
+        for p in procs:
+            p.join(timeout=1 if error else 60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if not error:
+            return [p.exitcode for p in procs]
+        shutil.rmtree(cfg["run"]["output"], ignore_errors=True)
+    raise RuntimeError(f"the 2-rank run to be killed failed on its own: {error[-3000:]}")  # noqa: F821
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +96,29 @@ def teacher_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def runs(teacher_dir, tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted 6-step runs: torch engine (1 process) and ZeRO-3 on 1, 2 and 4 ranks."""
+    """Uninterrupted 6-step runs (torch engine; ZeRO-3 on 1, 2 and 4 ranks), the killed 2-rank run and the
+    resumed ones. Runs of one world size share their processes (`rank_runs`): starting ranks costs more
+    than these tiny runs."""
     root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for name, world, engine in (("torch", 1, "torch"), ("ds1", 1, "deepspeed"), ("ds2", 2, "deepspeed"),
-                                ("ds4", 4, "deepspeed")):
-        out[name] = root / name
-        run_ranks(rank_run, world, run_cfg(teacher_dir, world, out[name], engine), timeout=600)
-    return out
+    o = {name: root / name for name in ("torch", "ds1", "ds2", "ds4", "killed", "t_to_2", "2_to_4", "2_to_t")}
+    cfg = lambda world, name, engine="deepspeed": run_cfg(teacher_dir, world, o[name], engine)  # noqa: E731
+    run_ranks(rank_runs, 1, [(cfg(1, "torch", "torch"), None), (cfg(1, "ds1"), None)], timeout=900)
+    run_ranks(rank_runs, 2, [(cfg(2, "ds2"), None), (cfg(2, "t_to_2"), None, (o["torch"], 2))], timeout=900)
+    run_ranks(rank_runs, 4, [(cfg(4, "ds4"), None), (cfg(4, "2_to_4"), None, (o["ds2"], 4))], timeout=900)
+
+    # 2 ranks SIGKILLed during step 5, once the step-4 checkpoint is complete (the teacher double kills)
+    killed = cfg(2, "killed")
+    killed["teacher"] = {**killed["teacher"], "placement": "separate", "overlap": False}
+    fault = {"at": 4, "kind": "kill", "wait_for": str(o["killed"] / "checkpoints" / step_dirname(4) / "MANIFEST.json")}
+    o["killed_exitcodes"] = run_until_killed(killed, fault)
+    o["killed_before"] = dict(losses(o["killed"]))
+    # the same output on 1 rank resumes at step 4; then ZeRO-3 2 ranks -> torch engine
+    o["summaries_1"] = run_ranks(rank_runs, 1, [(cfg(1, "killed"), None),
+                                                (cfg(1, "2_to_t", "torch"), None, (o["ds2"], 2))], timeout=900)
+    return o
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3600)
 def test_one_two_and_four_ranks_are_the_same_computation(runs):
     ref = losses(runs["ds1"])
     assert sorted(ref) == list(range(1, 7)) and len(set(ref.values())) == 6  # it trains: every loss differs
@@ -89,44 +131,26 @@ def test_one_two_and_four_ranks_are_the_same_computation(runs):
         assert max_diff(final_weights(runs[name], "ema"), ref_ema) <= TOL, name
 
 
-@pytest.mark.timeout(900)
-def test_two_ranks_killed_at_step_5_resume_on_one_rank(runs, teacher_dir, tmp_path):
-    out = tmp_path / "killed"
-    cfg2 = run_cfg(teacher_dir, 2, out)
-    manifest = str(out / "checkpoints" / step_dirname(4) / "MANIFEST.json")
-    fault = {"at": 4, "kind": "kill", "wait_for": manifest}  # both ranks die in step 5, once step 4 is safe
-    cfg2["teacher"] = {**cfg2["teacher"], "placement": "separate", "overlap": False}
-    ctx, port = mp.get_context("spawn"), _free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, 2, port, rank_run, (cfg2, fault), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [-9, -9]  # really killed, not finished
-    before = losses(out)
-    assert max(before) == 4 and latest_valid(str(out)).step == 4
-
-    run_ranks(rank_run, 1, run_cfg(teacher_dir, 1, out), timeout=600)  # same output, 1 rank: resumes at 4
-    ref, got = losses(runs["ds1"]), losses(out)
+@pytest.mark.timeout(3600)
+def test_two_ranks_killed_at_step_5_resume_on_one_rank(runs):
+    assert runs["killed_exitcodes"] == [-9, -9]  # really killed, not finished
+    assert max(runs["killed_before"]) == 4
+    assert runs["summaries_1"][0][0]["start_step"] == 4  # resumed from the 2-rank checkpoint of step 4
+    ref, got = losses(runs["ds1"]), losses(runs["killed"])
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):  # steps 1-4 from the 2-rank run, 5-6 from the resumed 1-rank run
         assert abs(got[step] - ref[step]) <= TOL * max(1.0, abs(ref[step])), (step, got[step], ref[step])
-    assert max_diff(final_weights(out), final_weights(runs["ds1"])) <= TOL
-    assert max_diff(final_weights(out, "ema"), final_weights(runs["ds1"], "ema")) <= TOL
+    assert max_diff(final_weights(runs["killed"]), final_weights(runs["ds1"])) <= TOL
+    assert max_diff(final_weights(runs["killed"], "ema"), final_weights(runs["ds1"], "ema")) <= TOL
 
 
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize("src,step,world,engine", [("torch", 2, 2, "deepspeed"), ("ds2", 4, 4, "deepspeed"),
-                                                   ("ds2", 2, 1, "torch")])
-def test_checkpoint_reshards_to_another_world_size_and_engine(runs, teacher_dir, tmp_path, src, step, world, engine):
-    out = tmp_path / "resharded"
-    copy_checkpoint(runs[src], step, out)
-    summaries = run_ranks(rank_run, world, run_cfg(teacher_dir, world, out, engine), timeout=600)
-    assert summaries[0]["start_step"] == step  # resumed, not restarted
-    ref, got = losses(runs["ds1"]), losses(out)
-    assert sorted(got) == list(range(step + 1, 7))
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("name,step", [("t_to_2", 2), ("2_to_4", 4), ("2_to_t", 2)])
+def test_checkpoint_reshards_to_another_world_size_and_engine(runs, name, step):
+    """torch engine (1) -> ZeRO-3 2 ranks, ZeRO-3 2 -> 4 ranks, ZeRO-3 2 ranks -> torch engine."""
+    ref, got = losses(runs["ds1"]), losses(runs[name])
+    assert sorted(got) == list(range(step + 1, 7))  # resumed at `step`, not restarted
     for s in got:
         assert abs(got[s] - ref[s]) <= TOL * max(1.0, abs(ref[s])), (s, got[s], ref[s])
     for kind in ("master", "exp_avg", "exp_avg_sq", "ema"):
-        assert max_diff(final_weights(out, kind), final_weights(runs["ds1"], kind)) <= TOL, kind
+        assert max_diff(final_weights(runs[name], kind), final_weights(runs["ds1"], kind)) <= TOL, kind
