@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.device_emulation import Emulated, device, emulated_device, run_isolated
+from tests.trainer.bf16_workers import InProcessTeacher  # the Ray hop only, as in the bf16 tests
 from trainer.config import load_config
 
 CONFIGS = {"flux": "configs/flux_dev_gm_k8_4nfe_tiny.yaml", "qwen_image": "configs/qwen_image_gm_k8_4nfe_tiny.yaml",
@@ -26,26 +27,6 @@ def _cfg(family: str, lora: bool, out: str, nfe: int = 2):
     if family != "dit":
         o += [f"distill.nfe={nfe}", f"eval.nfe={nfe}"]
     return load_config(CONFIGS[family], o)
-
-
-class InProcessTeacher:
-    """RemoteTeacher's transport without Ray (a test double of the Ray hop only): the conditioning goes to the
-    server once per batch as CPU tensors, x and sigma cross as CPU tensors, the velocity comes back on x's
-    device. The server's own code (put_cond, conditioning repeat and concatenation, _forward) runs as is."""
-
-    def __init__(self, server):
-        self.server, self._last, self._n = server, None, 0
-
-    def __call__(self, x, sigma, cond):
-        from cluster.teacher_server import _repeat
-
-        if cond is not self._last:
-            self._n, self._last = self._n + 1, cond
-            self.server.put_cond(str(self._n), None if cond is None else {k: v.cpu() for k, v in cond.items()})
-        rows = x.shape[0] if cond is None else next(iter(cond.values())).shape[0]
-        c = _repeat(self.server._conds[str(self._n)], x.shape[0] // rows)
-        (u,) = self.server._forward([(x.detach().float().cpu(), sigma.detach().float().cpu(), c, None, 0.0)])
-        return u.to(x.device)
 
 
 def _one_iteration(cfg, dev):
