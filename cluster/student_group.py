@@ -51,8 +51,14 @@ def _worker(config: dict) -> None:
         prompt_batches = feed_batches
     elif cfg.data.shards:
         raise ValueError("data.shards is set but the student group got no data feed (cluster.launch starts it)")
+    validation = None
+    if config.get("validation"):  # prompts encoded once on the teacher group; rank 0 decodes there too
+        from cluster.validation import RemoteValidation
+
+        v = config["validation"]
+        validation = RemoteValidation(v["actor"], v["prompts"], v["cond"])
     summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
-                       output_dir=config["output"])
+                       output_dir=config["output"], validation=validation)
     if teacher is not None:
         summary["teacher_stats"] = teacher.stats()
     summary["node_id"] = ray.get_runtime_context().get_node_id()  # issue 7: where the rank ran
@@ -105,7 +111,8 @@ def cond_shapes_without_prompts(cfg: Config) -> dict[str, list[int]]:
 
 
 def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optional[dict[str, list[int]]] = None,
-                      output: Optional[str] = None, num_threads: int = 0, feed: Any = None) -> list[dict[str, Any]]:
+                      output: Optional[str] = None, num_threads: int = 0, feed: Any = None,
+                      validation: Optional[dict] = None) -> list[dict[str, Any]]:
     """Train under Ray Train; returns the per-rank summaries (index = rank).
 
     `feed`: the BatchFeed actor of the prompt data (`cluster.data_worker.start_data_feed`) when `data.shards`
@@ -130,7 +137,8 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "servers": servers or [], "cond_shapes": cond_shapes,
-                           "output": str(out), "num_threads": num_threads, "feed": feed},
+                           "output": str(out), "num_threads": num_threads, "feed": feed,
+                           "validation": validation},
         torch_config=TorchConfig(backend=_backend(cfg, use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy="PACK"),

@@ -129,6 +129,17 @@ def _vae_class(family: str):
     return {"flux": AutoencoderKL, "dit": AutoencoderKL, "qwen_image": AutoencoderKLQwenImage}[family]
 
 
+def load_vae(cfg: Any, device: Any = "cpu"):
+    """The base model's VAE (`model.pretrained`/vae, a local dir or hub id) on `device`, eval mode; None when the
+    base has none (toy families, tiny models, a local dir without a `vae` folder)."""
+    root = cfg.model.pretrained
+    if not root or cfg.model.family not in ("flux", "dit", "qwen_image"):
+        return None
+    if os.path.isdir(root) and not os.path.isdir(os.path.join(root, "vae")):
+        return None
+    return _vae_class(cfg.model.family).from_pretrained(root, subfolder="vae").eval().to(device)
+
+
 class PiFlowPipeline(DiffusionPipeline):
     """Few-step generation with an exported pi-Flow student (PIFLOW.md §4.1)."""
 
@@ -174,11 +185,8 @@ class PiFlowPipeline(DiffusionPipeline):
 
     def vae(self):
         """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
-        cfg = self.student.cfg
-        if self._vae is None and cfg.model.pretrained and cfg.model.family != "toy2d":
-            root = cfg.model.pretrained
-            if not os.path.isdir(root) or os.path.isdir(os.path.join(root, "vae")):
-                self._vae = _vae_class(cfg.model.family).from_pretrained(root, subfolder="vae").eval().to(self.device)
+        if self._vae is None:
+            self._vae = load_vae(self.student.cfg, self.device)
         return self._vae
 
     def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,
