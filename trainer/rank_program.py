@@ -343,6 +343,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
                "resumed_from": state.checkpoint_url if state else "", "dtypes": precision_report(setup)}
     if prompt_batches is not None:
         summary["data"] = batches.state_dict()
+    if hasattr(setup.engine, "memory_report"):  # what `piflow plan` predicts, measured on this rank's tensors
+        summary["memory_bytes"] = {**setup.engine.memory_report(),
+                                   "ema": sum(s.numel() * s.element_size() for s in setup.ema.shadow)}
     return summary
 
 
