@@ -113,7 +113,7 @@ def planned_gib(cfg, conf, family) -> dict:
     return {"total": row.total_gib, **row.parts_gib}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny FLUX on the CPU (or GPU if present): checks the script")
     ap.add_argument("--double", type=int, default=1, help="double-stream blocks (FLUX.1-dev: 19)")
@@ -126,14 +126,13 @@ def main() -> int:
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="let SDPA pick cuDNN attention (torch 2.11 + H200: its backward failed at FLUX width, see README)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_step.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if torch.cuda.is_available() and not args.cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient attention instead
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
-        print("no CUDA device: run with --tiny (the CPU check), or on a GPU machine", file=sys.stderr)
-        return 2
+        raise SystemExit("gpu_step: no CUDA device: run with --tiny (the CPU check), or on a GPU machine")
     args.resolution = args.resolution or (64 if args.tiny else 1024)
     args.text_tokens = args.text_tokens or (8 if args.tiny else 512)
     repeat = args.repeat or (10 if device.type == "cuda" else 2)
@@ -252,8 +251,8 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -62,12 +62,16 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
     write_config(cfg)
     times = PhaseTimes()  # startup per phase (issue 7); the ranks print student_init / first_step
     own_ray = not ray.is_initialized()  # a Ray this call starts is shut down here; a caller's is left alone
-    group = feed = None
+    group = feed = validation = None
     try:
         with times.phase("ray_up"):
             connect(cfg)
         with times.phase("teacher_load"):
             group = start_teacher_group(cfg)  # None in shared placement
+        from cluster.validation import start_validation
+
+        with times.phase("validation_encode"):  # once, on the teacher group (issue 13)
+            validation = start_validation(cfg, group.servers if group else None)
         if cfg.data.shards:
             from cluster.data_worker import start_data_feed
 
@@ -76,11 +80,13 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
         with MetricsProgress(cfg):
             summaries = run_student_group(cfg, group.servers if group else None,
                                           None if feed else cond_shapes_without_prompts(cfg),
-                                          feed=feed.actor if feed else None, run_id=run_id)
+                                          feed=feed.actor if feed else None, run_id=run_id, validation=validation)
         data_metrics = feed.metrics() if feed else {}
     finally:
         if feed is not None:
             feed.shutdown()
+        if validation is not None and validation["own"]:
+            ray.kill(validation["actor"])
         if group is not None:
             group.shutdown()
         if own_ray:

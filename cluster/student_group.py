@@ -60,10 +60,16 @@ def _worker(config: dict) -> None:
     from trainer.lease import check_holder
     from trainer.scratch import scratch_root
 
+    validation = None
+    if config.get("validation"):  # prompts encoded once on the teacher group; rank 0 decodes there too
+        from cluster.validation import RemoteValidation
+
+        v = config["validation"]
+        validation = RemoteValidation(v["actor"], v["prompts"], v["cond"])
     guard = partial(check_holder, config["output"], config["run_id"]) if config.get("run_id") else None
     try:
         summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
-                           output_dir=config["output"], guard=guard)
+                           output_dir=config["output"], guard=guard, validation=validation)
     except BaseException as e:
         record_failure(config["output"], attempt, rank, e)
         raise
@@ -127,7 +133,7 @@ def cond_shapes_without_prompts(cfg: Config) -> dict[str, list[int]]:
 
 def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optional[dict[str, list[int]]] = None,
                       output: Optional[str] = None, num_threads: int = 0, feed: Any = None,
-                      run_id: str = "") -> list[dict[str, Any]]:
+                      run_id: str = "", validation: Optional[dict] = None) -> list[dict[str, Any]]:
     """Train under Ray Train; returns the per-rank summaries (index = rank).
 
     `feed`: the BatchFeed actor of the prompt data (`cluster.data_worker.start_data_feed`) when `data.shards`
@@ -155,7 +161,8 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "servers": servers or [], "cond_shapes": cond_shapes,
-                           "output": out, "num_threads": num_threads, "feed": feed, "run_id": run_id},
+                           "output": out, "num_threads": num_threads, "feed": feed, "run_id": run_id,
+                           "validation": validation},
         torch_config=TorchConfig(backend=_backend(cfg, use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy="PACK"),

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from cluster.validation import ValidationServer
+
 
 def _cat_cond(family, conds: list[dict]) -> dict:
     """The conditioning of requests from several ranks as one batch: the family concatenates (and pads
@@ -41,23 +43,16 @@ def _repeat(cond: Optional[dict], n: int) -> Optional[dict]:
     return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in cond.items()}
 
 
-class TeacherServer:
-    """The actor class (wrapped with `ray.remote` by the orchestrator, which sets its resources)."""
+class TeacherServer(ValidationServer):
+    """The actor class (wrapped with `ray.remote` by the orchestrator, which sets its resources). Replica 0 also
+    encodes the validation prompts and decodes validation latents (`ValidationServer`, cluster/validation.py)."""
 
     def __init__(self, cfg_dict: dict, max_batch: int = 256, batch_wait_ms: float = 2.0, cond_cache: int = 64,
                  device: Optional[str] = None):
-        from models.families import get_family
-        from trainer.config import config_from_dict
-
         torch.set_grad_enabled(False)
-        from trainer.weights import with_local_weights
-
-        self.cfg = with_local_weights(config_from_dict(cfg_dict, source="<TeacherServer>"))  # hub ids: this node's cache
-        self.family = family = get_family(self.cfg.model.family)
+        super().__init__(cfg_dict, device)  # Ray sets CUDA_VISIBLE_DEVICES per actor: "cuda" is this replica's
+        family = self.family
         self.teacher = family.build_teacher(self.cfg)  # frozen, eval, dtype = model.dtype
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
-        self.device = torch.device(device)
         self.teacher.to(self.device)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0
@@ -127,6 +122,12 @@ class TeacherServer:
         self._n["batches"] += 1
         self._n["samples"] += x.shape[0]
         return list(u.split([b[0].shape[0] for b in batch]))
+
+    async def encode(self, prompts: list[str]):  # on the forward thread: never beside a teacher forward
+        return await asyncio.get_running_loop().run_in_executor(self._pool, super().encode, prompts)
+
+    async def decode(self, x0: torch.Tensor):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, super().decode, x0)
 
     def stats(self) -> dict[str, float]:
         """Queue length (requests waiting), counts and mean latency (arrival -> result) / compute per batch."""

@@ -122,6 +122,17 @@ def build_student(cfg: Any, kind: str, transformer_config: Optional[dict]) -> to
     return family.build_student(cfg, teacher=None, network=network)
 
 
+def load_vae(cfg: Any, device: Any = "cpu"):
+    """The base model's VAE (the family's class, from `model.pretrained`/vae) on `device`, eval mode; None when the
+    base has none (toy families, tiny models, a local dir without a `vae` folder)."""
+    from models.families import get_family
+
+    if cfg.model.family == "toy2d":
+        return None
+    vae = get_family(cfg.model.family).load_vae(cfg)
+    return None if vae is None else vae.to(device)
+
+
 class PiFlowPipeline(DiffusionPipeline):
     """Few-step generation with an exported pi-Flow student (PIFLOW.md §4.1)."""
 
@@ -174,11 +185,8 @@ class PiFlowPipeline(DiffusionPipeline):
 
     def vae(self):
         """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
-        cfg = self.student.cfg
-        if self._vae is None and cfg.model.family != "toy2d":
-            self._vae = self.family.load_vae(cfg)  # the family knows its VAE class (and tiny twins build one)
-            if self._vae is not None:
-                self._vae = self._vae.to(self.device)
+        if self._vae is None:
+            self._vae = load_vae(self.student.cfg, self.device)
         return self._vae
 
     def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,

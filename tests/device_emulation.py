@@ -1,14 +1,16 @@
-"""A CPU stand-in for a CUDA device (a test double, named as such): tensors that report `cuda:0` while their
-values live on the CPU, and a dispatch mode that raises on any op mixing them with CPU tensors, as CUDA does.
+"""A CPU stand-in for an accelerator (a test double, named as such): tensors on the device `emu:0` (PyTorch's
+PrivateUse1 backend, renamed, with a Python device guard so autograd accepts it) whose values live on the
+CPU, and a dispatch mode that raises on any op mixing them with CPU tensors, as CUDA does.
 
 Inside `emulated_device()`:
-- `torch.randn(..., device="cuda")`, `t.to("cuda")`, `t.cuda()`, `module.to("cuda")` give emulated CUDA
-  tensors (their `.device` is cuda:0, so code that follows `x.device` keeps working);
-- an op whose tensor arguments mix emulated-CUDA and CPU tensors raises "Expected all tensors to be on the
-  same device" (0-dim CPU tensors are allowed, as on CUDA; so are CPU index tensors of `aten.index`);
+- `torch.randn(..., device=device())`, `t.to(device())`, `module.to(device())` give emulated tensors (their
+  `.device` is emu:0, so code that follows `x.device` or a module's parameters keeps working);
+- an op whose tensor arguments mix emulated and CPU tensors raises "Expected all tensors to be on the same
+  device" (0-dim CPU tensors are allowed, as on CUDA; so are CPU index tensors of `aten.index`);
 - a CPU generator used to draw on the device raises (CUDA wants a CUDA generator);
-- `.cpu()` / `.to("cpu")` / `.numpy()` of an emulated tensor give plain CPU tensors.
+- `.cpu()` / `.to("cpu")` of an emulated tensor give plain CPU tensors.
 `torch.cuda.is_available()` stays False: code under test must follow the device of its modules and inputs.
+The backend rename lasts for the process: run emulated code in its own process (`run_isolated`).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class Emulated(torch.Tensor):
         raise CrossDeviceError(f"{func}: an emulated CUDA tensor outside emulated_device()")
 
 
-def _is_cuda(device) -> bool:
+def _on_emu(device) -> bool:
     return device is not None and torch.device(device).type == NAME
 
 
@@ -101,16 +103,16 @@ class _Mode(TorchDispatchMode):
                 f"Expected all tensors to be on the same device, but found at least two devices, emu:0 (the emulated accelerator) and cpu! "
                 f"({func}; cpu tensors of shapes {[tuple(t.shape) for t in off]})")
         device = kwargs.get("device")
-        to_cuda = _is_cuda(device)
+        to_emu = _on_emu(device)
         gen = kwargs.get("generator")
-        if to_cuda and gen is not None and gen.device.type != "cuda":
+        if to_emu and gen is not None and gen.device.type != "cuda":
             raise CrossDeviceError(f"{func}: a {gen.device} generator cannot draw on the accelerator "
                                    "(draw on the CPU, then move)")
         if device is not None:
             kwargs = dict(kwargs, device=torch.device("cpu"))
         unwrap = lambda t: t.elem if isinstance(t, Emulated) else t  # noqa: E731
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
-        if not (to_cuda or (on and device is None)):
+        if not (to_emu or (on and device is None)):
             return out
         self.ops += 1
         return tree_map(lambda t: Emulated(t) if type(t) is torch.Tensor else t, out)
@@ -128,7 +130,7 @@ def emulated_device() -> Iterator[_Mode]:
         # Tensors built from Python data are made on the CPU below the dispatch modes: build them there, then
         # move them through the mode.
         def build(data, *args, device=None, **kwargs):
-            if _is_cuda(device):
+            if _on_emu(device):
                 return original(data, *args, **kwargs).to(device)
             return original(data, *args, device=device, **kwargs)
         return build

@@ -516,6 +516,20 @@ class DeepSpeedEngine:
 
         return safe_get_local_fp32_param(p)
 
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds, measured on the tensors themselves (not RSS): weight partitions (trainable and
+        frozen), the gradient partition buffer, the optimiser's fp32 master partitions and Adam moments."""
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+        module = self._ds.module
+        parts = lambda train: [getattr(p, "ds_tensor", p) for p in module.parameters()  # noqa: E731
+                               if p.requires_grad == train]
+        opt = self.optimizer
+        adam = [t for state in opt.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return {"weights_trainable": nbytes(parts(True)), "weights_frozen": nbytes(parts(False)),
+                "grads": nbytes([getattr(opt, "grad_partitions_flat_buffer", None)]),
+                "master": nbytes(getattr(opt, "fp32_partitioned_groups_flat", [])),
+                "adam": nbytes([t for t in adam if t.dim() > 0])}
+
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights of the trainable module (collective: call on every rank; every rank gets a copy)."""
         ds = _import_deepspeed()

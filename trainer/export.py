@@ -123,7 +123,7 @@ def export_student(run_or_checkpoint: str, out_dir: str | Path, self_contained: 
     transformer = getattr(model.student, "transformer", None)
     if kind == "full" and transformer is not None:  # a full export rebuilds the trunk from its config, not the base
         model.register_to_config(transformer_config=dict(transformer.config))
-    pipe = PiFlowPipeline.from_student(model)
+    pipe = PiFlowPipeline.from_student(model.eval())  # sampling mode: no LoRA dropout in the returned pipe
     pipe.save_pretrained(str(out_dir))
     from trainer.standalone_export import write_standalone
 

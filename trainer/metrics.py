@@ -102,6 +102,18 @@ class MetricsLogger:
         if self._log is not None:
             self._log.flush(through_step)
 
+    def log_images(self, step: int, key: str, pngs: list[bytes], captions: list[str]) -> None:
+        """Several PNGs under one key, each with its caption (validation samples with their prompts)."""
+        if self.rank != 0 or self._wandb_run is None:
+            return
+        import io
+
+        import wandb
+        from PIL import Image
+
+        images = [wandb.Image(Image.open(io.BytesIO(png)), caption=c) for png, c in zip(pngs, captions)]
+        self._wandb_run.log({key: images}, step=int(step))
+
     def close(self) -> None:
         if self._log is not None:
             self._log.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,6 +82,9 @@ def build_meta_network(cfg: Config) -> nn.Module:
         raise ConfigError(f"piflow plan: model.family={cfg.model.family!r} has no public transformer config to "
                           f"plan (a TransformerFamily with `public_config`)")
     kwargs = family.tiny_config(cfg) if cfg.model.tiny else public
+    local = Path(cfg.model.pretrained) / (cfg.model.subfolder or "")
+    if cfg.model.pretrained and (local / "config.json").is_file():  # a local diffusers dir: plan what it holds
+        kwargs = {k: v for k, v in family.transformer_class.load_config(str(local)).items() if not k.startswith("_")}
     with torch.device("meta"):
         return family.transformer_class(**kwargs)
 
@@ -112,10 +116,14 @@ def head_parameter_count(cfg: Config, proj: nn.Linear, patch: int, cond_dim: int
 
 
 def count_model(cfg: Config) -> ModelCounts:
+    return count_network(cfg, build_meta_network(cfg))
+
+
+def count_network(cfg: Config, net: nn.Module) -> ModelCounts:
+    """Parameter counts of a family transformer (on any device; meta for planning)."""
     from models.families import get_family
 
     family = get_family(cfg.model.family)
-    net = build_meta_network(cfg)
     blocks = [m for m in net.children() if isinstance(m, nn.ModuleList)]  # the transformer's block stacks
     block_sizes = [_numel(b) for lst in blocks for b in lst]
     patch = family.patch_size(net)
@@ -128,7 +136,8 @@ def count_model(cfg: Config) -> ModelCounts:
         family=cfg.model.family, total=_numel(net), lora=lora,
         head=head_parameter_count(cfg, proj, patch, hidden), norm_out=norm_out,
         largest_block=max(block_sizes) if block_sizes else _numel(net), num_blocks=len(block_sizes), hidden=hidden,
-        describe=type(net).__name__ + (" (tiny)" if cfg.model.tiny else " (public config)"),
+        describe=type(net).__name__ + (" (tiny)" if cfg.model.tiny else " (from model.pretrained)"
+                                       if cfg.model.pretrained else " (public config)"),
     )
 
 

@@ -281,7 +281,8 @@ def _validation_encoder(cfg: Config):
 
 def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optional[Callable[[RankInfo], Any]] = None,
              cond_shapes: Optional[dict[str, list[int]]] = None, output_dir: Optional[str] = None,
-             progress: bool = False, guard: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+             progress: bool = False, guard: Optional[Callable[[], None]] = None,
+             validation: Any = None) -> dict[str, Any]:
     """Train to `cfg.train.iters` on this rank, resuming from the newest valid checkpoint under run.output.
 
     Batches: `prompt_batches(info)` returns this rank's `PromptBatch` iterator with `state_dict` /
@@ -289,6 +290,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     (`data.shards` empty) data-free batches with random conditioning of `cond_shapes`. Every rank writes its
     checkpoint part; rank 0 logs metrics (loss averaged over ranks), rollouts and the manifest. `guard()`
     (the single-writer lease's check, trainer/lease.py) runs before every write of logs and checkpoints.
+    `validation` (cluster/validation.py's `RemoteValidation`: `encode(prompts)`, `decode(x0)`) serves the
+    validation prompts' conditioning, encoded once on the teacher group, and decodes rank 0's rollouts with the
+    VAE there; without it this rank encodes the prompts itself and previews show latent channels.
     Returns this rank's summary."""
     import time
 
@@ -325,7 +329,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     logger = keys = eval_hook = None
     try:
         # built before the RNGs are restored, so whatever its construction draws cannot shift a resumed run
-        encode = _validation_encoder(cfg) if cfg.eval.every else None
+        encode = None
+        if cfg.eval.every:
+            encode = validation.encode if validation is not None else _validation_encoder(cfg)
         state = resume.resume_state(cfg, manager, ckpt_info, setup.engine, setup.ema, setup.student, generators)
         start = state.step if state else 0
         if prompt_batches is not None:
@@ -357,6 +363,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
         eval_hook = None
         if cfg.eval.every:  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
             eval_hook = RolloutHook(cfg, setup.family, setup.student, rank=info.rank, logger=logger, encode=encode,
+                                    decode=validation.decode if validation is not None else None,
                                     device=setup.device)
         encode = None  # the validation prompts are encoded once: the encoders need not stay in memory
         log = _RankLogger(logger, info.world_size, keys, batches if prompt_batches is not None else None)
@@ -383,6 +390,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
                "resumed_from": state.checkpoint_url if state else "", "dtypes": precision_report(setup)}
     if prompt_batches is not None:
         summary["data"] = batches.state_dict()
+    if hasattr(setup.engine, "memory_report"):  # what `piflow plan` predicts, measured on this rank's tensors
+        summary["memory_bytes"] = {**setup.engine.memory_report(),
+                                   "ema": sum(s.numel() * s.element_size() for s in setup.ema.shadow)}
     return summary
 
 

@@ -257,7 +257,7 @@ class RolloutHook:
             metrics.update({f"rollout/step{k}/{name}": v for name, v in s.items()})
         if self.rank != 0:
             return metrics
-        images = self.decode(x0) if self.decode is not None else None
+        images = self.decode(x0) if self.decode is not None else None  # None: no VAE, latent channels shown
         png = preview_png(x0, images)
         url = rollout_url(self.cfg.run.output, step)
         record = {"step": step, "nfe": self.cfg.eval.nfe, "temperature": self.cfg.eval.temperature,
@@ -269,6 +269,11 @@ class RolloutHook:
                                     (storage.join(url, "metrics.json"), json.dumps(record, indent=1).encode())])
         if self.logger is not None:
             self.logger.log_image(step, "rollout/preview", png)
+            if images is not None:  # one image per sample, captioned with its prompt (or seed)
+                captions = [f"{self.prompts[i]} (seed {s})" if self.prompts else f"seed {s}"
+                            for i, s in enumerate(self.seeds)]
+                self.logger.log_images(step, "rollout/samples", [preview_png(x0[i:i + 1], images[i:i + 1])
+                                                                 for i in range(images.shape[0])], captions)
         metrics["rollout/seconds"] = time.perf_counter() - t0
         metrics["rollout/upload_failures"] = float(self.uploader.failures + self.uploader.dropped)
         return metrics
