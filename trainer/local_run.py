@@ -61,8 +61,10 @@ def noise_batches(cfg: Config, family, generator: torch.Generator, start_step: i
             from models.families.toy2d import ToyMixture, to_image
 
             index = range(step * n, (step + 1) * n)
+            from models.sample_rng import sample_key
+
             x0 = torch.cat([ToyMixture.default().sample(1, torch.Generator().manual_seed(
-                (cfg.run.seed % (1 << 31)) * (1 << 32) + i)) for i in index])
+                sample_key(cfg.run.seed, i, "toy-data"))) for i in index])
             segs = [sample_segment_of(cfg.run.seed, i, cfg.distill.nfe, cfg.distill.final_step_scale) for i in index]
             tau_src, segment = (torch.tensor(v, dtype=torch.float64) for v in zip(*segs))
             yield noise, None, DataSegments(to_image(x0), tau_src, segment)

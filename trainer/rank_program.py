@@ -22,7 +22,7 @@ from data_pipeline.records import LATENT_KEY
 from models.piid import DataSegments
 from models.timesteps import sample_segment_of
 from trainer.config import Config, ConfigError
-from models.sample_rng import SampleRNG
+from models.sample_rng import SampleRNG, sample_key
 from trainer.distributed import RankInfo, device_for, global_positions, rank_info
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine, build_partitioned_student, safetensors_source
@@ -215,8 +215,9 @@ class PromptBatches:
 
 
 def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The source noise of global sample `index`: its own generator, seeded by (seed, index)."""
-    g = torch.Generator().manual_seed((seed % (1 << 31)) * (1 << 32) + index)
+    """The source noise of global sample `index`: its own generator, seeded by a hash of (seed, index). (torch's
+    CPU generator keeps only the low 32 bits of a seed: `seed * 2^32 + index` made run.seed a no-op.)"""
+    g = torch.Generator().manual_seed(sample_key(seed, index, "noise"))
     return torch.randn(shape, generator=g)
 
 
@@ -440,5 +441,5 @@ def synthetic_batches(cfg: Config, info: RankInfo, cond_shapes: dict[str, list[i
 def sample_class_label(seed: int, index: int, num_classes: int) -> int:
     """The class of data-free global sample `index`: uniform over [0, num_classes), from the sample's own
     generator (a stream apart from its noise's), so it does not depend on the world size or layout."""
-    g = torch.Generator().manual_seed((seed % (1 << 31)) * (1 << 32) + index + (1 << 62))
+    g = torch.Generator().manual_seed(sample_key(seed, index, "class"))
     return int(torch.randint(num_classes, (1,), generator=g))

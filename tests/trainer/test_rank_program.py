@@ -100,3 +100,15 @@ def test_synthetic_batches_restart_at_a_step():
     resumed = list(itertools.islice(synthetic_batches(cfg, RankInfo(1, 2, 0), shapes, start_step=3), 2))
     for (n1, c1), (n2, c2) in zip(fresh[3:], resumed):
         assert torch.equal(n1, n2) and torch.equal(c1["pooled_prompt_embeds"], c2["pooled_prompt_embeds"])
+
+
+def test_run_seed_changes_the_noise_and_class_labels_are_not_the_noise_stream():
+    """torch's CPU generator keeps only the low 32 bits of a seed: keys like seed * 2^32 + index made run.seed a
+    no-op and put a sample's class label on its noise's stream. Both are hashed keys now."""
+    from trainer.rank_program import sample_class_label
+
+    assert not torch.equal(sample_noise(5, 7, SHAPE), sample_noise(6, 7, SHAPE))
+    assert not torch.equal(sample_noise(5, 7, SHAPE), sample_noise(5, 8, SHAPE))
+    labels = [sample_class_label(5, i, 1000) for i in range(64)]
+    first = [int(torch.randint(1000, (1,), generator=torch.Generator().manual_seed(i))) for i in range(64)]
+    assert labels != first and len(set(labels)) > 50  # spread over the classes, not the old noise-stream draws
