@@ -108,7 +108,7 @@ def cond_to(cond: Any, device: torch.device) -> Any:
 
 
 class OnDevice:
-    """Batches (noise, cond) moved to the student's device as they are consumed; noise is drawn on the CPU
+    """Batches (noise, cond[, DataSegments]) moved to the student's device as they are consumed; noise is drawn on the CPU
     from per-sample generators (the same numbers on any device), so the move happens here, once per step.
     Forwards `state_dict` / `load_state_dict` / `metrics` / `consumed` to the wrapped iterator."""
 
@@ -118,9 +118,13 @@ class OnDevice:
     def __iter__(self) -> "OnDevice":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, Any]:
-        noise, cond = next(self.batches)
-        return noise.to(self.device, torch.float32), cond_to(cond, self.device)
+    def __next__(self) -> tuple:
+        noise, cond, *data = next(self.batches)  # data-based pi-ID adds the samples' DataSegments
+        moved = (noise.to(self.device, torch.float32), cond_to(cond, self.device))
+        if data:
+            (seg,) = data
+            moved += (DataSegments(seg.x0.to(self.device), seg.tau_src, seg.segment),)
+        return moved
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["batches"], name)

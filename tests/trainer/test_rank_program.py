@@ -112,3 +112,18 @@ def test_run_seed_changes_the_noise_and_class_labels_are_not_the_noise_stream():
     labels = [sample_class_label(5, i, 1000) for i in range(64)]
     first = [int(torch.randint(1000, (1,), generator=torch.Generator().manual_seed(i))) for i in range(64)]
     assert labels != first and len(set(labels)) > 50  # spread over the classes, not the old noise-stream draws
+
+
+def test_on_device_moves_data_based_batches_too():
+    """Data-based pi-ID batches carry a third item (the samples' DataSegments); the move to the student's device
+    keeps it (the digits demo's data-based student crashed here after the device and data-based merges)."""
+    from models.piid import DataSegments
+    from trainer.rank_program import OnDevice
+
+    seg = DataSegments(torch.ones(2, *SHAPE), torch.tensor([1.0, 0.5], dtype=torch.float64),
+                       torch.tensor([0.5, 0.5], dtype=torch.float64))
+    batches = OnDevice(iter([(torch.zeros(2, *SHAPE, dtype=torch.float64), None, seg),
+                             (torch.zeros(2, *SHAPE), {"c": torch.ones(2)})]), torch.device("cpu"))
+    noise, cond, data = next(batches)
+    assert noise.dtype == torch.float32 and cond is None and torch.equal(data.x0, seg.x0)
+    assert torch.equal(data.tau_src, seg.tau_src) and len(next(batches)) == 2
