@@ -63,7 +63,8 @@ def test_metrics_have_the_time_split_and_teacher_stats(group_run):
 
 def test_first_step_loss_equals_shared_sequential_reference(group_run):
     from models.piid import data_free_iteration
-    from trainer.distributed import RankInfo
+    from models.sample_rng import SampleRNG
+    from trainer.distributed import RankInfo, global_positions
     from trainer.loop import piid_params
     from trainer.rank_program import build_rank, synthetic_batches
 
@@ -75,7 +76,8 @@ def test_first_step_loss_equals_shared_sequential_reference(group_run):
     losses = []
     for rank in (0, 1):
         noise, cond = next(synthetic_batches(cfg, RankInfo(rank, 2, 0), COND_SHAPES))  # rank's slice of step 0
-        gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + 2 + rank)
+        # pi-ID's draws are per sample, keyed by the global sample index (models/sample_rng.py)
+        gen = SampleRNG(cfg.run.seed, global_positions(cfg.train.batch_size, rank, 2, cfg.data.layout))
         losses.append(sum(float(wl.detach()) for wl, _ in data_free_iteration(
             lambda x, s: setup.student.make_policy(x, s, cond), setup.teacher, noise, cond, piid_params(cfg),
             generator=gen)))
