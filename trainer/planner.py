@@ -82,11 +82,17 @@ def build_meta_network(cfg: Config) -> nn.Module:
         raise ConfigError(f"piflow plan: model.family={cfg.model.family!r} has no public transformer config to "
                           f"plan (a TransformerFamily with `public_config`)")
     kwargs = family.tiny_config(cfg) if cfg.model.tiny else public
-    local = Path(cfg.model.pretrained) / (cfg.model.subfolder or "")
-    if cfg.model.pretrained and (local / "config.json").is_file():  # a local diffusers dir: plan what it holds
+    local = _local_config_dir(cfg)
+    if local is not None:  # a local diffusers dir: plan what it holds
         kwargs = {k: v for k, v in family.transformer_class.load_config(str(local)).items() if not k.startswith("_")}
     with torch.device("meta"):
         return family.transformer_class(**kwargs)
+
+
+def _local_config_dir(cfg: Config) -> Path | None:
+    """model.pretrained's transformer dir when it is a local diffusers dir (a hub id plans the public config)."""
+    local = Path(cfg.model.pretrained) / (cfg.model.subfolder or "")
+    return local if cfg.model.pretrained and (local / "config.json").is_file() else None
 
 
 def _numel(module: nn.Module) -> int:
@@ -136,8 +142,8 @@ def count_network(cfg: Config, net: nn.Module) -> ModelCounts:
         family=cfg.model.family, total=_numel(net), lora=lora,
         head=head_parameter_count(cfg, proj, patch, hidden), norm_out=norm_out,
         largest_block=max(block_sizes) if block_sizes else _numel(net), num_blocks=len(block_sizes), hidden=hidden,
-        describe=type(net).__name__ + (" (tiny)" if cfg.model.tiny else " (from model.pretrained)"
-                                       if cfg.model.pretrained else " (public config)"),
+        describe=type(net).__name__ + (" (from model.pretrained)" if _local_config_dir(cfg) is not None
+                                       else " (tiny)" if cfg.model.tiny else " (public config)"),
     )
 
 
