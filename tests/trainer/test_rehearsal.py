@@ -45,7 +45,8 @@ def rehearsal_cfg(family: str, pretrained: str, out: str):
          "train.ckpt_every=2", "eval.every=0", f"model.latent_size={LATENT[family]}", "model.max_sequence_length=8",
          "distill.total_substeps=16", "distill.num_intermediate=2", "distill.teacher_ratio_decay_iters=0",
          "ema.start=0", "optim.warmup_iters=0", "model.gradient_checkpointing=false", "teacher.replicas=1",
-         "teacher.gpus_per_replica=0", "teacher.cpus_per_replica=0", "wandb.mode=disabled"]
+         "teacher.gpus_per_replica=0", "teacher.cpus_per_replica=0", "wandb.mode=disabled",
+         "distill.data_free=true", "data.shards="]  # data-free: conditioning of the released widths, no data
     if family != "dit":
         o += ["distill.nfe=2"]
     return load_config(RECIPES[family], o)
