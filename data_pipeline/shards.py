@@ -182,7 +182,8 @@ class BuildReport:
     bad_rows: list[BadRow] = field(default_factory=list)  # not UTF-8, invalid JSON, ...: skipped (issue 12)
 
 
-def _encode_tar(samples: list[dict[str, Any]]) -> bytes:
+def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
+    """A webdataset tar of `samples` in memory (every shard writer of the project uses this one)."""
     import webdataset as wds
 
     buf = io.BytesIO()
@@ -209,7 +210,7 @@ def build_shards(input_path: str, out: str, column: str = "prompt", per_shard: i
 
     def flush() -> None:
         url = storage.join(out, f"{prefix}-{len(report.urls):06d}.tar")
-        storage.put_bytes(url, _encode_tar(pending))
+        storage.put_bytes(url, tar_bytes(pending))
         report.urls.append(url)
         pending.clear()
 
@@ -333,5 +334,5 @@ def encode_shards(src: str | list[str], out: str, encode: Callable[[list[str]], 
             report.samples += 1
         report.shards.append((storage.join(out, storage.basename(result.url)), len(samples)))
         if samples:
-            storage.put_bytes(report.shards[-1][0], _encode_tar(samples))
+            storage.put_bytes(report.shards[-1][0], tar_bytes(samples))
     return report

@@ -18,6 +18,7 @@ from data_pipeline.encoding.packing import StoreDtype, to_bytes
 from data_pipeline.order import ShardTask
 from data_pipeline.reader import Encoder, ReadOptions, ShardReader
 from data_pipeline.records import LATENT_KEY, BadRecord
+from data_pipeline.shards import tar_bytes
 
 
 def _npy(t) -> bytes:
@@ -25,16 +26,6 @@ def _npy(t) -> bytes:
 
     buf = io.BytesIO()
     np.save(buf, t.float().numpy(), allow_pickle=False)
-    return buf.getvalue()
-
-
-def encoded_tar(samples: list[dict[str, Any]]) -> bytes:
-    import webdataset as wds
-
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, mtime=0.0) as w:  # fixed mtime: identical inputs give identical shards
-        for s in samples:
-            w.write(s)
     return buf.getvalue()
 
 
@@ -66,5 +57,5 @@ class EncodeShardWorker:
                 sample["json"] = json.dumps(item.meta, ensure_ascii=False).encode("utf-8")
             samples.append(sample)
         if samples:
-            storage.put_bytes(out, encoded_tar(samples))
+            storage.put_bytes(out, tar_bytes(samples))
         return {"samples": len(samples), "emb_bytes": emb_bytes, "bad": bad}

@@ -26,6 +26,7 @@ import numpy as np
 from data_pipeline import storage
 from data_pipeline.reader import fetch_samples
 from data_pipeline.records import LATENT_KEY, BadRecord
+from data_pipeline.shards import tar_bytes
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 Flip = Literal["none", "random", "both"]
@@ -105,16 +106,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _tar(samples: list[dict[str, Any]]) -> bytes:
-    import webdataset as wds
-
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, mtime=0.0) as w:  # fixed mtime: identical inputs give identical shards
-        for s in samples:
-            w.write(s)
-    return buf.getvalue()
-
-
 def make_latent_shard(src: str, out: str, encode: ImageEncoder, flip: Flip = "none", seed: int = 0,
                       image_size: int = 0, batch_size: int = 16, read_attempts: int = 4) -> LatentShardReport:
     """Encode one image shard into the latent shard `out` (written in one atomic put; nothing is written when
@@ -162,7 +153,7 @@ def make_latent_shard(src: str, out: str, encode: ImageEncoder, flip: Flip = "no
                             "json": json.dumps({**meta, "flip": flipped}, ensure_ascii=False).encode("utf-8")})
         i = j
     if written:
-        storage.put_bytes(out, _tar(written))
+        storage.put_bytes(out, tar_bytes(written))
     report.samples = len(written)
     return report
 
@@ -197,7 +188,7 @@ class LatentShardWorker:
 
 def image_samples_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
     """An image shard from (key, {ext: bytes}) samples (the digits demo and tests write their images so)."""
-    return _tar([{"__key__": k, **m} for k, m in samples])
+    return tar_bytes([{"__key__": k, **m} for k, m in samples])
 
 
 def digits_image_shards(out: str, split: str = "train", per_shard: int = 500, seed: int = 0) -> list[str]:
