@@ -1,8 +1,8 @@
 """Driver checks before a run deletes anything (`--force`) or starts Ray (issue 11), in this order: the config,
 the output URL's scheme, one list/put/delete round trip on the output with the configured credentials, the
 prompt shard list (brace patterns expanded, every shard listed), the teacher weights (a hub id resolvable or
-a directory present, its architecture readable), and the resume world size. Each failure is one line naming
-the key, the value and what to do (`PreflightError`, a ConfigError: the CLI prints it as one line)."""
+a directory present, its architecture readable). The resume world size needs no check: checkpoints reshard.
+Each failure is one line naming the key, the value and what to do (`PreflightError`, a ConfigError: the CLI prints it as one line)."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,7 @@ def preflight(cfg: Config, config_path: str | None = None) -> None:
     if cfg.data.shards:
         check_shards(cfg.data.shards)
     check_teacher(cfg)
-    check_resume_world_size(cfg)
+    # no world-size check: checkpoints reshard on load (trainer/checkpoint.py), any W' resumes a W-rank run
 
 
 def check_output_url(url: str) -> None:
@@ -113,23 +113,3 @@ def check_teacher(cfg: Config) -> None:
     if not arch:
         raise PreflightError(f"model.pretrained={ref!r}: {config_file} names no architecture (_class_name); is it "
                              f"a diffusers-format model?")
-
-
-def check_resume_world_size(cfg: Config) -> None:
-    """The newest valid checkpoint's world size against cluster.student.workers (skipped with --force).
-    Resharding on resume (another issue) lifts this check: `checkpoint.RESHARDS` says whether it exists."""
-    if cfg.run.force:
-        return
-    from trainer import checkpoint
-
-    if getattr(checkpoint, "RESHARDS", False):
-        return
-    info = checkpoint.latest_valid(cfg.run.output)
-    if info is None:
-        return
-    world = int(info.manifest.get("world_size", 1))
-    want = cfg.cluster.student.workers
-    if world != want:
-        raise PreflightError(f"cluster.student.workers={want}: the checkpoint to resume ({info.url}) was written by "
-                             f"{world} ranks and ZeRO shards cannot be re-partitioned; set cluster.student.workers="
-                             f"{world}, or pass --force to start fresh")

@@ -55,7 +55,6 @@ from trainer.checkpoint_files import (CLIENT_FILE, FORMAT_VERSION, STATE_FILE, S
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
-RESHARDS = True  # a checkpoint of W ranks resumes on W' ranks (cluster/preflight.py reads this)
 UPLOAD_ATTEMPTS = 5  # whole-rank attempts on top of storage.py's per-call retries; a retry skips done files
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
