@@ -130,6 +130,8 @@ def write_base_components(cfg, out: Path, self_contained: bool) -> tuple[dict, d
             index[name] = defaults[name] if name == "vae" else _class_of(out / name, defaults[name])
         elif name == "vae" and cfg.model.family == "dit":  # the ImageNet latents are SD-VAE ft-EMA's
             references[name] = ["diffusers", "AutoencoderKL", DIT_VAE, None]
+        elif root and Path(root).is_dir():  # a local base without this part: a reference could never load
+            print(f"export: {root} has no {name}/; the export lacks it (add it to the export dir before sampling)")
         elif root:
             references[name] = [*defaults[name], root, name]
         else:
@@ -217,7 +219,7 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
         vae_scale = 1
         if cfg.model.family == "dit":
             vae_scale = 8  # SD-VAE
-        elif "vae" in components or "vae" in references:
+        elif "vae" in components or "vae" in references:  # the hub's vae config: a small download
             from diffusers import AutoencoderKL
 
             vae_cfg = AutoencoderKL.load_config(str(out) if "vae" in components else cfg.model.pretrained,
@@ -229,7 +231,7 @@ def write_standalone(model, cfg, out_dir: str | Path, step: int, self_contained:
             else:
                 vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         elif cfg.model.family != "digits":
-            vae_scale = 8  # a tiny base has no VAE: sizes in pixels as for the released 8x VAEs
+            vae_scale = 8  # no VAE in the base: sizes in pixels as for the released 8x VAEs
         piflow = {"family": cfg.model.family, "latent_channels": cfg.model.latent_channels,
                   "latent_size": cfg.model.latent_size, "latent_width": cfg.model.latent_width,
                   "latent_frames": cfg.model.latent_frames, "vae_scale_factor": vae_scale,
