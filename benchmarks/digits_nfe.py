@@ -7,7 +7,8 @@ Each GM student is distilled from the committed digits teacher through the same 
 `piflow demo` (configs/digits_demo.yaml: 500 iterations, batch 32, local Ray, 2 ZeRO-3 ranks, TeacherServer),
 changing only its step grid: 1 and 2 NFE use the ImageNet recipe's setting f = 1 (1 NFE: tau_src = 1, one segment
 of length 1), 4 NFE keeps the demo's f = 0.5. The 4-NFE student is reused from `make demo` (runs/demo/export)
-unless it is listed in --students. Every student is exported, loaded through PiFlowPipeline and scored like the
+unless it is listed in --students; a student already exported under --output is scored, not retrained (a rerun
+after an interruption trains only what is missing; --retrain trains every listed one again). Every student is exported, loaded through PiFlowPipeline and scored like the
 demo (same noise, classifier accuracy, Frechet distance against real held-out digits, diversity), beside the
 32-step teacher, and the 4-NFE student is also sampled at 8 NFE (elastic inference).
 
@@ -29,20 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 F_FOR_NFE = {1: 1.0, 2: 1.0}  # the ImageNet recipe's final_step_size_scale; others keep the config's (0.5)
 
 
-def train_student(config: str, nfe: int, out: Path, overrides: list[str]) -> Path:
+def train_student(config: str, nfe: int, out: Path, overrides: list[str], retrain: bool = False) -> Path:
     """Distil one student at `nfe` through the demo's stack; returns its export directory."""
     from cluster.demo import build_prompt_shards
     from cluster.launch import launch_training
     from trainer.config import load_config
     from trainer.export import export_student
 
+    export_dir = out / f"gm{nfe}" / "export"
+    if (export_dir / "model_index.json").exists() and not retrain:  # a rerun scores what an earlier run exported
+        print(f"reusing the {nfe}-NFE student exported in {export_dir} (--retrain trains it again)")
+        return export_dir
     extra = [f"distill.nfe={nfe}", f"eval.nfe={nfe}", f"run.output={out / f'gm{nfe}' / 'run'}", "run.force=true"]
     if nfe in F_FOR_NFE:
         extra.append(f"distill.final_step_scale={F_FOR_NFE[nfe]}")
     cfg = load_config(config, [*extra, *overrides])
     build_prompt_shards(cfg, 64)
     launch_training(cfg)
-    export_dir = out / f"gm{nfe}" / "export"
     export_student(cfg.run.output, export_dir)
     return export_dir
 
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
                     help="the 4-NFE student of `make demo`, used when 4 is not in --students")
     ap.add_argument("--output", default="runs/digits_nfe")
     ap.add_argument("--samples-per-digit", type=int, default=100)
+    ap.add_argument("--retrain", action="store_true", help="train students whose export exists already again")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "digits_nfe.json"))
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (every student)")
     args = ap.parse_args(argv)
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     out, exports, seconds = Path(args.output), {}, {}
     for nfe in students:
         t = time.perf_counter()
-        exports[nfe] = train_student(args.config, nfe, out, list(args.overrides))
+        exports[nfe] = train_student(args.config, nfe, out, list(args.overrides), args.retrain)
         seconds[nfe] = round(time.perf_counter() - t, 1)
         print(f"== trained the {nfe}-NFE student in {seconds[nfe]} s", flush=True)
     if 4 not in exports:
