@@ -57,7 +57,8 @@ def evaluate(cfg, exports: dict[int, Path], samples_per_digit: int, seed: int = 
     from models.families import get_family
     from models.pipeline import PiFlowPipeline
     from models.text_encoders import load_text_encoder
-    from trainer.digits_eval import evaluate_digits, teacher_euler, train_classifier
+    from trainer.digits_eval import evaluate_digits, train_classifier
+    from trainer.evaluation.generate import teacher_euler
 
     clf, _ = train_classifier(seed=0)
     labels = torch.arange(10).repeat_interleave(samples_per_digit)
