@@ -7,6 +7,10 @@ Each worker runs `trainer.rank_program.run_rank` with a `RemoteTeacher` over the
 `<output>/rank_summaries/rank_R.json` on run.output (local or object storage: the driver reads the summaries
 from there, never from a node's disk). Ray Train's own run dir (`cluster.storage_path`) defaults to node-local
 scratch: the ranks report no Ray Train checkpoints, everything that must survive is under run.output.
+
+A rank's failure is recorded under `<output>/failures` and re-raised, so Ray Train restarts the group, except
+a `NonFiniteError`: every rank stops at the same step and a restart would replay it into the same error, so
+the ranks finish normally and the driver stops the run at once (`StudentGroupFailed`, not retried).
 """
 from __future__ import annotations
 
