@@ -7,6 +7,10 @@ Each worker runs `trainer.rank_program.run_rank` with a `RemoteTeacher` over the
 `<output>/rank_summaries/rank_R.json` on run.output (local or object storage: the driver reads the summaries
 from there, never from a node's disk). Ray Train's own run dir (`cluster.storage_path`) defaults to node-local
 scratch: the ranks report no Ray Train checkpoints, everything that must survive is under run.output.
+
+A rank's failure is recorded under `<output>/failures` and re-raised, so Ray Train restarts the group, except
+a `NonFiniteError`: every rank stops at the same step and a restart would replay it into the same error, so
+the ranks finish normally and the driver stops the run at once (`StudentGroupFailed`, not retried).
 """
 from __future__ import annotations
 
@@ -34,10 +38,14 @@ def _worker(config: dict) -> None:
 
     from cluster.data_worker import FeedIterator, group_attempt_id
     from cluster.teacher_server import RemoteTeacher
+    from trainer import fault_injection
     from trainer.config import config_from_dict
+    from trainer.loop import NonFiniteError
     from trainer.rank_program import run_rank
 
     cfg = config_from_dict(config["cfg"], source="<student group>")
+    if config.get("inject_nan_steps"):  # soaks/tests: the driver's fault injection reaches ranks on any node
+        os.environ[fault_injection.ENV] = config["inject_nan_steps"]
     if config.get("num_threads"):
         torch.set_num_threads(config["num_threads"])
     ctx = ray.train.get_context()
@@ -70,6 +78,12 @@ def _worker(config: dict) -> None:
     try:
         summary = run_rank(cfg, teacher, prompt_batches=prompt_batches, cond_shapes=config["cond_shapes"],
                            output_dir=config["output"], guard=guard, validation=validation)
+    except NonFiniteError as e:
+        # Deterministic: every rank stops at the same step (the engine agrees on the skips) and a restart
+        # would replay the same steps into the same error. A normal finish keeps Ray Train from restarting;
+        # the driver finds this record and stops the run (run_student_group).
+        record_failure(config["output"], attempt, rank, e)
+        return
     except BaseException as e:
         record_failure(config["output"], attempt, rank, e)
         raise
@@ -145,6 +159,7 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
     s = cfg.cluster.student
     use_gpu = s.gpus_per_worker > 0
     from data_pipeline import storage as object_storage
+    from trainer import fault_injection
     from trainer.scratch import run_scratch
 
     cfg = absolute_local_paths(cfg)
@@ -162,7 +177,8 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "servers": servers or [], "cond_shapes": cond_shapes,
                            "output": out, "num_threads": num_threads, "feed": feed, "run_id": run_id,
-                           "validation": validation},
+                           "validation": validation,
+                           "inject_nan_steps": os.environ.get(fault_injection.ENV, "")},
         torch_config=TorchConfig(backend=_backend(cfg, use_gpu)),
         scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources, placement_strategy="PACK"),
@@ -176,6 +192,9 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
         trainer.fit()
     except Exception as e:  # issue 7: a clear stop once every restart has failed, naming what is left
         raise StudentGroupFailed(_failure_message(cfg, e, started)) from e
+    stopped = first_failure(out, started, of_type="NonFiniteError")
+    if stopped is not None:  # the ranks stopped themselves on a deterministic error: not retried (issue 12)
+        raise StudentGroupFailed(_nonfinite_message(cfg, stopped))
     return [json.loads(object_storage.get_bytes(summary_url(out, r))) for r in range(s.workers)]
 
 
@@ -195,28 +214,44 @@ def record_failure(output: str, attempt: str, rank: int, error: BaseException) -
         pass
 
 
-def first_failure(output: str, since: float = 0.0) -> Optional[dict[str, Any]]:
-    """The earliest failure record under `<output>/failures` written after `since` (None when there is none)."""
+def first_failure(output: str, since: float = 0.0, of_type: str = "") -> Optional[dict[str, Any]]:
+    """The earliest failure record under `<output>/failures` written after `since` (of the exception type
+    named `of_type` when given); None when there is none."""
     from data_pipeline import storage
 
     url = storage.join(output, "failures")
     names = sorted(n for n in storage.listdir(url) if n.endswith(".json") and float(n.split("-")[0]) >= since)
-    return json.loads(storage.get_bytes(storage.join(url, names[0]))) if names else None
+    for name in names:
+        record = json.loads(storage.get_bytes(storage.join(url, name)))
+        if not of_type or record.get("type") == of_type:
+            return record
+    return None
 
 
 class StudentGroupFailed(RuntimeError):
     """The student group failed and Ray Train's restarts (cluster.student.max_failures) are used up."""
 
 
-def _failure_message(cfg: Config, error: BaseException, since: float = 0.0) -> str:
+def _last_good(cfg: Config, then: str = "run the same command again to resume from it") -> str:
     from trainer.checkpoint import latest_valid
 
     try:
         newest = latest_valid(cfg.run.output)
-        where = (f"the last good checkpoint is {newest.url} (step {newest.step}); run the same command again to "
-                 f"resume from it" if newest else f"no valid checkpoint under {cfg.run.output}")
+        return (f"the last good checkpoint is {newest.url} (step {newest.step}); {then}" if newest
+                else f"no valid checkpoint under {cfg.run.output}")
     except Exception as e2:  # noqa: BLE001 - the storage itself may be what failed; still report the run's error
-        where = f"the checkpoints under {cfg.run.output} could not be listed ({e2})"
+        return f"the checkpoints under {cfg.run.output} could not be listed ({e2})"
+
+
+def _nonfinite_message(cfg: Config, record: dict[str, Any]) -> str:
+    return (f"the student group stopped: rank {record['rank']}: {record['type']}: {record['error']}; not retried "
+            f"(cluster.student.max_failures={cfg.cluster.student.max_failures} unused): a non-finite step is "
+            f"deterministic, a restart would replay the same steps into the same error; "
+            f"{_last_good(cfg, 'resume from it once the cause is fixed')}")
+
+
+def _failure_message(cfg: Config, error: BaseException, since: float = 0.0) -> str:
+    where = _last_good(cfg)
     cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     first = ""
     try:

@@ -108,6 +108,8 @@ def train_loop(
                disable=not progress, mininterval=1.0)
     for it in bar:
         step = it + 1  # completed optimiser steps after this iteration
+        if hasattr(teacher, "at_step"):  # trainer/fault_injection.py (soaks, tests): NaN at chosen steps
+            teacher.at_step(step)
         timer, stats = _Timer(), {}
         t_start = time.perf_counter()
 

@@ -26,6 +26,7 @@ from models.sample_rng import SampleRNG, sample_key
 from trainer.distributed import RankInfo, device_for, global_positions, rank_info
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine, build_partitioned_student, safetensors_source
+from trainer.fault_injection import with_injected_faults
 
 
 @dataclass
@@ -372,7 +373,8 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
                                     device=setup.device)
         encode = None  # the validation prompts are encoded once: the encoders need not stay in memory
         log = _RankLogger(logger, info.world_size, keys, batches if prompt_batches is not None else None)
-        steps = train_loop(cfg, setup.engine, setup.student.make_policy, setup.teacher, clock, ema=setup.ema,
+        teacher = with_injected_faults(setup.teacher)  # the teacher itself unless a soak injects NaN
+        steps = train_loop(cfg, setup.engine, setup.student.make_policy, teacher, clock, ema=setup.ema,
                            logger=log, eval_hook=eval_hook, checkpoint_hook=checkpoint_hook, start_step=start,
                            progress=progress, iteration=iteration_for(cfg), sample_rng=sample_rng)
         clock.finish()

@@ -6,11 +6,14 @@ Ray session; nothing is simulated):
   replica and returns the same velocity; training with a dying teacher goes on to the end;
 - a student worker dies: Ray Train restarts the group (max_failures) from the newest checkpoint and the run
   ends with the same losses as an uninterrupted run;
-- every restart dies: the run stops with a clear error and the last good checkpoint stays valid.
+- every restart dies: the run stops with a clear error and the last good checkpoint stays valid;
+- a deterministic failure (too many non-finite steps, NaN injected into the teacher's answers through
+  trainer/fault_injection.py) is not retried: one attempt, a clear error, the last finite checkpoint kept.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -111,11 +114,11 @@ def test_a_killed_teacher_is_restarted_and_the_in_flight_request_retried(teacher
 RUN_ITERS = 6
 
 
-def _run_cfg(teacher_dir: str, out: Path, max_failures: int):
+def _run_cfg(teacher_dir: str, out: Path, max_failures: int, **train):
     return config_from_dict(flux_cfg(
         2, teacher_dir, placement="separate",
         teacher={"cpus_per_replica": 0.0, "overlap": True, "max_restarts": 2},
-        train={"iters": RUN_ITERS, "ckpt_every": 2, "log_every": 1},
+        train={"iters": RUN_ITERS, "ckpt_every": 2, "log_every": 1, **train},
         run={"output": str(out), "seed": 11},
         cluster={"student": {"workers": 2, "cpus_per_worker": 1.0, "max_failures": max_failures}}))
 
@@ -262,3 +265,35 @@ def test_when_every_restart_dies_the_run_stops_clearly_and_keeps_its_checkpoint(
     newest = latest_valid(str(out), verify_mode="sha256")  # every file re-hashed against the manifest
     assert newest is not None and newest.step >= 2 and f"step {newest.step}" in message
     assert verify(newest.url, newest.manifest, "sha256") is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+def test_a_deterministic_nonfinite_stop_is_not_retried(teacher_dir, ray_local, tmp_path, monkeypatch):
+    from cluster.student_group import StudentGroupFailed
+    from trainer.checkpoint import latest_valid, list_steps
+
+    out = tmp_path / "run"
+    # the teacher answers NaN at steps 3 and 4 of every attempt (keyed by step: a restart would meet them
+    # again); two consecutive skips stop the run. The overlapped submit().result() path of a remote teacher.
+    monkeypatch.setenv("PIFLOW_INJECT_NAN_TEACHER_STEPS", "3,4")
+    cfg = _run_cfg(teacher_dir, out, max_failures=2, max_nonfinite_steps=2)
+    with pytest.raises(StudentGroupFailed) as err:
+        _train(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "NonFiniteError: step 4: 2 consecutive steps with non-finite loss and teacher" in message
+    assert "not retried" in message and "deterministic" in message
+    assert "the last good checkpoint is" in message and "(step 2)" in message
+    failures = [json.loads(p.read_text()) for p in sorted((out / "failures").glob("*.json"))]
+    assert {f["type"] for f in failures} == {"NonFiniteError"}
+    assert len({f["attempt"] for f in failures}) == 1  # one attempt: Ray Train did not restart the group
+    assert sorted(f["rank"] for f in failures) == [0, 1]
+    assert list_steps(str(out)) == [2]  # nothing written from the skipped steps
+    assert latest_valid(str(out), verify_mode="sha256").step == 2
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(losses[s]) for s in (1, 2))
+    assert math.isnan(losses[3]) and math.isnan(losses[4])
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    assert {r["step"]: r["nonfinite_skipped"] for r in records} == {1: 0, 2: 0, 3: 1, 4: 2}

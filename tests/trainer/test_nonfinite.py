@@ -1,7 +1,7 @@
 """The non-finite guard (issue 12): an injected NaN teacher batch (or a non-finite gradient) skips the
 optimizer step and the EMA update, is counted and warned about, never reaches a checkpoint, and too many in a
 row stop the run with the newest finite checkpoint intact. The ZeRO-3 test poisons ONE rank's teacher only:
-every rank must agree to skip."""
+every rank must agree to skip. The NaN comes from trainer/fault_injection.py (keyed by the step)."""
 from __future__ import annotations
 
 import io
@@ -18,6 +18,7 @@ from trainer import checkpoint as ckpt
 from trainer.checkpoint import CheckpointManager, latest_valid, read_manifest, step_dirname
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine
+from trainer.fault_injection import NaNTeacher
 from trainer.local_run import build_family, noise_batches
 from trainer.loop import NonFiniteError, train_loop
 from trainer.metrics import MetricsLogger, read_metrics
@@ -25,23 +26,9 @@ from trainer.resume import save_state
 from trainer.teachers import build_teacher
 
 
-class PoisonedTeacher:
-    """Test double for a faulty teacher replica: the real teacher, whose output for the first sample is NaN
-    during the iterations in `bad` (2 segments x 2 queries = 4 calls per iteration in these configs)."""
-
-    def __init__(self, teacher, bad: set[int], calls_per_iter: int = 4):
-        self.teacher, self.bad, self.per_iter, self.calls = teacher, bad, calls_per_iter, 0
-
-    def __call__(self, x, sigma, cond):
-        it, self.calls = self.calls // self.per_iter, self.calls + 1
-        u = self.teacher(x, sigma, cond)
-        if it in self.bad:
-            u = u.clone()
-            u[0] = float("nan")
-        return u
-
-
 def toy_run(tmp_path, cache, bad: set[int], *overrides: str, keep_last: int = 10):
+    """A toy run whose teacher answers NaN for the first sample during the (1-based) steps in `bad`
+    (trainer/fault_injection.py, the soak's injector)."""
     cfg = tiny_toy_config(tmp_path, "train.iters=6", "train.ckpt_every=1", "ema.start=0", *overrides,
                           teacher_cache=cache)
     family = build_family(cfg)
@@ -61,7 +48,7 @@ def toy_run(tmp_path, cache, bad: set[int], *overrides: str, keep_last: int = 10
 
     def run():
         try:
-            return train_loop(cfg, engine, student.make_policy, PoisonedTeacher(teacher, bad),
+            return train_loop(cfg, engine, student.make_policy, NaNTeacher(teacher, bad),
                               noise_batches(cfg, family, torch.Generator().manual_seed(0)), ema=ema, logger=logger,
                               checkpoint_hook=checkpoint_hook, generator=torch.Generator().manual_seed(1),
                               progress=False)
@@ -77,7 +64,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_nan_teacher_batch_skips_the_step_and_the_ema(tmp_path, toy_teacher_cache, one_thread, caplog):
-    cfg, engine, run, snaps, console = toy_run(tmp_path, toy_teacher_cache, bad={2})
+    cfg, engine, run, snaps, console = toy_run(tmp_path, toy_teacher_cache, bad={3})
     with caplog.at_level(logging.WARNING, logger="trainer.loop"):
         assert run() == 6
     records = {r["step"]: r for r in read_metrics(Path(cfg.run.output) / "metrics.jsonl")}
@@ -112,7 +99,7 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path, toy_teacher_c
 
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_finite_checkpoint(tmp_path, toy_teacher_cache,
                                                                                  one_thread):
-    cfg, engine, run, snaps, _ = toy_run(tmp_path, toy_teacher_cache, {2, 3, 4, 5}, "train.max_nonfinite_steps=3",
+    cfg, engine, run, snaps, _ = toy_run(tmp_path, toy_teacher_cache, {3, 4, 5, 6}, "train.max_nonfinite_steps=3",
                                          keep_last=2)
     with pytest.raises(NonFiniteError, match=r"step 5: 3 consecutive steps with non-finite loss and teacher"):
         run()
@@ -164,3 +151,32 @@ def test_zero3_one_rank_nan_teacher_every_rank_skips(tmp_path):
         assert same(consolidate(infos[3], kind), consolidate(infos[2], kind)), kind
         assert not same(consolidate(infos[4], kind), consolidate(infos[3], kind)), kind
     assert json.loads((out / "checkpoints" / step_dirname(3) / "MANIFEST.json").read_text())["meta"]["loss_finite"] is False
+
+
+def test_nan_injection_from_the_environment(monkeypatch):
+    """PIFLOW_INJECT_NAN_TEACHER_STEPS wraps the teacher; a remote client's submit().result() path too."""
+    from trainer.fault_injection import with_injected_faults
+    from trainer.overlap import Done
+
+    class Submits:  # the interface of cluster.teacher_server.RemoteTeacher (the Ray test uses the real one)
+        def submit(self, x, sigma, cond):
+            return Done(x * 2)
+
+    def local(x, sigma, cond):
+        return x * 2
+
+    monkeypatch.delenv("PIFLOW_INJECT_NAN_TEACHER_STEPS", raising=False)
+    assert with_injected_faults(local) is local
+    monkeypatch.setenv("PIFLOW_INJECT_NAN_TEACHER_STEPS", "2, 5")
+    plain, remote = with_injected_faults(local), with_injected_faults(Submits())
+    assert not hasattr(plain, "submit") and hasattr(remote, "submit")  # overlap.submit_to tells them apart
+    x = torch.ones(3, 2)
+    for step in (1, 2, 3, 5):
+        plain.at_step(step)
+        remote.at_step(step)
+        for u in (plain(x, None, None), remote.submit(x, None, None).result()):
+            assert torch.isnan(u[0]).all() == (step in (2, 5)) and torch.equal(u[1:], x[1:] * 2)
+    for bad in ("2;3", "0"):
+        monkeypatch.setenv("PIFLOW_INJECT_NAN_TEACHER_STEPS", bad)
+        with pytest.raises(ValueError, match="PIFLOW_INJECT_NAN_TEACHER_STEPS"):
+            with_injected_faults(local)
