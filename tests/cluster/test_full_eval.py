@@ -1,0 +1,60 @@
+"""`eval.full_every` (issue 14): during a distributed digits run (embedded Ray, 2 ZeRO-3 ranks, a TeacherServer,
+a prompt feed), the driver evaluates new checkpoints with `piflow eval` as a Ray task beside training: RUN/eval/
+step_XXXXXXX/ holds results.json (finite FID, accuracy, the checkpoint step) and grids for the final checkpoint and
+every due one not skipped (a skip is logged), RUN/eval/metrics.jsonl records them at the checkpoint step, and the
+training run's losses equal those of the same run without full evaluation."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.cluster.test_shard_jobs import ROOT
+from trainer.metrics import read_metrics
+
+pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(600)]
+
+PROMPTS = "[a handwritten one, a handwritten seven, a handwritten zero]"
+
+
+def _run(tmp_path, name: str, *overrides: str):
+    from cluster.demo import build_prompt_shards
+    from cluster.launch import launch_distributed
+    from trainer.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "digits_demo.yaml", [
+        f"model.pretrained={ROOT / 'assets/teachers/digits'}", f"run.output={tmp_path / name}",
+        f"data.shards={tmp_path / 'shards'}", "train.iters=4", "train.ckpt_every=2", "train.batch_size=8",
+        "train.log_every=0", "optim.warmup_iters=1", "ema.start=0", "optim.grad_clip_start=0", "eval.every=0",
+        "cluster.student.cpus_per_worker=1", "wandb.mode=disabled", f"eval.prompts={PROMPTS}", *overrides])
+    build_prompt_shards(cfg, 2)
+    launch_distributed(cfg)
+    return cfg
+
+
+def test_full_eval_runs_beside_training_on_due_checkpoints(tmp_path, ray_local, capsys):
+    cfg = _run(tmp_path, "run", "eval.full_every=2", "eval.nfe=2", "eval.full_teacher_steps=4",
+               "eval.full_seeds=3")
+    log = capsys.readouterr().out
+    out = tmp_path / "run"
+    evaluated = sorted(int(p.name[5:]) for p in (out / "eval").glob("step_*") if (p / "results.json").exists())
+    assert evaluated[-1] == 4  # the final checkpoint, evaluated after training ended
+    assert 2 in evaluated or "full eval skips checkpoint step(s) [2]" in log, log
+    records = {r["step"]: r for r in read_metrics(out / "eval" / "metrics.jsonl")}
+    assert sorted(records) == evaluated
+    for step in evaluated:
+        res = json.loads((out / "eval" / f"step_{step:07d}" / "results.json").read_text())
+        assert res["step"] == step and res["source"].endswith(f"{step:07d}") and res["nfe"] == 2
+        assert [r["method"] for r in res["rows"]] == ["teacher 4-step", "teacher 2-step (Euler)", "student 2-step"]
+        student = res["rows"][2]
+        assert math.isfinite(student["fid_vs_teacher"]) and student["fid_vs_teacher"] > 0
+        assert 0 <= student["prompt_accuracy"] <= 1 and student["n"] == 9
+        assert len(res["grids"]) == 3 and all((out / "eval" / f"step_{step:07d}" / "grids").glob("*.png"))
+        assert records[step]["eval_job/student-2-step/fid_vs_teacher"] == pytest.approx(student["fid_vs_teacher"])
+    # training is unaffected: the same losses as the run without full evaluation
+    _run(tmp_path, "plain")
+    losses = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+    plain = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")}
+    assert sorted(losses) == [1, 2, 3, 4] and losses == pytest.approx(plain, rel=1e-6, abs=1e-7)
+    assert not (tmp_path / "plain" / "eval").exists()
