@@ -506,9 +506,11 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.cluster.student.workers >= 1, "cluster.student.workers", "must be >= 1")
     need(cfg.distill.data_free or bool(cfg.data.shards) or cfg.model.family == "toy2d", "distill.data_free",
          "false (data-based pi-ID) needs data.shards: latent shards made by `piflow shards latents`")
-    if cfg.eval.full_every:
+    if cfg.eval.full_every > 0:
         need(bool(cfg.eval.full_prompts or cfg.eval.prompts), "eval.full_prompts",
              "eval.full_every needs prompts: set eval.full_prompts (file or shards) or eval.prompts")
+        need(cfg.model.family in ("digits", "flux", "qwen_image", "dit"), "eval.full_every",
+             f"no evaluation features for the {cfg.model.family} family (digits, flux, qwen_image, dit)")
         need(cfg.model.family == "digits" or bool(cfg.eval.full_features), "eval.full_features",
              f"eval.full_every on the {cfg.model.family} family needs a feature network (CLIP for text-to-image, "
              "an image classifier for dit): a hub id or directory")
