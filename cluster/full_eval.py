@@ -42,8 +42,12 @@ class FullEvalWatcher:
     def __init__(self, cfg: Config, poll_s: float = 2.0):
         from cluster.student_group import absolute_local_paths
 
+        from data_pipeline import storage
+
         cfg = absolute_local_paths(cfg)  # the task runs in a Ray worker, elsewhere
-        self.cfg, self.every, self.poll_s = cfg, cfg.eval.full_every, poll_s
+        # object storage: a few LIST requests per poll, so not more often than every 10 s
+        self.cfg, self.every = cfg, cfg.eval.full_every
+        self.poll_s = max(poll_s, 10.0) if storage.is_s3(cfg.run.output) else poll_s
         self.results: list[dict] = []  # per finished evaluation: {"step", "rows", "out"} or {"step", "error"}
         self._stop = threading.Event()
         self._lock = threading.Lock()

@@ -61,3 +61,16 @@ def test_full_eval_runs_beside_training_on_due_checkpoints(tmp_path, ray_local, 
     from trainer.checkpoint import latest_valid
 
     assert latest_valid(str(out), "sha256").step == 4 and latest_valid(str(out), "sha256", below=4).step == 2
+    # a failing evaluation (its prompt file is missing) is reported with its cause and raises nothing
+    import dataclasses
+    import shutil
+
+    from cluster.full_eval import FullEvalWatcher
+
+    shutil.copytree(out / "checkpoints", tmp_path / "copy" / "checkpoints")
+    bad = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=str(tmp_path / "copy")),
+                              eval=dataclasses.replace(cfg.eval, full_prompts=str(tmp_path / "missing.txt")))
+    with FullEvalWatcher(bad, poll_s=3600) as watcher:
+        pass
+    assert [r["step"] for r in watcher.results] == [4] and "missing.txt" in watcher.results[0]["error"]
+    assert "full eval of checkpoint step 4 failed" in capsys.readouterr().out
