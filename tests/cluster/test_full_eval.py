@@ -2,7 +2,8 @@
 a prompt feed), the driver evaluates new checkpoints with `piflow eval` as a Ray task beside training: RUN/eval/
 step_XXXXXXX/ holds results.json (finite FID, accuracy, the checkpoint step) and grids for the final checkpoint and
 every due one not skipped (a skip is logged), RUN/eval/metrics.jsonl records them at the checkpoint step, and the
-training log and checkpoints are complete. (Loss equality against a second run without full evaluation was
+training log and checkpoints are complete. A failing evaluation is reported, not raised; on object storage the
+results are uploaded. (Loss equality against a second run without full evaluation was
 measured once, see the report of issue 14, and left out: a second distributed run doubles the test's time.)"""
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _run(tmp_path, name: str, *overrides: str):
     return cfg
 
 
-def test_full_eval_runs_beside_training_on_due_checkpoints(tmp_path, ray_local, capsys):
+def test_full_eval_runs_beside_training_on_due_checkpoints(tmp_path, s3_server, ray_local, capsys):
     cfg = _run(tmp_path, "run", "eval.full_every=2", "eval.nfe=2", "eval.full_teacher_steps=4",
                "eval.full_seeds=3")
     log = capsys.readouterr().out
@@ -74,3 +75,17 @@ def test_full_eval_runs_beside_training_on_due_checkpoints(tmp_path, ray_local, 
         pass
     assert [r["step"] for r in watcher.results] == [4] and "missing.txt" in watcher.results[0]["error"]
     assert "full eval of checkpoint step 4 failed" in capsys.readouterr().out
+    # on object storage the evaluation's outputs are uploaded to RUN/eval/step_XXXXXXX/ (same checkpoint, same
+    # scores as the local run's evaluation)
+    from cluster.jobs.eval import eval_checkpoint
+    from data_pipeline import storage
+    from tests.data_pipeline.helpers import new_bucket
+
+    s3 = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=new_bucket() + "/run"))
+    res = eval_checkpoint(s3.to_dict(), latest_valid(str(out)).url, 4)
+    assert res["out"] == s3.run.output + "/eval/step_0000004"
+    remote = json.loads(storage.get_bytes(res["out"] + "/results.json"))
+    local = json.loads((out / "eval" / "step_0000004" / "results.json").read_text())
+    assert remote["step"] == 4 and len([n for n in storage.listdir(res["out"] + "/grids")]) == 3
+    assert [r["fid_vs_teacher"] for r in remote["rows"][1:]] == pytest.approx(
+        [r["fid_vs_teacher"] for r in local["rows"][1:]], rel=1e-5)
