@@ -77,7 +77,10 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
 
             with times.phase("data_feed"):
                 feed = start_data_feed(cfg, data_placement(cfg))
-        with MetricsProgress(cfg):
+        from cluster.full_eval import FullEvalWatcher
+
+        # issue 14: `piflow eval` on new checkpoints (eval.full_every) as Ray tasks beside training
+        with FullEvalWatcher(cfg) as full_eval, MetricsProgress(cfg):
             summaries = run_student_group(cfg, group.servers if group else None,
                                           None if feed else cond_shapes_without_prompts(cfg),
                                           feed=feed.actor if feed else None, run_id=run_id, validation=validation)
@@ -94,6 +97,8 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
     times.merge_max([s.get("startup", {}) for s in summaries])
     print(f"piflow: {times.format()}")
     print(format_summary(summaries, data_metrics), flush=True)
+    for r in full_eval.results:
+        print(f"  full eval step {r['step']}: " + (f"FAILED: {r['error']}" if "error" in r else r["out"]))
     return summaries
 
 

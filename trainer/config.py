@@ -218,6 +218,14 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=list)
     seed: int = 0
     temperature: Literal["auto", "off"] = "auto"
+    # issue 14: `piflow eval` on the newest valid checkpoint at a multiple of full_every steps, as a Ray job on
+    # the teacher group's resources while training goes on (cluster/full_eval.py); 0 = off
+    full_every: int = 0
+    full_prompts: str = ""  # prompt file or shards (local or s3://); "" = eval.prompts
+    full_teacher_steps: int = 50  # the teacher's Euler steps (the reference); the student uses eval.nfe
+    full_seeds: int = 4  # images per prompt
+    full_features: str = ""  # CLIP (flux, qwen_image) or image classifier (dit): hub id or dir; digits: built in
+    full_wait_s: float = 1800.0  # after training: how long the driver waits for the last evaluation
 
 
 @dataclass
@@ -419,6 +427,8 @@ RANGES: dict[str, str] = {
     "data.read_attempts": "[1, 100]", "data.read_backoff_s": "[0, 60]", "data.encode_batch_size": "[1, 1e5]",
     "data.timeout_s": "[0, 86400]", "data.max_restarts": "[0, 1000]", "data.retry_window_s": "[0, 86400]",
     "eval.every": "[0, 1e9]", "eval.nfe": "[1, 1000]", "eval.num_samples": "[1, 1e5]", "eval.seed": f"[0, {SEED_MAX}]",
+    "eval.full_every": "[0, 1e9]", "eval.full_teacher_steps": "[1, 10000]", "eval.full_seeds": "[1, 10000]",
+    "eval.full_wait_s": "[0, 86400]",
     "cluster.num_cpus": "[0, 1e5]", "cluster.data_cpus_per_worker": "[0, 1024]",
     "cluster.student.workers": "[1, 1e5]", "cluster.student.gpus_per_worker": "[0, 64]",
     "cluster.student.cpus_per_worker": "[0, 1024]", "cluster.student.max_failures": "[0, 1000]",
@@ -496,6 +506,14 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.cluster.student.workers >= 1, "cluster.student.workers", "must be >= 1")
     need(cfg.distill.data_free or bool(cfg.data.shards) or cfg.model.family == "toy2d", "distill.data_free",
          "false (data-based pi-ID) needs data.shards: latent shards made by `piflow shards latents`")
+    if cfg.eval.full_every > 0:
+        need(bool(cfg.eval.full_prompts or cfg.eval.prompts), "eval.full_prompts",
+             "eval.full_every needs prompts: set eval.full_prompts (file or shards) or eval.prompts")
+        need(cfg.model.family in ("digits", "flux", "qwen_image", "dit"), "eval.full_every",
+             f"no evaluation features for the {cfg.model.family} family (digits, flux, qwen_image, dit)")
+        need(cfg.model.family == "digits" or bool(cfg.eval.full_features), "eval.full_features",
+             f"eval.full_every on the {cfg.model.family} family needs a feature network (CLIP for text-to-image, "
+             "an image classifier for dit): a hub id or directory")
     if cfg.teacher.placement == "shared":
         need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
     world = cfg.cluster.student.workers

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 class EvalActor:
@@ -77,7 +77,11 @@ def load_reference(spec: str, image_size: int = 0):
 
 def run_eval(source: str, prompts_spec: str, nfe: int, teacher_steps: int, seeds: int = 4, name: str = "",
              reference: str = "", clip: str = "", classifier: str = "", workers: int = 0, address: str = "local",
-             out: str = "") -> dict:
+             out: str = "", prompts: Optional[list[str]] = None, in_process: bool = False, cache_dir: str = "",
+             extra: Optional[dict] = None, log: bool = True) -> dict:
+    """`in_process`: generate in this process (the periodic evaluation is itself a Ray task: no actors of its
+    own); `prompts` instead of `prompts_spec`; `cache_dir` for the teacher's latents (default OUT/../cache);
+    `extra` joins results.json; `log=False` leaves metrics logging to the caller."""
     import ray
     import torch
 
@@ -91,37 +95,32 @@ def run_eval(source: str, prompts_spec: str, nfe: int, teacher_steps: int, seeds
     export_dir = resolve_export(source, out_dir)
     piflow = json.loads((Path(export_dir) / "student" / "config.json").read_text())["piflow"]
     cfg = config_from_dict(piflow, source=f"{export_dir}/student/config.json")
-    prompts = read_prompts(prompts_spec)
+    prompts = prompts or read_prompts(prompts_spec)
     rows_p = [p for p in prompts for _ in range(seeds)]
     rows_s = [s for _ in prompts for s in range(seeds)]
     groups = [i for i in range(len(prompts)) for _ in range(seeds)]
 
-    own = not ray.is_initialized()
+    cache = cache_dir or str(out_dir.parent / "cache" / "teacher")
+    methods = [(f"teacher {teacher_steps}-step", "teacher", teacher_steps),
+               (f"teacher {nfe}-step (Euler)", "teacher", nfe), (f"student {nfe}-step", "student", nfe)]
+    latents, generated = {}, {}
+    if in_process:
+        local = EvalActor(export_dir, cache)
+        for label, kind, steps in methods:
+            latents[label], generated[label] = local.run(kind, steps, rows_p, rows_s)
+    own = not in_process and not ray.is_initialized()
     if own:
         ray.init(address=address, include_dashboard=False, log_to_driver=False) if address == "local" \
             else ray.init(address=address)
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        n = max(1, gpus or workers or 1)
-        actor_cls = ray.remote(num_cpus=1 if not gpus else 0, num_gpus=1 if gpus else 0)(EvalActor)
-        actors = [actor_cls.remote(export_dir, str(out_dir.parent / "cache" / "teacher")) for _ in range(n)]
-        chunks = [list(range(i, len(rows_p), n)) for i in range(n)]
-        methods = [(f"teacher {teacher_steps}-step", "teacher", teacher_steps),
-                   (f"teacher {nfe}-step (Euler)", "teacher", nfe), (f"student {nfe}-step", "student", nfe)]
-        latents, generated = {}, {}
-        for label, kind, steps in methods:
-            refs = [a.run.remote(kind, steps, [rows_p[i] for i in c], [rows_s[i] for i in c])
-                    for a, c in zip(actors, chunks) if c]
-            parts = ray.get(refs)
-            x = torch.empty(len(rows_p), *parts[0][0].shape[1:])
-            for c, (xi, _) in zip([c for c in chunks if c], parts):
-                x[c] = xi
-            latents[label], generated[label] = x, sum(k for _, k in parts)
-            print(f"{label}: {generated[label]} of {len(rows_p)} generated ({len(rows_p) - generated[label]} "
-                  "from the cache)", file=sys.stderr)
+        if not in_process:
+            latents, generated = _generate_on_actors(export_dir, cache, methods, rows_p, rows_s, workers)
     finally:
         if own:
             ray.shutdown()
+    for label in latents:
+        print(f"{label}: {generated[label]} of {len(rows_p)} generated ({len(rows_p) - generated[label]} "
+              "from the cache)", file=sys.stderr)
 
     from trainer.evaluation.generate import Generator
 
@@ -131,8 +130,73 @@ def run_eval(source: str, prompts_spec: str, nfe: int, teacher_steps: int, seeds
     net = feature_net(cfg.model.family, clip=clip, classifier=classifier)
     rows = score(net, images, rows_p, groups, f"teacher {teacher_steps}-step", ref_images, ref_stats)
     info = {"source": source, "export": export_dir, "prompts": len(prompts), "seeds": seeds, "nfe": nfe,
-            "teacher_steps": teacher_steps, "generated": generated, "reference": reference}
-    return write_outputs(out_dir, rows, images, prompts, groups, info, cfg)
+            "teacher_steps": teacher_steps, "generated": generated, "reference": reference, **(extra or {})}
+    return write_outputs(out_dir, rows, images, prompts, groups, info, cfg if log else None)
+
+
+def _generate_on_actors(export_dir: str, cache: str, methods: list, rows_p: list[str], rows_s: list[int],
+                        workers: int) -> tuple[dict, dict]:
+    """Each method's latents, rows split over an actor pool (one actor per GPU, else `workers` CPU actors)."""
+    import ray
+    import torch
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n = max(1, gpus or workers or 1)
+    actor_cls = ray.remote(num_cpus=1 if not gpus else 0, num_gpus=1 if gpus else 0)(EvalActor)
+    actors = [actor_cls.remote(export_dir, cache) for _ in range(n)]
+    chunks = [list(range(i, len(rows_p), n)) for i in range(n)]
+    latents, generated = {}, {}
+    for label, kind, steps in methods:
+        refs = [a.run.remote(kind, steps, [rows_p[i] for i in c], [rows_s[i] for i in c])
+                for a, c in zip(actors, chunks) if c]
+        parts = ray.get(refs)
+        x = torch.empty(len(rows_p), *parts[0][0].shape[1:])
+        for c, (xi, _) in zip([c for c in chunks if c], parts):
+            x[c] = xi
+        latents[label], generated[label] = x, sum(k for _, k in parts)
+    return latents, generated
+
+
+def full_eval_url(run_output: str, step: int) -> str:
+    from data_pipeline import storage
+
+    return storage.join(run_output, "eval", f"step_{step:07d}")
+
+
+def eval_checkpoint(cfg_dict: dict, ckpt_url: str, step: int) -> dict:
+    """One periodic evaluation (`eval.full_every`; a Ray task started by cluster/full_eval.py): the checkpoint's
+    EMA student exported to node-local scratch, `piflow eval` in this process with the eval.full_* settings,
+    results (results.json, table.md, grids/) in RUN/eval/step_XXXXXXX/, uploaded when run.output is object
+    storage. The teacher's latents are cached in scratch: later checkpoints only generate the student."""
+    import os
+    import tempfile
+
+    import torch
+
+    from data_pipeline import storage
+    from trainer.config import config_from_dict
+    from trainer.export import export_student
+    from trainer.scratch import run_scratch
+
+    cfg = config_from_dict(cfg_dict, source="<full eval>")
+    torch.set_num_threads(max(1, int(cfg.teacher.cpus_per_replica)))
+    e = cfg.eval
+    out_url = full_eval_url(cfg.run.output, step)
+    text_to_image = cfg.model.family in ("flux", "qwen_image")
+    os.makedirs(run_scratch(cfg), exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="full-eval-", dir=run_scratch(cfg)) as tmp:
+        export_dir = os.path.join(tmp, "export")
+        export_student(ckpt_url, export_dir)
+        local_out = os.path.join(tmp, "out") if storage.is_s3(out_url) else out_url
+        res = run_eval(export_dir, e.full_prompts, e.nfe, e.full_teacher_steps, e.full_seeds, out=local_out,
+                       prompts=None if e.full_prompts else list(e.prompts),
+                       clip=e.full_features if text_to_image else "",
+                       classifier="" if text_to_image else e.full_features, in_process=True,
+                       cache_dir=run_scratch(cfg, "eval_cache", "teacher"),
+                       extra={"source": ckpt_url, "export": "", "step": step}, log=False)
+        if storage.is_s3(out_url):
+            storage.upload_dir(local_out, out_url)
+    return {"step": step, "rows": res["rows"], "out": out_url}
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
