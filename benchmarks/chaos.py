@@ -63,7 +63,7 @@ class Fault:
     at_step: int
     killed_at_step: int = -1
     pid: int = 0
-    in_upload: Optional[bool] = None  # driver_in_upload: whether a checkpoint was mid-write at the kill
+    in_upload: Optional[bool] = None  # driver_in_upload: a checkpoint was seen mid-write right before the kill
     recovery_s: float = float("nan")
 
 
@@ -303,9 +303,14 @@ def run_chaos(soak: Soak, driver: Driver, output: str, timeout: float) -> None:
             time.sleep(POLL_S)
         if fault.kind == "driver_in_upload":
             wait_until = time.monotonic() + 120  # until a checkpoint is being written (parts, no manifest)
-            while not checkpoint_in_progress(output) and time.monotonic() < wait_until:
+            fault.in_upload = False
+            while time.monotonic() < wait_until:
+                if checkpoint_in_progress(output):
+                    # kill at once: a second look would race the upload (a tiny checkpoint on S3 is written in
+                    # well under a second) and could report a kill that did land mid-write as not
+                    fault.in_upload = True
+                    break
                 time.sleep(0.005 if not OUTPUT_ON_S3 else 0.0)  # on S3 each look is two requests already
-            fault.in_upload = checkpoint_in_progress(output)
         t_kill = time.monotonic()
         if fault.kind.startswith("driver"):
             fault.pid = driver.proc.pid
