@@ -131,10 +131,13 @@ class FullEvalWatcher:
             if not ready:
                 return
             self._collect()
+        steps = list_steps(self.cfg.run.output)
+        if not steps or steps[-1] <= self._last:  # nothing new: one listing per poll, no manifest reads
+            return
         info = latest_valid(self.cfg.run.output)
         if info is None or info.step <= self._last or info.step % self.every:
             return
-        skipped = [s for s in list_steps(self.cfg.run.output) if self._last < s < info.step and s % self.every == 0]
+        skipped = [s for s in steps if self._last < s < info.step and s % self.every == 0]
         if skipped:
             print(f"piflow: full eval skips checkpoint step(s) {skipped}: step {info.step} is newer "
                   "(one evaluation at a time, the newest next)", flush=True)
@@ -168,7 +171,9 @@ class FullEvalWatcher:
             self.results.append({"step": step, "error": cause})
             return
         self.results.append(result)
-        values = {f"eval_job/{_slug(r['method'])}/{k}": v for r in result["rows"] for k, v in r.items()
+        from trainer.evaluation.report import slug
+
+        values = {f"eval_job/{slug(r['method'])}/{k}": v for r in result["rows"] for k, v in r.items()
                   if isinstance(v, float)}
         self._metrics().log(step, values)
         self._metrics().flush(step)
@@ -185,9 +190,3 @@ class FullEvalWatcher:
             cfg = dataclasses.replace(self.cfg, run=dataclasses.replace(self.cfg.run, name=f"{self.cfg.run.name}-eval"))
             self._logger = MetricsLogger(cfg, storage.join(self.cfg.run.output, "eval"), console_every=0)
         return self._logger
-
-
-def _slug(text: str) -> str:
-    from trainer.evaluation.report import slug
-
-    return slug(text)

@@ -28,7 +28,6 @@ def preflight(cfg: Config, config_path: str | None = None) -> None:
     if cfg.data.shards:
         check_shards(cfg.data.shards)
     check_teacher(cfg)
-    # no world-size check: checkpoints reshard on load (trainer/checkpoint.py), any W' resumes a W-rank run
 
 
 def check_output_url(url: str) -> None:

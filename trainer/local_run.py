@@ -49,6 +49,7 @@ def noise_batches(cfg: Config, family, generator: torch.Generator, start_step: i
     mixture is the data) also DataSegments with x0 and each sample's segment drawn, like its x0, from
     generators keyed by (run.seed, global sample index), so a resume continues the same samples."""
     from models.piid import DataSegments
+    from models.sample_rng import sample_key
     from models.timesteps import sample_segment_of
 
     shape = family.latent_shape(cfg)
@@ -61,8 +62,6 @@ def noise_batches(cfg: Config, family, generator: torch.Generator, start_step: i
             from models.families.toy2d import ToyMixture, to_image
 
             index = range(step * n, (step + 1) * n)
-            from models.sample_rng import sample_key
-
             x0 = torch.cat([ToyMixture.default().sample(1, torch.Generator().manual_seed(
                 sample_key(cfg.run.seed, i, "toy-data"))) for i in index])
             segs = [sample_segment_of(cfg.run.seed, i, cfg.distill.nfe, cfg.distill.final_step_scale) for i in index]
