@@ -389,7 +389,7 @@ def run_soak(root: Path, steps: int, kinds: list[str], seed: int = 0, ckpt_every
         "steps": steps, "batch_size": batch_size, "ckpt_every": ckpt_every, "seed": seed, "nan_step": soak.nan_step,
         "faults": [f.__dict__ for f in soak.faults],
         "s3_requests": requests, "s3_faults_injected": injected,
-        "max_loss_diff": report.pop("max_loss_diff"),
+        **{k: report.pop(k) for k in ("max_loss_diff", "missing_steps", "unexpected_steps", "steps_with_other_keys")},
         "recovery_median_s": statistics.median(rec) if rec else float("nan"),
         "recovery_max_s": max(rec) if rec else float("nan"),
         "reference_s": t_ref, "chaos_s": t_chaos, "driver_starts": driver.starts,
@@ -411,12 +411,17 @@ def check(soak: Soak, ref_output: str, output: str) -> dict:
         return (n in m and math.isnan(m[n]["loss"]) and m[n]["nonfinite_skipped"] == 1
                 and all(r["nonfinite_skipped"] == (1 if s >= n else 0) for s, r in m.items()))
 
+    keys, ref_keys = consumed(output), consumed(ref_output)
     return {
         "max_loss_diff": max(diffs.values()) if diffs else float("nan"),
+        # what differs, so a failed bar says where (not bars themselves)
+        "missing_steps": sorted(set(range(1, soak.steps + 1)) - set(got)),
+        "unexpected_steps": sorted(set(got) - set(range(1, soak.steps + 1))),
+        "steps_with_other_keys": sorted(s for s in set(keys) | set(ref_keys) if keys.get(s) != ref_keys.get(s)),
         "finished": sorted(got) == list(range(1, soak.steps + 1)),
         "losses_within_1e-5": sorted(ref) == sorted(got) and all(d <= 1e-5 for d in diffs.values()),
         "nan_step_skipped_in_both": skipped_once(ref) and skipped_once(got),
-        "same_sample_keys": consumed(output) == consumed(ref_output),
+        "same_sample_keys": keys == ref_keys,
         "no_corrupted_checkpoint": not corrupted_checkpoints(output),
     }
 
@@ -447,7 +452,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(format_report(report))
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / ("chaos_short.json" if a.short else "chaos.json")).write_text(json.dumps(report, indent=1))
+    (results / ("chaos_short.json" if a.short else f"chaos_{steps}.json")).write_text(json.dumps(report, indent=1))
     return 0 if all(report["bars"].values()) else 1
 
 

@@ -176,7 +176,7 @@ class FullEvalWatcher:
         values = {f"eval_job/{slug(r['method'])}/{k}": v for r in result["rows"] for k, v in r.items()
                   if isinstance(v, float)}
         self._metrics().log(step, values)
-        self._metrics().flush(step)
+        self._metrics().flush()
         table = " | ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in values.items() if "fid" in k)
         print(f"piflow: full eval of step {step}: {table} -> {result['out']}", flush=True)
 

@@ -133,7 +133,7 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
     def checkpoint_hook(step: int, loss: Optional[float] = None) -> float:
         if guard is not None:
             guard()
-        logger.flush(step)  # the log on storage covers every step up to the checkpoint
+        logger.flush()  # the log on storage covers every step up to the checkpoint, before it commits
         return resume.save_state(cfg, manager, step, engine, ema, student, generators=generators,
                                  wandb_run_id=logger.wandb_run_id or "", loss=loss)
 

@@ -103,6 +103,7 @@ def train_loop(
     numbers with any world size), else from `generator`."""
     params = piid_params(cfg)
     consecutive = 0
+    stall: Optional[float] = None  # seconds the last checkpoint held training, logged with the next step
     iters = cfg.train.iters
     bar = tqdm(range(start_step, iters), initial=start_step, total=iters, desc=f"pi-ID {cfg.distill.nfe}-NFE",
                disable=not progress, mininterval=1.0)
@@ -176,15 +177,18 @@ def train_loop(
         record["time/step"] = t_total
         record["time/teacher_wait_frac"] = timer.seconds["teacher_wait"] / max(t_total, 1e-12)
 
-        if checkpoint_hook is not None and (step % cfg.train.ckpt_every == 0 or step == iters):
-            # a skipped step records a non-finite loss on every rank (rank 0's own loss may have been finite)
-            recorded = math.nan if skipped else total_loss
-            record["checkpoint_stall_s"] = float(checkpoint_hook(step, loss=recorded) or 0.0)
+        if stall is not None:
+            record["checkpoint_stall_s"], stall = stall, None  # the previous step's checkpoint held training
         if eval_hook is not None and cfg.eval.every and (step % cfg.eval.every == 0 or step == iters):
             with ema.applied() if ema is not None else nullcontext():
                 record.update({f"eval/{k}": v for k, v in eval_hook(step).items()})
+        # log before checkpointing: the hook puts every record up to `step` on storage before the checkpoint
+        # can commit, so a resume from it never lacks the step's own record (metrics, consumed keys)
         if logger is not None:
             logger.log(step, record)
+        if checkpoint_hook is not None and (step % cfg.train.ckpt_every == 0 or step == iters):
+            # a skipped step records a non-finite loss on every rank (rank 0's own loss may have been finite)
+            stall = float(checkpoint_hook(step, loss=math.nan if skipped else total_loss) or 0.0)
         bar.set_postfix(loss=f"{total_loss:.4g}", refresh=False)
     return iters
 

@@ -96,11 +96,11 @@ class MetricsLogger:
         image = Image.open(io.BytesIO(png))
         self._wandb_run.log({key: wandb.Image(image)}, step=int(step))
 
-    def flush(self, through_step: int | None = None) -> None:
-        """Put the buffered records on storage, and the record of `through_step` as soon as it is logged
-        (called at every checkpoint: the log then covers it; trainer/record_log.py)."""
+    def flush(self) -> None:
+        """Put the buffered records on storage (called before every checkpoint: the log then covers it;
+        trainer/record_log.py)."""
         if self._log is not None:
-            self._log.flush(through_step)
+            self._log.flush()
 
     def log_images(self, step: int, key: str, pngs: list[bytes], captions: list[str]) -> None:
         """Several PNGs under one key, each with its caption (validation samples with their prompts)."""

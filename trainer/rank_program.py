@@ -268,8 +268,8 @@ class KeyLog:
     def log(self, step: int, keys: list[str]) -> None:
         self._log.append({"step": step, "keys": keys})
 
-    def flush(self, through_step: int | None = None) -> None:
-        self._log.flush(through_step)
+    def flush(self) -> None:
+        self._log.flush()
 
     def close(self) -> None:
         self._log.close()
@@ -359,9 +359,9 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
             data = batches.state_dict() if prompt_batches is not None else {"synthetic_step": step}
             if guard is not None:
                 guard()  # a run whose lease was taken over stops before it writes a checkpoint
-            logger.flush(step)  # the logs on storage cover every step up to the checkpoint
+            logger.flush()  # the logs on storage cover every step up to the checkpoint, before it commits
             if keys is not None:
-                keys.flush(step)
+                keys.flush()
             return resume.save_state(cfg, manager, step, setup.engine, setup.ema, setup.student,
                                      data_state=data, generators=generators,
                                      wandb_run_id=logger.wandb_run_id or "", loss=loss)

@@ -3,8 +3,9 @@ storage, read back as one stream.
 
 Object storage cannot append, so there a log is a prefix of numbered segments, `<url>/00000000.jsonl`,
 `<url>/00000001.jsonl`, ...: records are buffered and one new segment is PUT every `flush_steps` steps or
-`flush_s` seconds (checked as records arrive) and at every checkpoint (`flush()`), so every record up to
-the newest checkpoint is on storage. A local log stays one file, appended and flushed per record.
+`flush_s` seconds (checked as records arrive) and at every checkpoint (`flush()`, before the checkpoint is
+written: the loop logs step S before it checkpoints S), so every record up to the newest checkpoint is on
+storage before that checkpoint can commit. A local log stays one file, appended and flushed per record.
 A resumed run (`resume_step`) first drops the records after its checkpoint (they will be logged again),
 then continues the same stream with the next segment number.
 """
@@ -132,7 +133,6 @@ class RecordLog:
         self.flush_steps, self.flush_s, self.guard, self.clock = flush_steps, flush_s, guard, clock
         self._buffer: list[str] = []
         self._steps: set[int] = set()
-        self._flush_at: Optional[int] = None  # flush once a record of this step is appended (a checkpoint's)
         self._file = None
         if self.segmented:
             if resume_step is not None:
@@ -154,18 +154,13 @@ class RecordLog:
             self._file.flush()
             return
         self._buffer.append(line)
-        step = int(record.get("step", 0))
-        self._steps.add(step)
-        due = self._flush_at is not None and step >= self._flush_at
-        if due or len(self._steps) >= self.flush_steps or self.clock() - self._last_flush >= self.flush_s:
+        self._steps.add(int(record.get("step", 0)))
+        if len(self._steps) >= self.flush_steps or self.clock() - self._last_flush >= self.flush_s:
             self.flush()
 
-    def flush(self, through_step: Optional[int] = None) -> None:
-        """Write the buffered records as the next segment (object storage); a no-op when nothing is buffered.
-        `through_step`: also flush as soon as that step's record arrives (the loop checkpoints step S before
-        it logs S: the segment with S then follows the checkpoint within milliseconds, long before the
-        checkpoint's manifest, which waits for every rank's upload)."""
-        self._flush_at = through_step
+    def flush(self) -> None:
+        """Write the buffered records as the next segment (object storage), synchronously (storage retries
+        transient errors); a no-op when nothing is buffered."""
         self._last_flush = self.clock()
         if not self._buffer:
             return

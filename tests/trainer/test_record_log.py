@@ -12,6 +12,7 @@ from data_pipeline import storage
 from trainer.config import config_from_dict
 from trainer.metrics import MetricsLogger, read_metrics
 from trainer.record_log import RecordLog, segments
+from tests.trainer.toy_helpers import one_thread, toy_teacher_cache  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -102,19 +103,28 @@ def test_read_metrics_names_a_bad_segment_line(prefix):
         read_metrics(url)
 
 
-def test_a_checkpoint_flush_covers_the_checkpoint_step_logged_after_it(prefix):
-    """The loop saves step S's checkpoint before it logs step S: flush(through_step=S) puts what is buffered
-    up now and S's record as soon as it arrives, so a crash after the checkpoint never loses S's record."""
-    url = storage.join(prefix, "data_keys", "rank_1.jsonl")
-    log = RecordLog(url, resume_step=0, flush_steps=100, flush_s=1e9)
-    log.append({"step": 1, "keys": ["a"]})
-    log.flush(through_step=2)  # checkpoint of step 2
-    assert steps_of(url) == [1]
-    log.append({"step": 2, "keys": ["b"]})
-    assert steps_of(url) == [1, 2]  # on storage before step 3 starts
-    log.append({"step": 3, "keys": ["c"]})
-    assert steps_of(url) == [1, 2]  # back to the normal cadence
-    resumed = RecordLog(url, resume_step=2, flush_steps=100, flush_s=1e9)  # killed during step 3
-    resumed.append({"step": 3, "keys": ["c"]})
-    resumed.close()
-    assert steps_of(url) == [1, 2, 3]
+def test_a_checkpoint_commits_only_after_its_steps_record_is_on_storage(prefix, tmp_path, monkeypatch,
+                                                                       toy_teacher_cache, one_thread):
+    """The 300-step chaos soak lost step 40's record: the loop checkpointed step S before logging it, S's
+    segment was PUT after the (async) checkpoint committed, and the driver was killed in between; the resume
+    from S then never logged S again. Now every record up to S is on storage when S's checkpoint is saved."""
+    import trainer.resume as resume
+    from tests.trainer.toy_helpers import tiny_toy_config
+    from trainer.local_run import run_local
+
+    output = storage.join(prefix, "ckpt-order")
+    cfg = tiny_toy_config(tmp_path, "train.iters=6", "train.ckpt_every=3", f"run.output={output}",
+                          "run.log_flush_steps=100", teacher_cache=toy_teacher_cache)
+    on_storage_at_save = {}
+    save_state = resume.save_state
+
+    def spying_save_state(cfg, manager, step, *args, **kwargs):
+        on_storage_at_save[step] = steps_of(storage.join(output, "metrics.jsonl"))
+        return save_state(cfg, manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(resume, "save_state", spying_save_state)
+    run_local(cfg, progress=False)
+    assert on_storage_at_save == {3: [1, 2, 3], 6: [1, 2, 3, 4, 5, 6]}
+    records = read_metrics(storage.join(output, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert "checkpoint_stall_s" in records[3] and records[3]["checkpoint_stall_s"] >= 0.0  # step 3's, with 4
