@@ -441,13 +441,13 @@ def format_report(r: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--short", action="store_true", help="the make-test version: 3 faults, 24 steps")
+    p.add_argument("--short", action="store_true", help="the make-test version: 3 faults, 60 steps")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--ckpt-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/chaos")
     a = p.parse_args(argv)
-    steps, kinds, every = (24, SHORT_KINDS, 8) if a.short else (a.steps, FULL_KINDS, a.ckpt_every)
+    steps, kinds, every = (60, SHORT_KINDS, 20) if a.short else (a.steps, FULL_KINDS, a.ckpt_every)
     report = run_soak(Path(a.out).resolve(), steps, kinds, a.seed, ckpt_every=every)
     print(format_report(report))
     results = ROOT / "benchmarks" / "results"

@@ -37,6 +37,7 @@ class PiIDParams:
     window_substeps: float  # window of the averaged prediction, in substeps (0 = local velocity)
     loss_scale: float  # L = loss_scale * 0.5 * mean((u_pred - u_teacher)^2)
     dropout: float  # GM component dropout on the detached rollout policy
+    boundary_jitter: float = 0.0  # data-free: interior segment boundaries move by U(-j, j) x the shorter side
 
     def __post_init__(self):
         checks = [
@@ -47,6 +48,7 @@ class PiIDParams:
             (self.num_intermediate >= 1, "num_intermediate", "must be >= 1"),
             (self.window_substeps >= 0, "window_substeps", "must be >= 0"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
+            (0 <= self.boundary_jitter < 0.5, "boundary_jitter", "must be in [0, 0.5)"),
         ]
         for ok, key, what in checks:
             if not ok:
@@ -78,6 +80,32 @@ def _window(segment: torch.Tensor, params: PiIDParams) -> torch.Tensor:
     return torch.minimum(params.window_substeps * segment / n_seg, segment)
 
 
+def _uniform(n: int, batch_size: int, generator, device) -> torch.Tensor:
+    """(n, B) float64 U(0, 1); with a `SampleRNG` each sample draws its own n numbers."""
+    if isinstance(generator, SampleRNG):
+        return generator.rand(n, dtype=torch.float64, device=device).T.to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand((n, batch_size), generator=generator, device=gen_device, dtype=torch.float64).to(device)
+
+
+def segment_bounds(params: PiIDParams, batch_size: int, device, generator=None) -> list[torch.Tensor]:
+    """The data-free rollout's nfe + 1 segment boundaries in raw time, each (B,) float64, from 1 down to 0.
+
+    On the step grid by default. With `boundary_jitter` j > 0 each interior boundary moves, per sample, by
+    U(-j, j) x the shorter of its two grid segments, so the student also learns sigma_src between the grid's
+    points: sampling at more steps than it was trained for (elastic inference) then queries states it has
+    seen. j < 0.5 keeps every segment longer than 0. Draws nothing when j = 0 (the random stream is unchanged).
+    """
+    taus, _ = step_grid(params.nfe, params.final_step_scale, params.shift)
+    bounds = [as_batch(float(t), batch_size, device) for t in taus]
+    if params.boundary_jitter > 0 and params.nfe > 1:
+        u = _uniform(params.nfe - 1, batch_size, generator, device)  # (nfe - 1, B)
+        for k in range(1, params.nfe):
+            reach = params.boundary_jitter * float(min(taus[k - 1] - taus[k], taus[k] - taus[k + 1]))
+            bounds[k] = bounds[k] + (2 * u[k - 1] - 1) * reach
+    return bounds
+
+
 def _draw_gaps(batch_size: int, n_int: int, r: float, span: torch.Tensor, generator, device):
     """Student and teacher raw-time gaps (§3.3 step 3), each (n_int, B) float64. span = S - w, (B,).
 
@@ -85,14 +113,8 @@ def _draw_gaps(batch_size: int, n_int: int, r: float, span: torch.Tensor, genera
     Teacher: sorted U(0,1) x (n_int - 1) with 0 prepended and 1 appended, differences, times r * span.
     Both are always drawn (same random stream whatever r). With a `SampleRNG` each sample draws its own.
     """
-    if isinstance(generator, SampleRNG):
-        u_s = generator.rand(n_int, dtype=torch.float64, device=device).T  # (n_int, B)
-        u_t = generator.rand(n_int - 1, dtype=torch.float64, device=device).T
-    else:
-        gen_device = generator.device if generator is not None else device
-        u_s = torch.rand((n_int, batch_size), generator=generator, device=gen_device, dtype=torch.float64)
-        u_t = torch.rand((n_int - 1, batch_size), generator=generator, device=gen_device, dtype=torch.float64)
-    u_s, u_t = u_s.to(device).sort(dim=0).values, u_t.to(device).sort(dim=0).values
+    u_s = _uniform(n_int, batch_size, generator, device).sort(dim=0).values  # (n_int, B)
+    u_t = _uniform(n_int - 1, batch_size, generator, device).sort(dim=0).values
     zeros = torch.zeros((1, batch_size), dtype=torch.float64, device=device)
     ones = torch.ones((1, batch_size), dtype=torch.float64, device=device)
     student = torch.diff(torch.cat([zeros, u_s]), dim=0) * ((1 - r) * span)
@@ -226,11 +248,12 @@ def data_free_iteration(make_policy, teacher, noise, cond, params: PiIDParams, t
     """
     taus, _ = step_grid(params.nfe, params.final_step_scale, params.shift)
     B, device = noise.shape[0], noise.device
+    bounds = segment_bounds(params, B, device, generator)
     x = noise.detach().to(torch.float64 if noise.dtype == torch.float64 else torch.float32)
     for k in range(params.nfe):
-        tau = as_batch(float(taus[k]), B, device)
-        seg_len = float(taus[k] - taus[k + 1])
-        segment = as_batch(seg_len, B, device)
+        tau = bounds[k]
+        seg_len = float(taus[k] - taus[k + 1])  # the grid's S_k weights the loss (the mean under jitter)
+        segment = bounds[k] - bounds[k + 1]
         last = k == params.nfe - 1
         policy = make_policy(x, warp(tau, params.shift).to(x.dtype))
         if teacher_ratio == 0:

@@ -101,6 +101,9 @@ class DistillConfig:
     teacher_ratio_decay_iters: int = 0  # D; 0 = r is 0 from the start
     loss_scale: float = 30.0
     data_free: bool = True
+    # data-free only: move the grid's interior segment boundaries per sample by U(-j, j) x the shorter adjacent
+    # segment, so the student also learns sigma_src off the grid (sampling at more NFE than trained); 0 = grid
+    boundary_jitter: float = 0.0
 
 
 @dataclass
@@ -411,7 +414,7 @@ RANGES: dict[str, str] = {
     "distill.nfe": "[1, 1000]", "distill.final_step_scale": "(0, 1]", "distill.shift": "(0, 1000]",
     "distill.total_substeps": "[1, 1e6]", "distill.num_intermediate": "[1, 1e4]",
     "distill.window_substeps": "[0, 1e6]", "distill.teacher_ratio_decay_iters": "[0, 1e9]",
-    "distill.loss_scale": "(0, 1e6]",
+    "distill.loss_scale": "(0, 1e6]", "distill.boundary_jitter": "[0, 0.5)",
     "teacher.guidance.scale": "[0, 100]", "teacher.guidance.interval": "[0, 1]",
     "lora.rank": "[1, 65536]", "lora.alpha": "(0, 1e6]", "lora.dropout": "[0, 1)",
     "optim.lr": "(0, 1]", "optim.betas": "[0, 1)", "optim.weight_decay": "[0, 10]", "optim.warmup_iters": "[0, 1e9]",
@@ -504,6 +507,9 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     need(cfg.teacher.replicas >= 1, "teacher.replicas", "must be >= 1")
     need(cfg.cluster.student.workers >= 1, "cluster.student.workers", "must be >= 1")
+    need(cfg.distill.data_free or cfg.distill.boundary_jitter == 0, "distill.boundary_jitter",
+         "moves the data-free rollout's segment boundaries; data-based segments are drawn per sample from the "
+         "grid: set it to 0 or distill.data_free=true")
     need(cfg.distill.data_free or bool(cfg.data.shards) or cfg.model.family == "toy2d", "distill.data_free",
          "false (data-based pi-ID) needs data.shards: latent shards made by `piflow shards latents`")
     if cfg.eval.full_every > 0:

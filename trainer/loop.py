@@ -37,7 +37,8 @@ def piid_params(cfg: Config) -> PiIDParams:
     return PiIDParams(nfe=d.nfe, final_step_scale=d.final_step_scale, shift=d.shift,
                       total_substeps=d.total_substeps, num_intermediate=d.num_intermediate,
                       window_substeps=d.window_substeps, loss_scale=d.loss_scale,
-                      dropout=cfg.policy.dropout if cfg.policy.type == "gm" else 0.0)
+                      dropout=cfg.policy.dropout if cfg.policy.type == "gm" else 0.0,
+                      boundary_jitter=d.boundary_jitter)
 
 
 class _Timer:

@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from models.piid import PiIDParams, data_free_iteration, plan_queries, segment_loss
-from models.timesteps import as_batch, step_grid, warp
+from models.piid import PiIDParams, data_free_iteration, plan_queries, segment_bounds, segment_loss
+from models.timesteps import step_grid, warp
 
 
 class Done:
@@ -98,6 +98,7 @@ def overlapped_iteration(make_policy, teacher, noise: torch.Tensor, cond: Any, p
     submit = submit_to(teacher)
     taus, _ = step_grid(params.nfe, params.final_step_scale, params.shift)
     B, device = noise.shape[0], noise.device
+    bounds = segment_bounds(params, B, device, generator)
     x = noise.detach().to(torch.float64 if noise.dtype == torch.float64 else torch.float32)
     n_int = params.num_intermediate
     pending = None
@@ -112,11 +113,11 @@ def overlapped_iteration(make_policy, teacher, noise: torch.Tensor, cond: Any, p
         return seg_len * loss, dict(metrics, step=k, segment=seg_len, teacher_ratio=0.0)
 
     for k in range(params.nfe):
-        tau = as_batch(float(taus[k]), B, device)
+        tau = bounds[k]
         seg_len = float(taus[k] - taus[k + 1])
         last = k == params.nfe - 1
         policy = make_policy(x, warp(tau, params.shift).to(x.dtype))
-        queries = plan_queries(policy, x, tau, as_batch(seg_len, B, device), params, 0.0, generator,
+        queries = plan_queries(policy, x, tau, bounds[k] - bounds[k + 1], params, 0.0, generator,
                                rollout_to_segment_end=not last)
         x_a = queries.x_a.reshape(n_int * B, *queries.x_a.shape[2:])  # (n_int*B, C, H, W)
         future = submit(x_a, queries.sigma_a.reshape(-1).to(x_a.dtype), cond)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from models.piid import (PiIDParams, data_free_iteration, piid_segment, plan_queries, segment_loss,
-                         teacher_ratio)
+from models.piid import (PiIDParams, data_free_iteration, piid_segment, plan_queries, segment_bounds,
+                         segment_loss, teacher_ratio)
 from models.policies import DXPolicy, GMPolicy
 from models.rollout import rollout
 from models.timesteps import unwarp, warp
@@ -275,6 +275,53 @@ def test_data_free_iteration_weights_and_trajectory(r):
         assert (inputs[k + 1][0] - ref).abs().max() < 1e-12
 
 
+def test_segment_bounds_on_the_grid_draw_nothing_and_jitter_moves_interior_boundaries_per_sample():
+    g = torch.Generator().manual_seed(40)
+    state = g.get_state()
+    grid = [b[0].item() for b in segment_bounds(params(), 5, "cpu", g)]
+    assert grid == pytest.approx([1.0, 5 / 7, 3 / 7, 1 / 7, 0.0], abs=1e-15)
+    assert torch.equal(g.get_state(), state)  # j = 0: the random stream of existing runs is unchanged
+    n, j = 20000, 0.4
+    bounds = torch.stack(segment_bounds(params(boundary_jitter=j), n, "cpu", torch.Generator().manual_seed(41)))
+    assert torch.equal(bounds[0], torch.ones(n, dtype=F64)) and torch.equal(bounds[4], torch.zeros(n, dtype=F64))
+    assert (bounds[:-1] - bounds[1:]).min() > 0  # every segment still has positive length
+    # boundary k is uniform on tau_k +- j x its shorter neighbouring segment (2/7, 2/7, 1/7 here)
+    for k, (tau_k, shorter) in enumerate([(5 / 7, 2 / 7), (3 / 7, 2 / 7), (1 / 7, 1 / 7)], start=1):
+        reach = j * shorter
+        b = bounds[k]
+        assert b.min() >= tau_k - reach - 1e-15 and b.max() <= tau_k + reach + 1e-15
+        assert b.min() < tau_k - 0.99 * reach and b.max() > tau_k + 0.99 * reach
+        assert b.mean().item() == pytest.approx(tau_k, abs=3 * reach / math.sqrt(3 * n))
+        assert b.var().item() == pytest.approx(reach ** 2 / 3, rel=0.05)
+    assert len(set(bounds[1].tolist())) == n  # per sample
+    with pytest.raises(ValueError, match="PiIDParams.boundary_jitter"):
+        params(boundary_jitter=0.5)
+
+
+def test_data_free_iteration_with_jitter_starts_each_segment_where_the_last_one_ended():
+    data = GaussianData(seed=42)
+    leaves, _, _ = random_policy(seed=43, K=3)
+    inputs = []
+
+    def make_policy(x, sigma):
+        inputs.append(sigma)
+        return GMPolicy(**leaves, x_src=x, sigma_src=sigma)
+
+    p = params(num_intermediate=2, boundary_jitter=0.3)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(44), dtype=F64)
+    teacher = RecordingTeacher(data)
+    out = list(data_free_iteration(make_policy, teacher, noise, None, p, 0.0, torch.Generator().manual_seed(45)))
+    bounds = segment_bounds(p, 3, "cpu", torch.Generator().manual_seed(45))  # the iteration's first draws
+    for k, sigma in enumerate(inputs):
+        assert torch.allclose(sigma, warp(bounds[k], SHIFT), atol=1e-15)
+    assert len(set(inputs[1].tolist())) == 3  # off the grid, per sample
+    for k in range(4):  # every teacher query of segment k lies inside that sample's own segment
+        for _, sigma_a, _, _ in teacher.calls[2 * k: 2 * k + 2]:
+            tau_a = unwarp(sigma_a, SHIFT)
+            assert bool(((tau_a <= bounds[k] + 1e-12) & (tau_a >= bounds[k + 1] - 1e-12)).all())
+    assert [m["segment"] for _, m in out] == pytest.approx([2 / 7, 2 / 7, 2 / 7, 1 / 7])  # nominal weights
+
+
 def test_teacher_ratio_schedule_and_param_validation():
     assert teacher_ratio(0, 2000) == 1.0
     assert teacher_ratio(500, 2000) == 0.75
@@ -301,3 +348,27 @@ def test_dx_policy_in_a_segment_ignores_dropout():
     losses = [piid_segment(policy, x_src, unwarp(sigma_src, SHIFT), 2 / 7, RecordingTeacher(data), None,
                            params(dropout=d), 0.0, torch.Generator().manual_seed(33))[0].item() for d in (0.0, 0.5)]
     assert losses[0] == losses[1] and losses[0] > 0
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+def test_overlapped_iteration_equals_the_sequential_one(jitter):
+    from trainer.overlap import overlapped_iteration
+
+    data = GaussianData(seed=46)
+    leaves, _, _ = random_policy(seed=47, K=3, requires_grad=True)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(48), dtype=F64)
+    p = params(num_intermediate=2, boundary_jitter=jitter)
+
+    def run(iteration):
+        def make_policy(x, sigma):
+            return GMPolicy(**leaves, x_src=x, sigma_src=sigma)
+
+        teacher = RecordingTeacher(data)
+        out = list(iteration(make_policy, teacher, noise, torch.zeros(3, 1, dtype=F64), p, 0.0,
+                             torch.Generator().manual_seed(49)))
+        return [w.item() for w, _ in out], teacher.calls
+
+    (seq, seq_calls), (ovl, ovl_calls) = run(data_free_iteration), run(overlapped_iteration)
+    assert seq == pytest.approx(ovl, rel=1e-12, abs=1e-15)
+    seq_sigmas = torch.cat([c[1] for c in seq_calls])
+    assert torch.allclose(seq_sigmas, torch.cat([c[1] for c in ovl_calls]), atol=1e-15)

@@ -27,6 +27,7 @@ def test_every_numeric_field_has_a_range_that_holds_its_default():
     ("teacher.batch_wait_ms=6000", "teacher.batch_wait_ms"), ("optim.lr=2", "optim.lr"),
     ("optim.betas=[0.9, 1.0]", "optim.betas[1]"), ("data.timeout_s=-1", "data.timeout_s"),
     ("teacher.guidance.interval=[0.8, 0.2]", "teacher.guidance.interval"),
+    ("distill.boundary_jitter=0.5", "distill.boundary_jitter"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(override, key, tmp_path):
     path = tmp_path / "c.yaml"
@@ -49,3 +50,11 @@ def test_ranges_are_closed_or_open_as_written():
     assert C.in_range(0.0, "[0, 1)") and not C.in_range(1.0, "[0, 1)")
     assert not C.in_range(0.0, "(0, 1]") and C.in_range(1.0, "(0, 1]")
     assert not C.in_range(math.inf, "[0, 1e9]")
+
+
+def test_boundary_jitter_is_refused_for_data_based_training(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  iters: 10\n")
+    with pytest.raises(ConfigError, match="distill.boundary_jitter.*data-free"):
+        load_config(path, ["distill.boundary_jitter=0.2", "distill.data_free=false", "data.shards=s3://b/x"])
+    assert load_config(path, ["distill.boundary_jitter=0.2"]).distill.boundary_jitter == 0.2

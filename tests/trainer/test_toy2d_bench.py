@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from benchmarks.digits_nfe import bars as digits_bars
+from benchmarks.digits_nfe import bars as digits_bars, elastic_ratios
 from benchmarks.toy2d import merge_json
 from models.families.toy2d import ToyVelocityNet
 from trainer.toy2d_eval import MethodResult, bars, teacher_sets
@@ -54,11 +54,16 @@ def test_merge_replaces_remeasured_and_legacy_rows_and_keeps_the_rest(tmp_path):
 
 
 def test_digits_step_count_bars():
-    def row(trained, nfe, fd, acc):
-        return {"trained_nfe": trained, "nfe": nfe, "frechet_distance": fd, "prompt_accuracy": acc}
+    def row(trained, nfe, fd, acc, jitter=0.0):
+        return {"trained_nfe": trained, "nfe": nfe, "frechet_distance": fd, "prompt_accuracy": acc,
+                "boundary_jitter": jitter}
 
     teacher = row(0, 32, 4.0, 0.99)
-    good = [teacher, row(1, 1, 7.9, 0.965), row(2, 2, 5.9, 0.99), row(4, 4, 3.5, 0.99), row(4, 8, 3.8, 0.99)]
+    grid = [row(4, 4, 3.5, 0.99), row(4, 8, 4.0, 0.99)]  # the grid-trained student: reported, not barred
+    good = [teacher, row(1, 1, 7.9, 0.965), row(2, 2, 5.9, 0.99), *grid, row(4, 4, 3.5, 0.99, 0.4),
+            row(4, 8, 3.8, 0.99, 0.4)]
     assert all(digits_bars(good).values()) and len(digits_bars(good)) == 4
-    bad = [teacher, row(1, 1, 8.1, 0.95), row(2, 2, 6.1, 0.99), row(4, 4, 3.5, 0.99), row(4, 8, 3.9, 0.99)]
+    assert elastic_ratios(good) == {"boundary_jitter_0": 4.0 / 3.5, "boundary_jitter_0.4": 3.8 / 3.5}
+    bad = [teacher, row(1, 1, 8.1, 0.95), row(2, 2, 6.1, 0.99), *grid, row(4, 4, 3.5, 0.99, 0.4),
+           row(4, 8, 3.9, 0.99, 0.4)]
     assert not any(digits_bars(bad).values())
