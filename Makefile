@@ -29,7 +29,7 @@ toy2d-bench: $(STAMP)
 toy2d-dx-bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --iters 0 --settings grid:0:0,grid:3:0,polynomial:0:0,polynomial:3:0,gm:0:0
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --settings grid:0:1e-3,grid:3:1e-3 --iters 250
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --settings grid:3:1e-3,polynomial:3:1e-3 --iters 1000 \
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/toy2d_dx.py --settings grid:3:1e-3,polynomial:3:1e-3 --train-seeds 0,1,2 --iters 1000 \
 		--merge-toy2d benchmarks/results/toy2d.json
 
 digits-nfe-bench: $(STAMP)

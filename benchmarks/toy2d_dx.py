@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python benchmarks/toy2d_dx.py` (the Makefile's way) must find benchmarks.toy2d
+
+from benchmarks.toy2d import DX_WINDOW, _locked, merge_json
 from models.families.toy2d import to_image
 from models.piid import data_free_iteration
 from models.rollout import rollout
@@ -39,7 +43,6 @@ from trainer.teachers import build_teacher
 from trainer.toy2d_eval import (distill, evaluate, student_sampler, teacher_sets, teacher_sets_cache,
                                 with_overrides)
 
-ROOT = Path(__file__).resolve().parents[1]
 SIGMA_BINS = (0.0, 0.02, 0.1, 0.3, 1.0001)
 
 
@@ -207,8 +210,6 @@ def init_study(args, base, teacher, probe) -> int:
               f"{_joined(r['probes'], 'top1')} | {_joined(r['probes'], 'ess')} |" for r in rows]
     print("\n".join(lines))
     path = Path(args.out)
-    from benchmarks.toy2d import _locked
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         old = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": []}
@@ -220,7 +221,6 @@ def init_study(args, base, teacher, probe) -> int:
 
 
 def merge_into_toy2d(path: Path, rows: list[dict], floor: float, meta: dict) -> None:
-    from benchmarks.toy2d import DX_WINDOW, merge_json
     from trainer.toy2d_eval import MethodResult, bars
 
     results = {}
@@ -244,8 +244,6 @@ def _key(r: dict) -> tuple:
 def write_rows(path: Path, rows: list[dict], meta: dict) -> None:
     """Merge `rows` into the JSON at `path` (a row with the same setting, seed and iterations is replaced), so
     settings measured by separate invocations end up in one file."""
-    from benchmarks.toy2d import _locked
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         _write_rows(path, rows, meta)

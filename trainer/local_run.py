@@ -123,7 +123,7 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
         eval_hook = toy_eval_hook(cfg, family, teacher, student)
 
     logger = MetricsLogger(cfg, out, run_id=(state.wandb_run_id or None) if state else None,
-                           resume_step=(state.step if state else 0) if checkpoints else None, guard=guard)
+                           resume_step=state.step if state else 0, guard=guard)  # a fresh run drops stale steps
     if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/rollouts.py, issue 6)
         from trainer.rollouts import RolloutHook, chain_hooks
 

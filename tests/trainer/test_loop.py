@@ -34,6 +34,16 @@ def test_local_run_writes_metrics_with_decreasing_loss(tmp_path, toy_teacher_cac
     assert r["time/step"] >= r["time/teacher_wait"] + r["time/backward"]
 
 
+def test_a_fresh_run_into_a_used_output_logs_each_step_once(tmp_path, toy_teacher_cache, one_thread):
+    # A benchmark reran a setting into the same run.output and averaged the old run's losses with the new ones.
+    cfg = tiny_toy_config(tmp_path, "train.iters=5", teacher_cache=toy_teacher_cache)
+    first = read_metrics(run_local(cfg, progress=False, checkpoints=False).metrics_path)
+    again = run_local(cfg, progress=False, checkpoints=False)
+    records = read_metrics(again.metrics_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in records] == [r["loss"] for r in first]  # same seed, same run
+
+
 def test_loop_hooks_and_ema(tmp_path, toy_teacher_cache, one_thread):
     cfg = tiny_toy_config(tmp_path, "train.iters=6", "train.ckpt_every=4", "eval.every=3",
                           teacher_cache=toy_teacher_cache)
