@@ -1,6 +1,6 @@
 """Benchmarks run the way the README and the Makefile run them: `python benchmarks/X.py` from a fresh process,
 where pytest's rootdir is not on sys.path (a benchmark that imported `benchmarks.*` lazily crashed only when it
-wrote its results, after an hour of training)."""
+wrote its results, after all its training)."""
 import json
 import math
 import os
