@@ -98,7 +98,7 @@ def _wandb_records(path):
     return out
 
 
-def test_wandb_after_resume_rewinds_so_relogged_steps_are_kept(tmp_path, monkeypatch):
+def test_wandb_after_resume_rewinds_so_relogged_steps_are_kept(tmp_path, monkeypatch, caplog):
     """issue 12: with resume="allow" wandb drops log(step=s) for s below the run's last step, so the steps a
     resumed run logs again vanished from wandb. The resumed run now starts with resume_from=<id>?_step=N
     (wandb's rewind): the offline files hold the branch point and every re-logged step."""
@@ -121,7 +121,8 @@ def test_wandb_after_resume_rewinds_so_relogged_steps_are_kept(tmp_path, monkeyp
     [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
     config = {key(item): json.loads(item.value_json) for item in run.config.update}
-    assert config["_wandb"]["branch_point"] == {"run_id": run_id, "step": 4}
+    fallback = [r.getMessage() for r in caplog.records if "refused to rewind" in r.getMessage()]
+    assert config["_wandb"].get("branch_point") == {"run_id": run_id, "step": 4}, fallback  # says why, if it fell back
     history = [{key(i): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     steps = [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
