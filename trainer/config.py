@@ -242,6 +242,13 @@ class ClusterConfig:
     # issue 11: a custom Ray resource ("" = none) the data feed and data workers each take 0.01 of: pins the
     # run's data plumbing to the nodes that advertise it (e.g. the head), away from nodes that may be lost
     data_custom_resource: str = ""
+    # The node shape the recipe is written for (issue 21): templates size their nodes from it, the resource
+    # preflight names it, the planner uses it. 0 = unspecified (a local or already-running cluster).
+    nodes: int = 0  # nodes the run asks for
+    gpus_per_node: int = 0
+    cpus_per_node: int = 0
+    memory_gb_per_node: float = 0.0  # host RAM
+    gpu_memory_gb: float = 0.0  # per GPU (e.g. 80 for H100-80GB)
 
 
 @dataclass
@@ -432,6 +439,8 @@ RANGES: dict[str, str] = {
     "eval.every": "[0, 1e9]", "eval.nfe": "[1, 1000]", "eval.num_samples": "[1, 1e5]", "eval.seed": f"[0, {SEED_MAX}]",
     "eval.full_every": "[0, 1e9]", "eval.full_teacher_steps": "[1, 10000]", "eval.full_seeds": "[1, 10000]",
     "eval.full_wait_s": "[0, 86400]",
+    "cluster.nodes": "[0, 1e5]", "cluster.gpus_per_node": "[0, 64]", "cluster.cpus_per_node": "[0, 1e5]",
+    "cluster.memory_gb_per_node": "[0, 1e6]", "cluster.gpu_memory_gb": "[0, 1e4]",
     "cluster.num_cpus": "[0, 1e5]", "cluster.data_cpus_per_worker": "[0, 1024]",
     "cluster.student.workers": "[1, 1e5]", "cluster.student.gpus_per_worker": "[0, 64]",
     "cluster.student.cpus_per_worker": "[0, 1024]", "cluster.student.max_failures": "[0, 1000]",
