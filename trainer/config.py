@@ -168,6 +168,9 @@ class TeacherConfig:
     cpus_per_replica: float = 1.0
     overlap: bool = True  # separate placement: next segment's student forward while the teacher computes
     max_batch: int = 256  # samples per teacher forward (requests from all ranks are concatenated up to this)
+    # issue 23: queries per teacher network forward, in both placements (memory bound; CFG's two branches
+    # run inside each forward); 0 = every query of a call in one forward (pi-ID: n_int x B per segment)
+    micro_batch: int = 0
     batch_wait_ms: float = 2.0  # how long a request waits for others to join its batch
     # issue 7: a custom Ray resource each replica takes one unit of ("" = none), and how often Ray restarts
     # a dead replica (clients retry their in-flight requests on the restarted one)
@@ -432,6 +435,7 @@ RANGES: dict[str, str] = {
     "train.ckpt_keep_every": "[0, 1e9]", "train.upload_queue": "[1, 64]",
     "teacher.replicas": "[1, 1e4]", "teacher.gpus_per_replica": "[0, 64]", "teacher.cpus_per_replica": "[0, 1024]",
     "teacher.max_batch": "[1, 1e6]", "teacher.batch_wait_ms": "[0, 5000]", "teacher.max_restarts": "[0, 1000]",
+    "teacher.micro_batch": "[0, 1e6]",
     "teacher.timeout_s": "[0, 86400]",
     "data.workers": "[1, 1024]", "data.prefetch": "[1, 1024]", "data.max_prompt_chars": "[0, 1e7]",
     "data.read_attempts": "[1, 100]", "data.read_backoff_s": "[0, 60]", "data.encode_batch_size": "[1, 1e5]",
