@@ -73,8 +73,8 @@ def _data_batches(cfg, info, cond_shapes):
 
 def one_step(cfg_dict: dict, teacher_kind: str = "shared", record_dtypes: bool = False) -> dict[str, Any]:
     """One loop iteration; returns the loop's record, the student forward batch sizes, the full gradients
-    before the step and the trained weights after it (gathered under ZeRO-3), and optionally the dtypes of
-    every matmul input of the step (`record_dtypes`)."""
+    before the step and the trained weights after it (gathered under ZeRO-3; float32 numpy arrays), and
+    optionally the dtypes of every matmul input of the step (`record_dtypes`)."""
     from cluster.student_group import cond_shapes_without_prompts
     from models.families import get_family
     from trainer.config import config_from_dict
@@ -145,5 +145,7 @@ def one_step(cfg_dict: dict, teacher_kind: str = "shared", record_dtypes: bool =
         teacher_forwards = remote.teacher.forwards
     elif teacher_forwards is None and remote is not None:
         teacher_forwards = remote.forwards
-    return {"record": records[0], "sizes": sizes, "grads": grads, "weights": weights, "dtypes": dtypes,
+    # numpy, not tensors: torch's queue pickling shares storages through file descriptors that die with the rank
+    return {"record": records[0], "sizes": sizes, "grads": {n: g.numpy() for n, g in grads.items()},
+            "weights": {n: w.numpy() for n, w in weights.items()}, "dtypes": dtypes,
             "teacher_forwards": teacher_forwards, "rank": info.rank}
