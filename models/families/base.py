@@ -214,8 +214,9 @@ class TransformerFamily(Family):
         return (H // 2) * (W // 2) + cfg.model.max_sequence_length
 
     def load_network(self, cfg: Config) -> nn.Module:
-        """The teacher transformer: from a diffusers-format dir or hub id (`transformer` subfolder), or tiny."""
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        """The teacher transformer: from a diffusers-format dir or hub id (`transformer` subfolder), or tiny; in
+        `weights_dtype(cfg)`."""
+        dtype = weights_dtype(cfg)
         if cfg.model.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.run.seed)
@@ -272,6 +273,16 @@ class TransformerFamily(Family):
     def scaled_timestep(self, cfg: Config, sigma: torch.Tensor) -> torch.Tensor:
         """Network timestep = sigma * num_timesteps (PIFLOW.md §1.1)."""
         return sigma * cfg.model.num_timesteps
+
+
+def weights_dtype(cfg: Config) -> torch.dtype:
+    """The frozen networks' dtype: `model.dtype`, but bf16 in a `train.precision: bf16` run whatever model.dtype
+    says (issue 23: a bf16 run multiplies in bf16 everywhere; ZeRO-3 makes the student's trunk bf16 anyway, and a
+    separate teacher or an exported student's base must not fall back to float32)."""
+    train = getattr(cfg, "train", None)
+    if getattr(train, "precision", "fp32") == "bf16":
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
 
 
 def network_device(network: nn.Module) -> torch.device:

@@ -86,7 +86,13 @@ def one_step(cfg_dict: dict, teacher_kind: str = "shared", record_dtypes: bool =
     torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict)
     remote = None
-    if cfg.teacher.placement == "separate":
+    if cfg.teacher.placement == "separate" and teacher_kind == "server":  # the TeacherServer, Ray hop left out
+        from cluster.teacher_server import TeacherServer
+        from tests.trainer.bf16_workers import InProcessTeacher
+
+        remote = InProcessTeacher(TeacherServer(cfg.to_dict()))
+        torch.set_grad_enabled(True)  # the actor turns autograd off for its process; here it shares the rank's
+    elif cfg.teacher.placement == "separate":
         remote = get_family(cfg.model.family).build_teacher(cfg)
         if teacher_kind == "submit":
             remote = Submitting(remote)
@@ -140,12 +146,7 @@ def one_step(cfg_dict: dict, teacher_kind: str = "shared", record_dtypes: bool =
         run()
     weights = engine.gathered_state_dict() if ds else {n: p.detach().clone() for n, p in engine.named}
     weights = {n: weights[n].float() for n, _ in engine.named}
-    teacher_forwards = getattr(setup.teacher, "forwards", None)
-    if teacher_forwards is None and isinstance(remote, Submitting):
-        teacher_forwards = remote.teacher.forwards
-    elif teacher_forwards is None and remote is not None:
-        teacher_forwards = remote.forwards
     # numpy, not tensors: torch's queue pickling shares storages through file descriptors that die with the rank
     return {"record": records[0], "sizes": sizes, "grads": {n: g.numpy() for n, g in grads.items()},
             "weights": {n: w.numpy() for n, w in weights.items()}, "dtypes": dtypes,
-            "teacher_forwards": teacher_forwards, "rank": info.rank}
+            "rank": info.rank}
