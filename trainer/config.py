@@ -154,7 +154,7 @@ class TrainConfig:
     engine: Literal["torch", "deepspeed"] = "torch"  # torch: single process, no ZeRO (toy runs)
     # issue 23: torch.compile each repeated transformer block of student and teacher ("inductor": generated kernels;
     # "aot_eager": the same graph capture with eager kernels, to check a model compiles; no speed-up)
-    compile: Literal["off", "inductor", "aot_eager"] = "off"
+    compile: Literal["none", "inductor", "aot_eager"] = "none"
     log_every: int = 10
     ckpt_every: int = 500
     ckpt_keep_last: int = 2

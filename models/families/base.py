@@ -363,8 +363,8 @@ def prepare_network(network: nn.Module, cfg: Config, training: bool) -> None:
     """The run's attention backend (`model.attention_backend`) and regional compilation (`train.compile`) for
     a student trunk (`training`) or a frozen teacher."""
     set_attention_backend(network, getattr(cfg.model, "attention_backend", "auto"), training)
-    backend = getattr(cfg.train, "compile", "off")
-    if backend == "off":
+    backend = getattr(cfg.train, "compile", "none")
+    if backend == "none":
         return
     # Under ZeRO-3 every submodule carries DeepSpeed's gather/release hooks: dynamo breaks the graph at each
     # (measured on CPU: same numbers, fragmented graphs). Elsewhere a block is one graph, and fullgraph makes
