@@ -4,8 +4,11 @@ A real-width, reduced-depth FLUX.1-dev transformer (the released config: hidden 
 4096, CLIP pooled 768, RoPE axes (16, 56, 56); `--double` double-stream and `--single` single-stream blocks
 instead of 19 + 38), random bf16 weights, built the way a student rank builds it (`family.build_student`: the
 recipe's LoRA rank 256 on the recipe's targets, the GM head K = 8, the trainable output norm; the teacher is the
-LoRA base with the adapters off, `teacher.placement: shared`). At `--resolution` 1024 (a 128 x 128 x 16 latent,
-4096 image tokens + `--text-tokens` T5 tokens) it measures:
+LoRA base with the adapters off, `teacher.placement: shared`) through the trainer's own code: the trunk built
+partitioned (`build_partitioned_student`) and the DeepSpeed ZeRO-3 engine of `train.engine: deepspeed` on one
+rank (`build_engine`), whose bf16 policy makes every trainable a bf16 model weight with an fp32 master (issue 23:
+the first version built the student beside the engine and ran LoRA and the head in float32). At `--resolution`
+1024 (a 128 x 128 x 16 latent, 4096 image tokens + `--text-tokens` T5 tokens) it measures:
 
 - student forward + backward: time, FLOPs (counted by torch's FlopCounterMode on the same call, without
   activation checkpointing, so they are model FLOPs) and MFU against the bf16 matmul rate this script measures
@@ -17,14 +20,18 @@ LoRA base with the adapters off, `teacher.placement: shared`). At `--resolution`
     python benchmarks/gpu_step.py                 # CUDA: real width, 1 double + 2 single blocks, 1024^2
     python benchmarks/gpu_step.py --tiny          # CPU: the tiny FLUX config at a small latent (the test suite)
 
-Prints one table and writes JSON (default benchmarks/results/gpu_step.json, or `--out`).
+Prints one table and writes JSON: on a GPU to benchmarks/results/gpu_step.json; `--tiny` or a CPU run to a
+temporary file (never over the committed GPU figures); `--out` anywhere.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,31 +43,82 @@ sys.path.insert(0, str(ROOT))
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def build(args, device: torch.device):
-    """(cfg, family, student, teacher) as a LoRA student rank of the FLUX recipe builds them."""
-    from models.families import get_family
-    from models.families.flux import FLUX_DEV_CONFIG
-    from models.teacher import Teacher
+def default_out(name: str, on_gpu: bool) -> str:
+    """Where a benchmark writes by default: benchmarks/results/NAME (GPU figures, committed) on a GPU, a temporary
+    file otherwise (a `--tiny` or CPU check must never overwrite the GPU results)."""
+    if on_gpu:
+        return str(ROOT / "benchmarks" / "results" / name)
+    return os.path.join(tempfile.gettempdir(), "piflow-benchmarks", name)
+
+
+def single_process_group() -> None:
+    """This process as rank 0 of 1 (what Ray Train or torchrun set for a rank), so the ZeRO-3 engine can start."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+
+
+def recipe_config(overrides: list[str]):
+    """The FLUX recipe with this benchmark's overrides: one rank of `train.engine: deepspeed`, shared teacher."""
     from trainer.config import load_config
 
+    return load_config(str(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml"), [
+        "model.pretrained=", "run.output=/tmp/piflow-gpu-bench", "train.engine=deepspeed", "cluster.student.workers=1",
+        "teacher.placement=shared", "train.micro_batch_size=0", "wandb.mode=disabled", "eval.every=0",
+        *overrides])
+
+
+def build_rank_student(cfg, conf: dict, checkpointing: bool):
+    """(student, teacher, engine) as `trainer.rank_program.build_rank` builds them for a shared-placement LoRA
+    rank, with random weights of the transformer config `conf` (no weights file): the trunk is constructed under
+    `deepspeed.zero.Init` (so directly in the run's dtype on the accelerator), the student (LoRA, GM head, norm_out)
+    and the shared teacher are the family's, and the engine is the trainer's (bf16 policy, fp32 masters)."""
+    from models.families import get_family
+    from models.teacher import Teacher
+    from trainer.engine import build_engine, build_partitioned_student, enable_gradient_checkpointing
+
+    single_process_group()
+    family = get_family(cfg.model.family)
+    teacher = Teacher(family, cfg, None)
+
+    def trunk():
+        torch.manual_seed(0)
+        return family.transformer_class(**conf)
+
+    def finish(network):
+        return family.build_student(cfg, teacher=teacher, network=network)
+
+    student = build_partitioned_student(cfg, trunk, None, family.output_modules, finish)
+    engine = build_engine(cfg, student)
+    if checkpointing:  # after the engine: its own switch-on fails on a trunk the student already set (issue 21.2)
+        enable_gradient_checkpointing(student)
+    return student, teacher, engine
+
+
+def build(args, device: torch.device):
+    """(cfg, family, conf, student, teacher, engine) of this benchmark's FLUX student."""
+    from models.families import get_family
+    from models.families.flux import FLUX_DEV_CONFIG
+
     latent = args.resolution // 8
-    overrides = [f"model.latent_size={latent}", "model.pretrained=", f"model.max_sequence_length={args.text_tokens}",
-                 f"model.gradient_checkpointing={str(args.checkpointing).lower()}", "run.output=/tmp/piflow-gpu-step",
-                 f"train.micro_batch_size={args.batch}"]
+    overrides = [f"model.latent_size={latent}", f"model.max_sequence_length={args.text_tokens}",
+                 "model.gradient_checkpointing=false", f"train.batch_size={args.batch}",
+                 f"train.precision={args.precision}", f"model.attention_backend={args.attention}",
+                 f"train.compile={args.compile}"]
     if args.tiny:
-        overrides += ["model.tiny=true", "model.dtype=float32", "lora.rank=4", "lora.alpha=4.0",
-                      "policy.logstd_inner_dim=16"]
-    cfg = load_config(str(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml"), overrides)
+        overrides += ["lora.rank=4", "lora.alpha=4.0", "policy.logstd_inner_dim=16", "model.latent_channels=4"]
+    cfg = recipe_config(overrides)
     family = get_family("flux")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
     conf = family.tiny_config(cfg) if args.tiny else dict(FLUX_DEV_CONFIG, num_layers=args.double,
                                                              num_single_layers=args.single)
-    torch.manual_seed(0)
-    with torch.device(device):
-        trunk = family.transformer_class(**conf).to(dtype)
-    teacher = Teacher(family, cfg, None)
-    student = family.build_student(cfg, teacher=teacher, network=trunk).to(device)
-    return cfg, family, conf, student, teacher
+    student, teacher, engine = build_rank_student(cfg, conf, args.checkpointing)
+    if cfg.model.gradient_checkpointing != args.checkpointing:
+        cfg.model.gradient_checkpointing = args.checkpointing  # what the table and the plan report
+    return cfg, family, conf, student, teacher, engine
 
 
 def conditioning(cfg, conf, batch: int, device, dtype):
@@ -123,41 +181,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=2, help="student micro-batch (the recipe: 2 prompts per GPU)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing (the recipe's setting)")
     ap.add_argument("--repeat", type=int, default=0, help="timed repetitions (default 10 on GPU, 2 on CPU)")
-    ap.add_argument("--cudnn-attention", action="store_true",
-                    help="let SDPA pick cuDNN attention (torch 2.11 + H200: its backward failed at FLUX width, see README)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_step.json"))
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="",
+                    help="train.precision (default bf16 on a GPU, fp32 for --tiny on the CPU)")
+    ap.add_argument("--attention", default="auto", help="model.attention_backend (auto, native, _native_cudnn, "
+                    "_native_flash, _native_efficient, flash, _flash_3, ...)")
+    ap.add_argument("--compile", choices=["none", "inductor", "aot_eager"], default="none", help="train.compile")
+    ap.add_argument("--out", default="", help="JSON path (default: results/gpu_step.json on a GPU, else a temp file)")
     args = ap.parse_args(argv)
-    if torch.cuda.is_available() and not args.cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # flash / memory-efficient attention instead
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.tiny:
         raise SystemExit("gpu_step: no CUDA device: run with --tiny (the CPU check), or on a GPU machine")
     args.resolution = args.resolution or (64 if args.tiny else 1024)
     args.text_tokens = args.text_tokens or (8 if args.tiny else 512)
+    args.precision = args.precision or ("fp32" if args.tiny and device.type != "cuda" else "bf16")
+    args.out = args.out or default_out("gpu_step.json", device.type == "cuda" and not args.tiny)
     repeat = args.repeat or (10 if device.type == "cuda" else 2)
     warmup = 3 if device.type == "cuda" else 1
 
     from models.rollout import rollout
 
-    cfg, family, conf, student, teacher = build(args, device)
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg, family, conf, student, teacher, engine = build(args, device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     C, H, W = family.latent_shape(cfg)
     B, n_int = args.batch, cfg.distill.num_intermediate
     g = torch.Generator(device="cpu").manual_seed(2)
     x_src = torch.randn(B, C, H, W, generator=g).to(device)
     sigma_src = torch.ones(B, device=device)
     cond = conditioning(cfg, conf, B, device, dtype)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95))
+    trainable = engine.params
+    numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731 (ZeRO-3: the full size)
 
     # ---- student forward + backward (time, model FLOPs, MFU)
     def fwd_bwd():
-        policy_loss(student.make_policy(x_src, sigma_src, cond)).backward()
+        engine.backward(policy_loss(student.make_policy(x_src, sigma_src, cond)))
 
-    optimizer.zero_grad(set_to_none=True)
     t_fwd_bwd = statistics.median(timed(fwd_bwd, device, warmup, repeat))
-    optimizer.zero_grad(set_to_none=True)
+    engine.step()  # drops the accumulated gradients (an update of a benchmark's random weights)
 
     def fwd():
         with torch.no_grad():
@@ -185,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     with FlopCounterMode(display=False) as counter:
         fwd_bwd()
     fwd_bwd_flops = counter.get_total_flops()
-    optimizer.zero_grad(set_to_none=True)
+    engine.step()
     with FlopCounterMode(display=False) as fwd_counter, torch.no_grad():
         student.make_policy(x_src, sigma_src, cond)
     fwd_flops = fwd_counter.get_total_flops()
@@ -197,9 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "blocks": {"double": conf["num_layers"], "single": conf["num_single_layers"]},
               "hidden": conf["num_attention_heads"] * conf["attention_head_dim"], "resolution": args.resolution,
               "latent": [C, H, W], "image_tokens": (H // 2) * (W // 2), "text_tokens": args.text_tokens,
-              "micro_batch": B, "checkpointing": ckpt, "cudnn_attention": bool(args.cudnn_attention), "K": cfg.policy.num_components,
-              "parameters": sum(p.numel() for p in student.parameters()),
-              "trainable_parameters": sum(p.numel() for p in trainable),
+              "micro_batch": B, "checkpointing": ckpt, "precision": args.precision, "attention": args.attention,
+              "compile": args.compile, "engine": "deepspeed ZeRO-3, 1 rank", "K": cfg.policy.num_components,
+              "parameters": numel(student.parameters()), "trainable_parameters": numel(trainable),
               "student_fwd_bwd_s": t_fwd_bwd, "student_fwd_s": t_fwd, "fwd_bwd_flops": fwd_bwd_flops,
               "fwd_flops": fwd_flops, "teacher_request_latents": B * n_int, "teacher_fwd_s": t_teacher,
               "teacher_latents_per_s": B * n_int / t_teacher, "rollout_128_s": t_rollout,
@@ -209,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         static = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fwd_bwd()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         measured_tflops = matmul_tflops(device, 8192, 20)
@@ -243,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
                  ("plan total, 1 GPU (GiB)", f"{result['plan_gib']['total']:.2f}"),
                  ("plan activations (GiB)", f"{result['plan_activations_gib']:.2f}")]
     title = (f"{result['device']}: FLUX width {result['hidden']}, {conf['num_layers']}+{conf['num_single_layers']} "
-             f"blocks, {args.resolution}^2, batch {B}, K={cfg.policy.num_components}, ckpt={ckpt}")
+             f"blocks, {args.resolution}^2, batch {B}, K={cfg.policy.num_components}, ckpt={ckpt}, {args.precision}")
     print(title)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

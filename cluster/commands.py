@@ -196,6 +196,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=1, help="images per prompt")
     p.add_argument("--out", required=True, help="PNG grid to write (latents beside it as .pt); video families "
                    "write an animated image: .gif, .webp or .png (APNG)")
+    p.add_argument("--device", default="auto", help="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N: "
+                   "where the student, its text encoders and the VAE run")
 
     def run(args: argparse.Namespace) -> int:
         import os
@@ -203,10 +205,14 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
         import torch
 
-        from models.pipeline import PiFlowPipeline
+        from models.pipeline import PiFlowPipeline, inference_device
 
         from data_pipeline import storage
 
+        try:
+            device = inference_device(args.device)
+        except ValueError as e:
+            raise SystemExit(f"piflow sample: {e}") from None
         need_input(args.source, "DIR_OR_RUN")
         with tempfile.TemporaryDirectory(prefix="piflow-sample-") as tmp:
             source = args.source
@@ -218,7 +224,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
             elif storage.is_s3(source):  # an export on object storage: copied here to load
                 storage.download_dir(source, tmp)
                 source = tmp
-            pipe = PiFlowPipeline.from_pretrained(source)
+            pipe = PiFlowPipeline.from_pretrained(source).to(device)
         batch = max(len(args.prompt), 1) * args.num
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(batch)]
         latents = pipe(prompt=args.prompt or None, num_inference_steps=args.nfe or None, generator=generators,
@@ -226,10 +232,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         from trainer.rollouts import animation, preview_png
 
         images = None
-        if pipe.vae() is not None:
-            images = pipe.family.decode(pipe.vae(), latents, cfg=pipe.student.cfg).clamp(-1, 1)
+        if pipe.vae() is not None:  # decoded on the device too
+            images = pipe.family.decode(pipe.vae(), latents, cfg=pipe.student.cfg).clamp(-1, 1).cpu()
         elif not pipe.family.uses_vae:  # the latents are the images (digits)
-            images = pipe.family.decode(None, latents, cfg=pipe.student.cfg)
+            images = pipe.family.decode(None, latents, cfg=pipe.student.cfg).cpu()
+        latents = latents.cpu()
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if images is not None and images.dim() == 5:  # decoded clips (B, 3, F, H, W)
             ext = os.path.splitext(args.out)[1].lower()
@@ -242,7 +249,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         with open(args.out, "wb") as f:
             f.write(data)
         torch.save(latents, os.path.splitext(args.out)[0] + ".pt")
-        print(f"wrote {args.out} ({batch} samples, {args.nfe or pipe.student.cfg.distill.nfe} NFE)")
+        print(f"wrote {args.out} ({batch} samples, {args.nfe or pipe.student.cfg.distill.nfe} NFE, on {device})")
         return 0
 
     p.set_defaults(func=run)

@@ -6,9 +6,11 @@ state is matched to the teacher's velocity. Gradients reach the network only thr
 the prediction: query states and teacher outputs are detached. Nothing here calls backward.
 
 Two forms of the same segment:
-- `plan_queries` + `segment_loss` (r = 0 only): all query states come from one detached rollout, so a trainer can
-  send every teacher query of a segment in one batch and overlap it with other work (DESIGN.md §4);
-- `piid_segment`: the sequential reference of §3.3, also for r > 0 (teacher Euler steps between queries).
+- `plan_queries` + `segment_loss` (r = 0 only): all query states come from one detached rollout, so every
+  teacher query of a segment goes to the teacher as ONE call of n_int x B rows (`ask_teacher`; the teacher
+  bounds its own forward batch, `teacher.micro_batch`) and can overlap other work (DESIGN.md §4);
+- `piid_segment`: the sequential reference of §3.3, also for r > 0, where the queries are sequential by nature:
+  query i + 1 starts from the teacher's Euler step at query i, so a segment makes n_int teacher calls.
 Both draw their random numbers in the same order, so with the same generator they give the same loss.
 
 Two trainers share them: `data_free_iteration` (§3.4: every segment of a trajectory started from noise) and
@@ -17,6 +19,7 @@ Two trainers share them: `data_free_iteration` (§3.4: every segment of a trajec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -196,6 +199,26 @@ def segment_loss(policy, queries: PiIDQueries, u_teacher: torch.Tensor, params: 
     return _loss(u_pred, u_teacher.detach().to(u_pred.dtype), params, 0.0)
 
 
+def repeat_cond(cond: Any, n: int) -> Any:
+    """cond with its batch rows repeated n times (row i*B + b is row b), matching x_a.reshape(n*B, ...)."""
+    if cond is None or n == 1:
+        return cond
+    if isinstance(cond, dict):
+        return {k: repeat_cond(v, n) for k, v in cond.items()}
+    if isinstance(cond, torch.Tensor):
+        return cond.repeat(n, *([1] * (cond.dim() - 1)))
+    raise TypeError(f"conditioning values must be tensors or dicts of tensors, got {type(cond).__name__}")
+
+
+def ask_teacher(teacher, queries: PiIDQueries, cond) -> torch.Tensor:
+    """Every query of a planned segment in ONE teacher call: x (n_int*B, C, H, W), sigma (n_int*B,), cond rows
+    repeated n_int times. Returns u_teacher (n_int, B, C, H, W) in the queries' dtype."""
+    n, B = queries.x_a.shape[:2]
+    x = queries.x_a.reshape(n * B, *queries.x_a.shape[2:])
+    u = _call_teacher(teacher, x, queries.sigma_a.reshape(-1), repeat_cond(cond, n))
+    return u.view(queries.x_a.shape)
+
+
 def _call_teacher(teacher, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
     with torch.no_grad():
         u = teacher(x, sigma.to(x.dtype), cond)
@@ -258,9 +281,7 @@ def data_free_iteration(make_policy, teacher, noise, cond, params: PiIDParams, t
         policy = make_policy(x, warp(tau, params.shift).to(x.dtype))
         if teacher_ratio == 0:
             queries = plan_queries(policy, x, tau, segment, params, 0.0, generator, rollout_to_segment_end=not last)
-            u_teacher = torch.stack([_call_teacher(teacher, queries.x_a[i], queries.sigma_a[i], cond)
-                                     for i in range(params.num_intermediate)])
-            loss, metrics = segment_loss(policy, queries, u_teacher, params)
+            loss, metrics = segment_loss(policy, queries, ask_teacher(teacher, queries, cond), params)
             x_next = queries.x_end
         else:
             loss, metrics, x_last, tau_last, policy_d = _piid_sequential(
@@ -309,9 +330,7 @@ def data_iteration(make_policy, teacher, noise: torch.Tensor, data: DataSegments
     policy = make_policy(x_src, sigma_src.to(x_src.dtype))
     if teacher_ratio == 0:
         queries = plan_queries(policy, x_src, tau_src, segment, params, 0.0, generator)
-        u_teacher = torch.stack([_call_teacher(teacher, queries.x_a[i], queries.sigma_a[i], cond)
-                                 for i in range(params.num_intermediate)])
-        loss, metrics = segment_loss(policy, queries, u_teacher, params)
+        loss, metrics = segment_loss(policy, queries, ask_teacher(teacher, queries, cond), params)
     else:
         loss, metrics, *_ = _piid_sequential(policy, x_src, tau_src, segment, teacher, cond, params,
                                              teacher_ratio, generator)

@@ -39,6 +39,28 @@ def config_namespace(data: Any) -> Any:
     return data
 
 
+def inference_device(spec: str = "auto", cuda_count: Optional[int] = None) -> torch.device:
+    """The device of `piflow sample --device` and the evaluation actors: "auto" = the first GPU when there is one,
+    else the CPU; "cpu"; "cuda" or "cuda:N" (an error naming the option when this machine has no such GPU).
+    `cuda_count`: the visible GPUs (default: torch's count)."""
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda", 0) if count > 0 else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = spec.partition(":")[2]
+        if index and not index.isdigit():
+            raise ValueError(f"--device {spec}: expected cuda:N with N a GPU index")
+        n = int(index or 0)
+        if n >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} visible CUDA GPU(s); use --device cpu or "
+                             "auto")
+        return torch.device("cuda", n)
+    raise ValueError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+
+
 def base_model_reference(piflow: dict) -> str:
     model = piflow["model"]
     return model["pretrained"] or f"tiny:{model['family']}:seed={piflow['run']['seed']}"
@@ -142,6 +164,7 @@ class PiFlowPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(student=student)
         self._encoder = None
+        self._encoder_device = None
         self._vae = None
 
     @classmethod
@@ -177,16 +200,20 @@ class PiFlowPipeline(DiffusionPipeline):
         cfg = self.student.cfg
         if cfg.model.family == "toy2d":
             return None
-        if self._encoder is None:
-            from models.text_encoders import load_text_encoder
+        from models.text_encoders import encoder_to, load_text_encoder
 
-            self._encoder = load_text_encoder(cfg)
+        if self._encoder is None:
+            self._encoder, self._encoder_device = load_text_encoder(cfg), torch.device("cpu")
+        if self._encoder_device != self.device:  # the encoders run where the student runs (its GPU)
+            self._encoder, self._encoder_device = encoder_to(self._encoder, self.device), self.device
         return {k: v.to(self.device) for k, v in self._encoder(prompts).items()}
 
     def vae(self):
         """The base model's VAE (`model.pretrained`/vae), or None when the base has none (tiny models)."""
         if self._vae is None:
             self._vae = load_vae(self.student.cfg, self.device)
+        elif self._vae.device != self.device:
+            self._vae.to(self.device)
         return self._vae
 
     def prepare_latents(self, batch_size: int, generator: Optional[Union[torch.Generator, list]] = None,

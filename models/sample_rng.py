@@ -30,6 +30,13 @@ class SampleRNG:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def __getitem__(self, rows: slice) -> "SampleRNG":
+        """The streams of a micro-batch's rows: the same generator objects, so each sample keeps drawing from its
+        own stream whichever micro-batch it runs in (a split step draws what the unsplit step draws)."""
+        part = SampleRNG.__new__(SampleRNG)
+        part.indices, part.generators = self.indices[rows], self.generators[rows]
+        return part
+
     def rand(self, *shape: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """(B, *shape) uniform [0, 1): row b from sample b's stream."""
         if not self.generators:

@@ -122,6 +122,15 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def encoder_to(encoder, device) -> object:
+    """A prompt encoder (`load_text_encoder`'s object) with its networks moved to `device` (a GPU where there is
+    one: T5-XXL / Qwen2.5-VL encode there, not on the CPU); its outputs still come back on the CPU."""
+    for value in vars(encoder).values() if hasattr(encoder, "__dict__") else ():
+        if isinstance(value, nn.Module):
+            value.to(device)
+    return encoder
+
+
 class FluxTextEncoder:
     def __init__(self, text_encoder, tokenizer, text_encoder_2, tokenizer_2, max_sequence_length: int):
         self.clip, self.clip_tok = text_encoder, tokenizer

@@ -52,6 +52,10 @@ class ModelConfig:
     latent_channels: int = 16
     latent_size: int = 128  # H = W of the un-packed latent the policy works on
     gradient_checkpointing: bool = False
+    # issue 23: the attention kernel of the diffusers transformers (student and teacher): "auto" (torch SDPA's own
+    # choice, cuDNN off on CUDA until measured) or a diffusers 0.42.1 dispatcher backend ("native",
+    # "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", ...; docs/performance-gpu.md)
+    attention_backend: str = "auto"
     # large families (models/families/{flux,qwen_image,dit}.py)
     subfolder: str = "transformer"  # of model.pretrained holding the teacher transformer
     text_encoder: str = ""  # diffusers-format dir or hub id with the text encoders/tokenizers; "" = model.pretrained
@@ -148,6 +152,9 @@ class TrainConfig:
     micro_batch_size: int = 0  # per rank; 0 = batch_size / world size (no accumulation)
     precision: Literal["fp32", "bf16"] = "fp32"
     engine: Literal["torch", "deepspeed"] = "torch"  # torch: single process, no ZeRO (toy runs)
+    # issue 23: torch.compile each repeated transformer block of student and teacher ("inductor": generated kernels;
+    # "aot_eager": the same graph capture with eager kernels, to check a model compiles; no speed-up)
+    compile: Literal["none", "inductor", "aot_eager"] = "none"
     log_every: int = 10
     ckpt_every: int = 500
     ckpt_keep_last: int = 2
@@ -168,6 +175,9 @@ class TeacherConfig:
     cpus_per_replica: float = 1.0
     overlap: bool = True  # separate placement: next segment's student forward while the teacher computes
     max_batch: int = 256  # samples per teacher forward (requests from all ranks are concatenated up to this)
+    # issue 23: queries per teacher network forward, in both placements (memory bound; CFG's two branches
+    # run inside each forward); 0 = every query of a call in one forward (pi-ID: n_int x B per segment)
+    micro_batch: int = 0
     batch_wait_ms: float = 2.0  # how long a request waits for others to join its batch
     # issue 7: a custom Ray resource each replica takes one unit of ("" = none), and how often Ray restarts
     # a dead replica (clients retry their in-flight requests on the restarted one)
@@ -432,6 +442,7 @@ RANGES: dict[str, str] = {
     "train.ckpt_keep_every": "[0, 1e9]", "train.upload_queue": "[1, 64]",
     "teacher.replicas": "[1, 1e4]", "teacher.gpus_per_replica": "[0, 64]", "teacher.cpus_per_replica": "[0, 1024]",
     "teacher.max_batch": "[1, 1e6]", "teacher.batch_wait_ms": "[0, 5000]", "teacher.max_restarts": "[0, 1000]",
+    "teacher.micro_batch": "[0, 1e6]",
     "teacher.timeout_s": "[0, 86400]",
     "data.workers": "[1, 1024]", "data.prefetch": "[1, 1024]", "data.max_prompt_chars": "[0, 1e7]",
     "data.read_attempts": "[1, 100]", "data.read_backoff_s": "[0, 60]", "data.encode_batch_size": "[1, 1e5]",
@@ -529,6 +540,11 @@ def validate(cfg: Config, source: str) -> None:
         need(cfg.model.family == "digits" or bool(cfg.eval.full_features), "eval.full_features",
              f"eval.full_every on the {cfg.model.family} family needs a feature network (CLIP for text-to-image, "
              "an image classifier for dit): a hub id or directory")
+    if cfg.model.attention_backend != "auto":  # "auto" never imports diffusers (the toy family does not need it)
+        from models.families.base import attention_backends
+
+        need(cfg.model.attention_backend in attention_backends(), "model.attention_backend",
+             f"unknown backend {cfg.model.attention_backend!r} (one of {', '.join(attention_backends())})")
     if cfg.teacher.placement == "shared":
         need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
     world = cfg.cluster.student.workers

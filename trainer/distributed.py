@@ -75,9 +75,7 @@ def global_noise(shape_per_sample: tuple[int, ...], global_batch: int, seed: int
 
 def device_for(info: RankInfo) -> torch.device:
     if torch.cuda.is_available():
-        # Found on the first H200 step (torch 2.11): SDPA picked cuDNN attention, whose backward failed at FLUX
-        # width (bf16, head dim 128). Flash / memory-efficient attention ran the same step (README, GPU section).
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        # the attention kernel follows `model.attention_backend` (models/families/base.py: set_attention_backend)
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
 

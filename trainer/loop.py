@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.piid import DataSegments, PiIDParams, data_free_iteration, data_iteration, teacher_ratio
+from models.sample_rng import SampleRNG
 from trainer.config import Config
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,60 @@ def _data_segments(cfg: Config, extra: list) -> Optional[DataSegments]:
     return data
 
 
+def micro_batches(batch: int, micro: int) -> list[slice]:
+    """Row slices of a local batch of `batch` samples in micro-batches of at most `micro` (0 = one slice)."""
+    micro = micro or batch
+    return [slice(i, min(i + micro, batch)) for i in range(0, batch, micro)]
+
+
+def slice_rows(cond: Any, rows: slice) -> Any:
+    """Rows of a conditioning dict (tensors with the batch first), or None."""
+    if cond is None:
+        return None
+    return {k: slice_rows(v, rows) if isinstance(v, dict) else v[rows] for k, v in cond.items()}
+
+
+def _slice_data(data: Optional[DataSegments], rows: slice) -> Optional[DataSegments]:
+    return None if data is None else DataSegments(data.x0[rows], data.tau_src[rows], data.segment[rows])
+
+
+def _slice_rng(gen: Any, rows: slice, batch: int) -> Any:
+    """A micro-batch's random streams: per-sample streams (SampleRNG) are cut by rows, so a sample draws the
+    same numbers in any micro-batch; one plain generator is shared (then the draws follow the split)."""
+    if isinstance(gen, SampleRNG) and (rows.start, rows.stop) != (0, batch):
+        return gen[rows]
+    return gen
+
+
+class CountedTeacher:
+    """The loop's teacher: counts calls (a remote teacher's `submit` included) and forwards everything else."""
+
+    def __init__(self, teacher: Any):
+        self.teacher, self.calls = teacher, 0
+        if hasattr(teacher, "submit"):
+            self.submit = self._submit
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.teacher(x, sigma, cond)
+
+    def _submit(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> Any:
+        self.calls += 1
+        return self.teacher.submit(x, sigma, cond)
+
+
+def _iteration(cfg: Config, iteration, policy_of, teacher, timer: "_Timer", noise, cond, data, params, r, gen):
+    """One micro-batch's pi-ID generator: data-based, the sequential data-free one, or `iteration`."""
+    if data is not None:  # one segment per sample from a noised data latent
+        return data_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, data, cond, params,
+                              teacher_ratio=r, generator=gen)
+    if iteration is None:
+        return data_free_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, cond, params,
+                                   teacher_ratio=r, generator=gen)
+    # it gets the raw teacher (to submit requests) and adds its own "teacher_wait" seconds
+    return iteration(policy_of, teacher, noise, cond, params, teacher_ratio=r, generator=gen, seconds=timer.seconds)
+
+
 def train_loop(
     cfg: Config,
     engine,
@@ -101,8 +156,12 @@ def train_loop(
     the optimiser step on every rank (the engine agrees) and the EMA update; it is counted
     (`nonfinite_skipped`) and warned about; `train.max_nonfinite_steps` consecutive skips stop the run.
     pi-ID's random draws come from `sample_rng(it)` when given (keyed by global sample index: the same
-    numbers with any world size), else from `generator`."""
+    numbers with any world size or micro-batch split), else from `generator`.
+
+    `train.micro_batch_size` m bounds the per-forward batch: the local batch runs as micro-batches of m samples
+    (each a whole pi-ID iteration, its backwards accumulating), one optimiser step per iteration."""
     params = piid_params(cfg)
+    counted = CountedTeacher(teacher)
     consecutive = 0
     stall: Optional[float] = None  # seconds the last checkpoint held training, logged with the next step
     iters = cfg.train.iters
@@ -118,33 +177,38 @@ def train_loop(
         noise, cond, *data = timer.wrap("data_wait", next)(batches)
         data = _data_segments(cfg, data)
         student_fwd = timer.wrap("student_fwd", make_policy)
-
-        def policy_of(x_src, sigma_src):
-            policy = student_fwd(x_src, sigma_src, cond)
-            stats.update(_policy_stats(policy))  # the last segment's stats are kept
-            return policy
-
         r = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
         gen = sample_rng(it) if sample_rng is not None else generator
-        if data is not None:  # one segment per sample from a noised data latent
-            segments = data_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, data, cond, params,
-                                      teacher_ratio=r, generator=gen)
-        elif iteration is None:
-            segments = data_free_iteration(policy_of, timer.wrap("teacher_wait", teacher), noise, cond, params,
-                                           teacher_ratio=r, generator=gen)
-        else:  # it gets the raw teacher (to submit requests) and adds its own "teacher_wait" seconds
-            segments = iteration(policy_of, teacher, noise, cond, params, teacher_ratio=r, generator=gen,
-                                 seconds=timer.seconds)
         record: dict[str, Any] = {"teacher_ratio": r}
         total_loss, nonfinite = 0.0, []
-        for weighted_loss, m in segments:
-            timer.wrap("backward", engine.backward)(weighted_loss)  # always: ZeRO-3 backwards are collective
-            k = int(m["step"])
-            record[f"loss/seg{k}"] = float(m["loss"])
-            record[f"mse/seg{k}"] = float(m["mse"])
-            total_loss += float(weighted_loss.detach())
-            if not math.isfinite(float(m["u_teacher_rms"])) and "teacher" not in nonfinite:
-                nonfinite.append("teacher")
+        forwards0 = getattr(teacher, "forwards", None)
+        counted.calls = 0
+        B = noise.shape[0]
+        for rows in micro_batches(B, cfg.train.micro_batch_size):
+            # each micro-batch's losses are means over its rows: weighted by its share of the local batch they
+            # sum to the unsplit step's loss, and so do the gradients its backwards accumulate
+            share = (rows.stop - rows.start) / B
+            mcond = slice_rows(cond, rows)
+
+            def policy_of(x_src, sigma_src, mcond=mcond):
+                policy = student_fwd(x_src, sigma_src, mcond)
+                stats.update(_policy_stats(policy))  # the last segment's stats are kept
+                return policy
+
+            segments = _iteration(cfg, iteration, policy_of, counted, timer, noise[rows], mcond,
+                                  _slice_data(data, rows), params, r, _slice_rng(gen, rows, B))
+            for weighted_loss, m in segments:
+                # always: ZeRO-3 backwards are collective
+                timer.wrap("backward", engine.backward)(weighted_loss * share)
+                k = int(m["step"])
+                for name in ("loss", "mse"):
+                    record[f"{name}/seg{k}"] = record.get(f"{name}/seg{k}", 0.0) + share * float(m[name])
+                total_loss += share * float(weighted_loss.detach())
+                if not math.isfinite(float(m["u_teacher_rms"])) and "teacher" not in nonfinite:
+                    nonfinite.append("teacher")
+        record["teacher/calls"] = counted.calls  # r = 0: one per segment and micro-batch (all n_int queries)
+        if forwards0 is not None:
+            record["teacher/forwards"] = teacher.forwards - forwards0  # network forwards of a local teacher
         if not math.isfinite(total_loss):
             nonfinite.append("loss")
         out = timer.wrap("optimizer", engine.step)(nonfinite)

@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from models.piid import PiIDParams, data_free_iteration, plan_queries, segment_bounds, segment_loss
+from models.piid import (PiIDParams, data_free_iteration, plan_queries, repeat_cond, segment_bounds,
+                         segment_loss)
 from models.timesteps import step_grid, warp
 
 
@@ -35,17 +36,6 @@ class Done:
 
     def result(self) -> torch.Tensor:
         return self.value
-
-
-def repeat_cond(cond: Any, n: int) -> Any:
-    """cond with its batch rows repeated n times (row i*B + b is row b), matching x_a.reshape(n*B, ...)."""
-    if cond is None or n == 1:
-        return cond
-    if isinstance(cond, dict):
-        return {k: repeat_cond(v, n) for k, v in cond.items()}
-    if isinstance(cond, torch.Tensor):
-        return cond.repeat(n, *([1] * (cond.dim() - 1)))
-    raise TypeError(f"conditioning values must be tensors or dicts of tensors, got {type(cond).__name__}")
 
 
 def submit_to(teacher: Any) -> Callable[[torch.Tensor, torch.Tensor, Any], Any]:

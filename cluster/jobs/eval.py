@@ -16,13 +16,21 @@ from typing import Any, Optional
 
 
 class EvalActor:
-    def __init__(self, export_dir: str, cache_dir: str):
+    """One generator: the student, its teacher and their text encoders on `device` ("auto": this actor's GPU when
+    Ray gave it one, i.e. CUDA_VISIBLE_DEVICES names it, else the CPU)."""
+
+    def __init__(self, export_dir: str, cache_dir: str, device: str = "auto"):
         import torch
 
+        from models.pipeline import inference_device
         from trainer.evaluation.generate import Generator
 
         torch.set_num_threads(1)
-        self.gen = Generator(export_dir, cache_dir)
+        self.device = inference_device(device)
+        self.gen = Generator(export_dir, cache_dir, device=self.device)
+
+    def where(self) -> str:
+        return str(self.device)
 
     def run(self, kind: str, steps: int, prompts: list[str], seeds: list[int]) -> tuple[Any, int]:
         if kind == "student":
@@ -143,7 +151,8 @@ def _generate_on_actors(export_dir: str, cache: str, methods: list, rows_p: list
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = max(1, gpus or workers or 1)
     actor_cls = ray.remote(num_cpus=1 if not gpus else 0, num_gpus=1 if gpus else 0)(EvalActor)
-    actors = [actor_cls.remote(export_dir, cache) for _ in range(n)]
+    # an actor given a GPU generates on it (Ray sets its CUDA_VISIBLE_DEVICES); CPU actors stay on the CPU
+    actors = [actor_cls.remote(export_dir, cache, "cuda" if gpus else "cpu") for _ in range(n)]
     chunks = [list(range(i, len(rows_p), n)) for i in range(n)]
     latents, generated = {}, {}
     for label, kind, steps in methods:

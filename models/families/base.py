@@ -214,8 +214,9 @@ class TransformerFamily(Family):
         return (H // 2) * (W // 2) + cfg.model.max_sequence_length
 
     def load_network(self, cfg: Config) -> nn.Module:
-        """The teacher transformer: from a diffusers-format dir or hub id (`transformer` subfolder), or tiny."""
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        """The teacher transformer: from a diffusers-format dir or hub id (`transformer` subfolder), or tiny; in
+        `weights_dtype(cfg)`."""
+        dtype = weights_dtype(cfg)
         if cfg.model.tiny:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.run.seed)
@@ -235,12 +236,15 @@ class TransformerFamily(Family):
         from models.teacher import Teacher
 
         network = network if network is not None else self.load_network(cfg)
+        prepare_network(network, cfg, training=False)
         return Teacher(self, cfg, network)
 
     def build_student(self, cfg: Config, teacher=None, network: nn.Module | None = None):
         from models.student import build_transformer_student
 
-        return build_transformer_student(self, cfg, teacher=teacher, network=network)
+        student = build_transformer_student(self, cfg, teacher=teacher, network=network)
+        prepare_network(student.transformer, cfg, training=True)  # the trunk; in shared placement the teacher's
+        return student
 
     def teacher_velocity(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
                          cond: Cond) -> torch.Tensor:
@@ -271,6 +275,16 @@ class TransformerFamily(Family):
         return sigma * cfg.model.num_timesteps
 
 
+def weights_dtype(cfg: Config) -> torch.dtype:
+    """The frozen networks' dtype: `model.dtype`, but bf16 in a `train.precision: bf16` run whatever model.dtype
+    says (issue 23: a bf16 run multiplies in bf16 everywhere; ZeRO-3 makes the student's trunk bf16 anyway, and a
+    separate teacher or an exported student's base must not fall back to float32)."""
+    train = getattr(cfg, "train", None)
+    if getattr(train, "precision", "fp32") == "bf16":
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+
+
 def network_device(network: nn.Module) -> torch.device:
     """Where the network's weights live: its inputs are made or moved there."""
     for p in network.parameters():
@@ -286,3 +300,75 @@ def network_dtype(network: nn.Module) -> torch.dtype:
 
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------- attention and compilation
+def attention_backends() -> list[str]:
+    """`model.attention_backend` choices: "auto" and the diffusers 0.42.1 attention dispatcher's backends."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    return ["auto"] + sorted(b.value for b in AttentionBackendName)
+
+
+def set_attention_backend(network: nn.Module, backend: str, training: bool = True) -> int:
+    """Route the network's attention through `backend` (diffusers' dispatcher); returns how many attention
+    modules took it.
+
+    "auto" keeps diffusers' default (torch SDPA, which picks its own kernel per call) and, in a process that
+    trains (`training`), keeps SDPA off the cuDNN kernel on CUDA: the one failure seen (torch 2.11, H200, cuDNN
+    attention BACKWARD at FLUX width) is not yet re-measured on the pinned torch; `benchmarks/gpu_full_depth.py` measures every backend at FLUX
+    shape, and a measured winner goes here as the CUDA default (docs/performance-gpu.md). Another name forces
+    that backend (e.g. "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3" when
+    flash-attn 3 is installed); a backend whose package is missing is a one-line error naming the key."""
+    if backend == "auto":
+        if training:
+            torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide; no effect on CPU
+        return 0
+    if not hasattr(network, "set_attention_backend"):
+        raise ValueError(f"model.attention_backend: {type(network).__name__} has no attention dispatcher; "
+                         "use auto")
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    try:
+        network.set_attention_backend(backend)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"model.attention_backend: {backend!r} cannot run here: {e}") from None
+    finally:  # diffusers also makes it the process-wide default: other networks here keep theirs
+        _AttentionBackendRegistry.set_active_backend(active)
+    taken = sum(getattr(getattr(m, "processor", None), "_attention_backend", None) is not None
+                for m in network.modules())
+    if taken == 0:
+        raise ValueError(f"model.attention_backend: {backend!r}, but {type(network).__name__}'s attention does not "
+                         "go through diffusers' dispatcher (it calls torch SDPA itself): use auto")
+    return taken
+
+
+def compile_blocks(network: nn.Module, **compile_kwargs) -> int:
+    """Regional compilation: `torch.compile` each repeated transformer block (diffusers' `_repeated_blocks`
+    classes, or every block of the network's block lists when a class names none), not the whole network:
+    one compiled graph per block kind, reused by every block of that kind (compile time of a few blocks, not
+    of 57). Returns how many blocks were compiled."""
+    names = set(getattr(network, "_repeated_blocks", None) or ())
+    blocks = [m for m in network.modules() if type(m).__name__ in names]
+    if not blocks:  # e.g. diffusers' DiT: the members of its block lists
+        blocks = [b for name, m in network.named_children() if isinstance(m, nn.ModuleList) and "block" in name
+                  for b in m]
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
+
+
+def prepare_network(network: nn.Module, cfg: Config, training: bool) -> None:
+    """The run's attention backend (`model.attention_backend`) and regional compilation (`train.compile`) for
+    a student trunk (`training`) or a frozen teacher."""
+    set_attention_backend(network, getattr(cfg.model, "attention_backend", "auto"), training)
+    backend = getattr(cfg.train, "compile", "none")
+    if backend == "none":
+        return
+    # Under ZeRO-3 every submodule carries DeepSpeed's gather/release hooks: dynamo breaks the graph at each
+    # (measured on CPU: same numbers, fragmented graphs). Elsewhere a block is one graph, and fullgraph makes
+    # any break an error instead of a silent slowdown.
+    fullgraph = not (training and getattr(cfg.train, "engine", "torch") == "deepspeed")
+    if compile_blocks(network, backend=backend, fullgraph=fullgraph) == 0:
+        raise ValueError(f"train.compile: {type(network).__name__} has no repeated blocks to compile")

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_device, network_dtype
+from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_device, network_dtype, weights_dtype
 from models.families.dit_fm import FlowDiTTransformer2DModel
 
 
@@ -141,7 +141,7 @@ class DiTFamily(TransformerFamily):
         return self.network_class(config)
 
     def _load_pretrained(self, cfg: Config) -> nn.Module:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        dtype = weights_dtype(cfg)
         return self.pretrained_class(cfg).from_pretrained(cfg.model.pretrained, subfolder=cfg.model.subfolder or None,
                                                           torch_dtype=dtype)
 

@@ -264,13 +264,16 @@ def test_data_free_iteration_weights_and_trajectory(r):
     # next start = detached policy rolled on from the segment's last query state (after its teacher step when
     # r > 0; recovered here from the recorded query and answer) to tau - S
     taus = [1.0, 5 / 7, 3 / 7, 1 / 7]
+    # r = 0: ONE teacher call per segment with all n_int x B queries (query i of sample b in row i*B + b);
+    # r > 0: one call per query (each starts from the teacher's Euler step at the previous one)
+    assert [c[0].shape[0] for c in teacher.calls] == ([2 * 3] * 4 if r == 0 else [3] * 8)
     for k in range(3):
         x_k, sigma_k = inputs[k]
         pol = GMPolicy(**leaves, x_src=x_k, sigma_src=sigma_k)
-        x_a, sigma_a, u_a, _ = teacher.calls[2 * k + 1]
         if r > 0:
             continue  # the teacher step's end tau_b is internal; the weights above are still checked
-        x_last, tau_last = x_a, unwarp(sigma_a, SHIFT)
+        x_a, sigma_a, u_a, _ = teacher.calls[k]
+        x_last, tau_last = x_a[3:], unwarp(sigma_a[3:], SHIFT)
         ref = rollout(pol, x_last, tau_last, taus[k + 1], SHIFT)
         assert (inputs[k + 1][0] - ref).abs().max() < 1e-12
 
@@ -316,8 +319,8 @@ def test_data_free_iteration_with_jitter_starts_each_segment_where_the_last_one_
         assert torch.allclose(sigma, warp(bounds[k], SHIFT), atol=1e-15)
     assert len(set(inputs[1].tolist())) == 3  # off the grid, per sample
     for k in range(4):  # every teacher query of segment k lies inside that sample's own segment
-        for _, sigma_a, _, _ in teacher.calls[2 * k: 2 * k + 2]:
-            tau_a = unwarp(sigma_a, SHIFT)
+        _, sigma_a, _, _ = teacher.calls[k]  # one call: n_int x B queries, row i*B + b
+        for tau_a in unwarp(sigma_a, SHIFT).view(2, 3):
             assert bool(((tau_a <= bounds[k] + 1e-12) & (tau_a >= bounds[k + 1] - 1e-12)).all())
     assert [m["segment"] for _, m in out] == pytest.approx([2 / 7, 2 / 7, 2 / 7, 1 / 7])  # nominal weights
 

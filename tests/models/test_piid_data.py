@@ -82,7 +82,8 @@ def test_data_iteration_gaussian_oracle_loss_zero_and_queries_inside_each_segmen
     ref = (1 - sigma_src.reshape(B, 1, 1, 1)) * x0 + sigma_src.reshape(B, 1, 1, 1) * noise
     assert torch.allclose(seen["x_src"], ref, atol=1e-14, rtol=0)
     lo = warp((tau_src - segment).clamp(min=0), SHIFT)
-    for _, sigma, _, _ in teacher.calls:  # every query of sample b lies in its own segment
+    assert len(teacher.calls) == 1  # r = 0: every query of the segment in one call, row i*B + b
+    for sigma in teacher.calls[0][1].view(3, B):  # every query of sample b lies in its own segment
         assert torch.all(sigma <= sigma_src + 1e-12) and torch.all(sigma >= lo - 1e-12)
     # the exact policy of other data (wider spread) gives a positive loss: the oracle test can fail
     other = GaussianData(s_d=0.9)

@@ -15,7 +15,7 @@ COND_SHAPES = {"prompt_embeds": [5, 32], "pooled_prompt_embeds": [32]}
 class FaultyTeacher:
     """Test double for a failing teacher replica: the real teacher, with one injected fault at one iteration.
 
-    `calls_per_iter` teacher calls make one iteration (sequential pi-ID: nfe x n_int). At iteration `at`
+    `calls_per_iter` teacher calls make one iteration (r = 0: one call per segment, nfe). At iteration `at`
     (0-based) on rank `rank`: kind "nan" returns NaN velocities for the first sample of each call; kind
     "kill" waits until the checkpoint `wait_for` (a MANIFEST.json path) exists, then SIGKILLs its own process."""
 
@@ -51,7 +51,9 @@ def rank_run(cfg_dict: dict, fault: dict | None = None) -> dict:
     if cfg.teacher.placement == "separate":
         teacher = get_family(cfg.model.family).build_teacher(cfg)
         if fault is not None and fault.get("rank", rank_info().rank) == rank_info().rank:
-            per_iter = cfg.distill.nfe * cfg.distill.num_intermediate
+            if cfg.distill.teacher_ratio_decay_iters:
+                raise ValueError("FaultyTeacher counts one call per segment: r = 0 runs only")
+            per_iter = cfg.distill.nfe  # all n_int queries of a segment in one call
             teacher = FaultyTeacher(teacher, per_iter, fault["at"], fault.get("kind", "nan"), fault.get("wait_for", ""))
     torch.manual_seed(0)
     return run_rank(cfg, teacher, cond_shapes=COND_SHAPES)

@@ -116,9 +116,10 @@ def test_data_based_training_run_on_latent_shards(tmp_path):
         s = sigma_src.reshape(4, 1, 1, 1)
         assert torch.allclose(x_src, (1 - s) * x0 + s * eps, atol=1e-6)
         lo = warp((tau - torch.tensor([l for _, l in segs], dtype=torch.float64)).clamp(min=0), 1.0)
-        for k, sig in queries:
+        for k, sig in queries:  # one call per iteration: n_int x 4 queries, row i*4 + b belongs to sample b
             if k == it:
-                assert torch.all(sig.double() <= warp(tau, 1.0) + 1e-6) and torch.all(sig.double() >= lo - 1e-6)
+                sig = sig.double().view(-1, 4)
+                assert torch.all(sig <= warp(tau, 1.0) + 1e-6) and torch.all(sig >= lo - 1e-6)
     after = fixed_loss()
     assert after < before, (before, after)
 

@@ -25,7 +25,7 @@ def teacher_euler(teacher, noise: torch.Tensor, cond, steps: int, shift: float) 
     """The teacher's own Euler sampler on the uniform raw-time grid warped by `shift` (PIFLOW.md §1.2)."""
     from models.timesteps import warp
 
-    sigmas = warp(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+    sigmas = warp(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float().to(noise.device)
     x = noise.clone()
     with torch.no_grad():
         for i in range(steps):
@@ -36,11 +36,12 @@ def teacher_euler(teacher, noise: torch.Tensor, cond, steps: int, shift: float) 
 class Generator:
     """Loads an exported student (PiFlowPipeline) and its teacher once; generates latents per (prompt, seed)."""
 
-    def __init__(self, export_dir: str, cache_dir: Optional[str] = None):
+    def __init__(self, export_dir: str, cache_dir: Optional[str] = None, device: torch.device | str = "cpu"):
         from models.families import get_family
         from models.pipeline import PiFlowPipeline
 
-        self.pipe = PiFlowPipeline.from_pretrained(export_dir)
+        self.device = torch.device(device)  # student, teacher, text encoders and VAE; latents return on the CPU
+        self.pipe = PiFlowPipeline.from_pretrained(export_dir).to(self.device)
         self.cfg = self.pipe.student.cfg
         self.family = get_family(self.cfg.model.family)
         self._teacher = None
@@ -54,7 +55,7 @@ class Generator:
 
     def student(self, prompts: list[str], seeds: list[int], nfe: int) -> torch.Tensor:
         return self.pipe(prompts, num_inference_steps=nfe, latents=self.noise(prompts, seeds), temperature=1.0,
-                         output_type="latent")
+                         output_type="latent").cpu()
 
     def teacher(self, prompts: list[str], seeds: list[int], steps: int) -> tuple[torch.Tensor, int]:
         """Teacher latents (cached ones loaded, the rest generated and cached); returns (latents, generated)."""
@@ -63,10 +64,10 @@ class Generator:
         todo = [i for i, x in enumerate(out) if x is None]
         if todo:
             if self._teacher is None:
-                self._teacher = self.family.build_teacher(self.cfg)
+                self._teacher = self.family.build_teacher(self.cfg).to(self.device)
             ps, ss = [prompts[i] for i in todo], [seeds[i] for i in todo]
-            x = teacher_euler(self._teacher, self.noise(ps, ss), self.pipe.encode_prompt(ps), steps,
-                              self.cfg.distill.shift)
+            x = teacher_euler(self._teacher, self.noise(ps, ss).to(self.device), self.pipe.encode_prompt(ps), steps,
+                              self.cfg.distill.shift).cpu()
             for i, xi in zip(todo, x):
                 out[i] = xi
                 self._save(keys[i], xi)
@@ -94,4 +95,4 @@ class Generator:
         vae = self.pipe.vae()
         if vae is None:
             raise ValueError("this export's base model has no VAE: images cannot be decoded for evaluation")
-        return ((self.family.decode(vae, latents).clamp(-1, 1) + 1) / 2)
+        return ((self.family.decode(vae, latents.to(self.device)).clamp(-1, 1) + 1) / 2).cpu()
