@@ -146,10 +146,19 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
     elif "data-free" not in exports:
         print(f"note: no data-free student exported under {out} (`make demo` trains it): its rows are left out")
 
+    import torch
+
     from trainer.digits_eval import evaluate_demo
 
-    report = phases.run("evaluation", evaluate_demo, cfg, exports.get("data-free"), out, samples_per_digit,
-                        data_export_dir=exports.get("data-based"))
+    # One intra-op thread: with torch's default (2 on 2 cores) the evaluation spent 4.6x the CPU seconds and
+    # 4.6-5x the wall time of one thread on the loaded 2-core machine (578 s vs 110-125 s, docs/demo.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = phases.run("evaluation", evaluate_demo, cfg, exports.get("data-free"), out, samples_per_digit,
+                            data_export_dir=exports.get("data-based"))
+    finally:
+        torch.set_num_threads(threads)
     report["phases_s"] = phases.seconds
     report["total_s"] = phases.total
     (out / "demo_results.json").write_text(json.dumps(report, indent=1))

@@ -47,7 +47,10 @@ def doubles(monkeypatch):
         _exported(Path(export_dir))
 
     def fake_evaluate(cfg, export_dir, out, samples_per_digit, data_export_dir=None):
+        import torch
+
         seen["evaluated"] = (export_dir, data_export_dir)
+        seen["eval_threads"] = torch.get_num_threads()
         return {"rows": [], "bars": {"ok": True}, "table": "| table |", "outputs": {}}
 
     monkeypatch.setattr(cluster.launch, "launch_training", fake_launch)
@@ -58,11 +61,20 @@ def doubles(monkeypatch):
 
 
 def test_make_demo_trains_only_the_data_free_student(tmp_path, doubles):
+    import torch
+
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     _exported(out / "export_data")  # a data-based student from an older run: not trained, not shown
     overrides = [f"run.output={out / 'run'}", f"data.shards={tmp_path / 'shards'}",
                  f"model.pretrained={ROOT / 'assets' / 'teachers' / 'digits'}"]
-    assert main(["demo", *overrides]) == 0
+    try:
+        assert main(["demo", *overrides]) == 0
+        # the evaluation runs on one intra-op thread (2 spun on a loaded 2-core machine), then the setting is back
+        assert doubles["eval_threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert doubles["trained"] == [("data-free", str(out / "run"))]
     assert doubles["evaluated"] == (out / "export", None)
     assert any(p.suffix == ".tar" for p in (tmp_path / "shards").iterdir())  # the real prompt shards phase ran
