@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo toy2d-bench toy2d-dx-bench digits-nfe-bench teacher clean
+.PHONY: install test test-fast demo demo-data toy2d-bench toy2d-dx-bench digits-nfe-bench teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not distributed and not ray" $(PYTEST_ARGS)
 
+# `make demo`: the data-free student (<= 10 min on a quiet 2-core machine, docs/demo.md); `make demo-data` then
+# trains the data-based student too and shows both beside the teacher.
 demo: $(STAMP)
 	$(BIN)/piflow demo
+
+demo-data: $(STAMP)
+	$(BIN)/piflow demo --students data-based
 
 toy2d-bench: $(STAMP)
 	$(BIN)/python benchmarks/toy2d.py

@@ -47,9 +47,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded default end to end: digits teacher -> 4-step GM student through "
                                     "Ray, ZeRO-3, a TeacherServer and DataWorkers; a table and PNG grids")
     p.add_argument("--config", default=None, help="default: configs/digits_demo.yaml of this checkout")
-    p.add_argument("--students", default="data-free,data-based",
-                   help="students to train now (comma-separated: data-free, data-based); the others are "
-                        "reused from an earlier demo run's exports")
+    p.add_argument("--students", default="data-free",
+                   help="students to train now (comma-separated: data-free, data-based); `make demo-data` "
+                        "trains the data-based one and shows it beside the data-free student of an earlier "
+                        "`make demo`")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
 
     def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ format, loaded back through `PiFlowPipeline`, and scored beside the teacher.
 
 A second student, data-based (PIFLOW.md §3.1, same budget), trains on latent shards made from the real 8x8
 digits (train split) by the `piflow shards latents` job (Ray actor pool; the digits family has no VAE, the
-latents are the images); the table shows both students side by side.
+latents are the images): `piflow demo --students data-based` (`make demo-data`), after `make demo`, trains it and
+shows both students side by side. `make demo` alone trains the data-free one, so that it stays within 10 minutes
+on a quiet 2-core machine (issue 24, docs/demo.md).
 """
 from __future__ import annotations
 
@@ -85,10 +87,19 @@ def data_based_config(cfg: Config, out: Path) -> Config:
         data=dataclasses.replace(cfg.data, shards=str(out / "latents")))
 
 
+def exports_to_evaluate(out: Path, students: tuple[str, ...]) -> dict[str, Path]:
+    """The exported students the table shows: those trained now, and the data-free one (the demo's main student)
+    when an earlier `make demo` exported it under `out`. A data-based export is shown only when trained in this
+    run, so `make demo` never reports a data-based student left behind by an older run."""
+    dirs = {"data-free": out / "export", "data-based": out / "export_data"}
+    return {who: d for who, d in dirs.items()
+            if (who in students or who == "data-free") and (d / "model_index.json").exists()}
+
+
 def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] = (), samples_per_digit: int = 100,
-             students: tuple[str, ...] = ("data-free", "data-based")) -> dict:
-    """`students`: which students to train now; a student not trained now must have been exported by an earlier
-    demo run in the same place (`piflow demo --students data-based` retrains only the data-based one)."""
+             students: tuple[str, ...] = ("data-free",)) -> dict:
+    """`students`: which students to train now (`make demo`: data-free; `make demo-data`: data-based, shown
+    beside the data-free student an earlier `make demo` exported in the same place)."""
     # A demo starts fresh (`run.force`); a later override can turn that off to resume.
     cfg = load_config(config or DEFAULT_CONFIG, ["run.force=true", *overrides])
     from data_pipeline import storage
@@ -127,18 +138,27 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
         if storage.is_s3(data_cfg.run.output):
             phases.run("export upload", storage.upload_dir, str(data_export_dir),
                        storage.join(data_cfg.run.output, "export"))
-    exports = {k: d for k, d in (("data-free", export_dir), ("data-based", data_export_dir))
-               if (d / "model_index.json").exists()}
+    exports = exports_to_evaluate(out, students)
     if not exports:
         raise FileNotFoundError(f"{out}: no exported student (run `piflow demo` once)")
-    missing = sorted({"data-free", "data-based"} - set(exports))
-    if missing:
-        print(f"note: no {' / '.join(missing)} student exported under {out}: its rows are left out")
+    if "data-free" not in students and "data-free" in exports:
+        print(f"the data-free student: reused from {exports['data-free']} (exported by an earlier `make demo`)")
+    elif "data-free" not in exports:
+        print(f"note: no data-free student exported under {out} (`make demo` trains it): its rows are left out")
+
+    import torch
 
     from trainer.digits_eval import evaluate_demo
 
-    report = phases.run("evaluation", evaluate_demo, cfg, exports.get("data-free"), out, samples_per_digit,
-                        data_export_dir=exports.get("data-based"))
+    # One intra-op thread: with torch's default (2 on 2 cores) the evaluation spent 4.6x the CPU seconds and
+    # 4.6-5x the wall time of one thread on the loaded 2-core machine (578 s vs 110-125 s, docs/demo.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = phases.run("evaluation", evaluate_demo, cfg, exports.get("data-free"), out, samples_per_digit,
+                            data_export_dir=exports.get("data-based"))
+    finally:
+        torch.set_num_threads(threads)
     report["phases_s"] = phases.seconds
     report["total_s"] = phases.total
     (out / "demo_results.json").write_text(json.dumps(report, indent=1))

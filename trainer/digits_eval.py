@@ -87,20 +87,18 @@ DEMO_METHODS = (("teacher", 32), ("teacher", 4), ("data-free", 4), ("data-free",
                 ("data-based", 1))
 
 
-def _grid_png(rows: list[torch.Tensor], path, scale: int = 6, gap: int = 1) -> None:
-    """rows: list of (N, 1, 8, 8) image sets in [-1, 1], one grid row each; tiles upscaled nearest and separated
-    by `gap` grey pixels (before upscaling)."""
-    from PIL import Image
+REAL_ROW = "real (held-out)"
 
-    n = max(len(r) for r in rows)
-    canvas = torch.zeros(len(rows) * (8 + gap) + gap, n * (8 + gap) + gap)  # grey 0 in [-1, 1]
-    for i, r in enumerate(rows):
-        for j, img in enumerate(r.clamp(-1, 1)[:, 0]):
-            y, x = gap + i * (8 + gap), gap + j * (8 + gap)
-            canvas[y:y + 8, x:x + 8] = img
-    arr = ((canvas + 1) * 127.5).round().to(torch.uint8).numpy()
-    img = Image.fromarray(arr, mode="L").resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    img.save(path)
+
+def demo_grid(rows: dict[str, torch.Tensor], path, tile: int = 40) -> list[str]:
+    """One grid PNG, one row per entry of `rows` (name -> (N, 1, 8, 8) images in [-1, 1]), each row labelled
+    with its name by the evaluation job's `grid_png` (trainer/evaluation/report.py). Returns the labels in order."""
+    from pathlib import Path
+
+    from trainer.evaluation.report import grid_png
+
+    grid_png({name: (x.float().clamp(-1, 1) + 1) / 2 for name, x in rows.items()}, Path(path), tile=tile)
+    return list(rows)
 
 
 def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: int = 1234,
@@ -169,11 +167,13 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
     real = load_digits_split("test")
     for c in range(10):
         sel = labels == c
-        grid_rows = [real.images[real.labels == c][:12]] + [images[name][sel][:12] for name in images]
-        _grid_png(grid_rows, out_dir / "grids" / f"{DIGIT_WORDS[c]}.png")
-    table = "\n".join(lines) + (f"\n\nrows of each grid in {outputs['grids']}: real held-out digits, " +
-                                 ", ".join(images) +
+        grid_labels = demo_grid({REAL_ROW: real.images[real.labels == c][:12],
+                                 **{name: images[name][sel][:12] for name in images}},
+                                out_dir / "grids" / f"{DIGIT_WORDS[c]}.png")
+    table = "\n".join(lines) + (f"\n\nrows of each grid in {outputs['grids']} (labelled): " +
+                                 ", ".join(grid_labels) +
                                 f"; classifier held-out accuracy {100 * clf_acc:.1f}%; "
                                 f"{samples_per_digit} samples per digit, same noise for every method")
     (out_dir / "demo_table.md").write_text(table + "\n")
-    return {"rows": rows, "bars": bars, "table": table, "classifier_accuracy": clf_acc, "outputs": outputs}
+    return {"rows": rows, "bars": bars, "table": table, "classifier_accuracy": clf_acc, "outputs": outputs,
+            "grid_labels": grid_labels}
