@@ -196,17 +196,32 @@ def micro_batch_and_accumulation(cfg: Config, world_size: int) -> tuple[int, int
     return micro, global_batch // (micro * world_size)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+DEFAULT_PREFETCH_NUMEL = 50_000_000  # DeepSpeed's own default, used when the model is not planned
+
+
+def deepspeed_config(cfg: Config, world_size: int, prefetch_numel: int = DEFAULT_PREFETCH_NUMEL) -> dict[str, Any]:
     """The DeepSpeed config, generated from ours (no separate DeepSpeed JSON to keep in sync).
 
     - `managed_gradient_accumulation: false`: every `step()` is the accumulation boundary, so the loop may call
       `backward` any number of times per step (one per data-free segment, per micro-batch).
     - `gradient_clipping` is set so that ZeRO computes the clip, but the engine switches it on only from
       `optim.grad_clip_start` (DeepSpeed's own clipping is static; see `DeepSpeedEngine._set_clip`).
-    - `stage3_param_persistence_threshold: 0`: no parameter stays gathered between forwards, so a write to a
-      parameter's partition (`ds_tensor`, e.g. swapping in the EMA weights) is seen by the next forward.
+    - `stage3_param_persistence_threshold: 0`: no parameter stays gathered by size; the trainables of
+      `train.trainable_comm: per_step` are kept gathered by the engine itself, which re-gathers them after every
+      write to their partitions (EMA swap, checkpoint load), so the next forward always sees the write.
+    - `overlap_comm` and a prefetch bucket of `train.prefetch_blocks` blocks (`prefetch_numel`): on a GPU the
+      next block's gather runs on its own stream while this block computes. On CPU (gloo) DeepSpeed's
+      accelerator is synchronous: the same gathers run in the same order, one after the other. Prefetching
+      also keeps a parameter gathered when its next use lies inside the prefetch window (fewer bytes than one
+      gather per use: docs/performance.md).
+    - `stage3_max_reuse_distance: 0`: a gathered parameter is released right after its module ran, whatever the
+      model's size (DeepSpeed's default keeps parameters reused within 1e9 elements, which keeps a whole tiny
+      model gathered across passes but not a 12B one): bytes per pass then scale with the model, so what
+      `benchmarks/comm_volume.py` measures at reduced size is what `piflow plan` predicts at full size.
+    - `memory_efficient_linear: false`: zero.Init would otherwise replace torch's linear for the process.
     """
     micro, accum = micro_batch_and_accumulation(cfg, world_size)
+    prefetch = int(prefetch_numel)
     return {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -217,11 +232,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "fp16": {"enabled": False},
         "zero_optimization": {
             "stage": 3,
-            "overlap_comm": False,
+            "overlap_comm": True,
             "contiguous_gradients": True,
+            "stage3_prefetch_bucket_size": prefetch,
+            "stage3_max_reuse_distance": 0,
             "stage3_param_persistence_threshold": 0,
             "stage3_model_persistence_threshold": 0,
             "stage3_gather_16bit_weights_on_model_save": False,
+            "memory_efficient_linear": False,
         },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -368,17 +386,19 @@ def build_partitioned_student(cfg: Config, build_trunk: Callable[[], torch.nn.Mo
                               build_student: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
     """Student-from-teacher construction without materialising the trunk on any rank (ZeRO-3).
 
-    1. `build_trunk()` runs under `deepspeed.zero.Init`: every weight is partitioned as soon as it exists;
+    1. `build_trunk()` runs where the layout puts the frozen base (`trunk_construction`): under
+       `deepspeed.zero.Init`, every weight partitioned as soon as it exists (over all ranks, or the ranks of
+       this node), or as a plain replica on this rank's device (`train.frozen_weights: replicate`);
     2. the teacher's weights (`weights`, e.g. `safetensors_source(dir)`) are copied into the partitions one
        tensor at a time (`load_partitioned`);
     3. the small output modules the student replaces or copies (`plain_modules`, e.g. FLUX's `norm_out`,
        `proj_out`) are gathered once and swapped for ordinary copies, so the head initialisation
        (PIFLOW.md §2.2) reads real values;
-    4. `build_student(trunk)` adds the head, the tail and LoRA as ordinary modules; DeepSpeed partitions those
-       (small) when the engine is built.
+    4. `build_student(trunk)` adds the head, the tail and LoRA as ordinary modules; the engine places those
+       when it is built (`DeepSpeedEngine._place_weights`).
     With `train.engine: torch` the same steps run without partitioning.
     """
-    with partitioned_construction(cfg):
+    with trunk_construction(cfg, loaded=weights is not None):
         trunk = build_trunk()
     if weights is not None:  # None: keep the constructed values (tiny seeded models, identical on every rank)
         load_partitioned(trunk, weights)
@@ -388,6 +408,8 @@ def build_partitioned_student(cfg: Config, build_trunk: Callable[[], torch.nn.Mo
             parent_name, _, leaf = name.rpartition(".")
             parent = trunk.get_submodule(parent_name) if parent_name else trunk
             module = getattr(parent, leaf)
+            if not any(_is_partitioned(p) for p in module.parameters()):
+                continue  # a replicated trunk is plain already
             with ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 plain = _plain_copy(module)
             setattr(parent, leaf, plain)
@@ -410,7 +432,8 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.layout = engine_layout(cfg)
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.layout.prefetch_numel)
         if cfg.model.gradient_checkpointing and enable_gradient_checkpointing(module) == 0:
             raise ValueError("model.gradient_checkpointing: true, but the student has no block that supports it")
         params = [p for p in module.parameters() if p.requires_grad]
@@ -423,6 +446,7 @@ class DeepSpeedEngine:
             for p in params:
                 if p.dtype != torch.bfloat16:
                     p.data = p.data.to(torch.bfloat16)
+        self.frozen_buffers = self._place_weights(ds, module, params)
         optimizer = make_optimizer(cfg, params)
         self._ds, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.module = self._ds  # calling it runs the forward with ZeRO-3's gather hooks
@@ -432,7 +456,74 @@ class DeepSpeedEngine:
         self.skipped_steps = 0
         self._force_skip = False
         self._install_skip_hook()
+        self.per_step = self.layout.trainable == "per_step"
+        if self.per_step:
+            self._keep_trainables_gathered()
         self._set_lr()
+
+    # ---- where the weights live (issue 23, docs/performance.md)
+    def _place_weights(self, ds, module: torch.nn.Module, trainables: list[torch.nn.Parameter]) -> list[str]:
+        """Place every weight before `deepspeed.initialize` sees the module (it would partition all of them over
+        all ranks): frozen weights that are still plain become buffers of this rank's device (`replicate`: ZeRO-3
+        never gathers them), or ZeRO-3 parameters of this node's group (`shard_in_node`) or of all ranks
+        (`shard`); the trainables become ZeRO-3 parameters of all ranks, broadcast from rank 0 (they are small
+        and built by seeded code, but a rank whose construction drew other numbers must not train silently
+        apart). Returns the names of the frozen weights kept as buffers."""
+        frozen = {}  # id -> (param, [(module, name)]) of plain frozen parameters, shared ones once
+        for sub in module.modules():
+            for name, p in sub._parameters.items():
+                if p is not None and not p.requires_grad and not _is_partitioned(p):
+                    frozen.setdefault(id(p), (p, []))[1].append((sub, name))
+        buffers = []
+        if self.cfg.lora.enabled and self.layout.frozen == "replicate":
+            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32  # as zero.Init stores
+            names = {id(sub): prefix for prefix, sub in module.named_modules()}
+            for p, owners in frozen.values():
+                tensor = p.detach().to(dtype)
+                for sub, name in owners:
+                    del sub._parameters[name]
+                    sub.register_buffer(name, tensor)
+                    buffers.append(f"{names[id(sub)]}.{name}".lstrip("."))
+        else:
+            group = node_group(self.cfg) if self.cfg.lora.enabled and self.layout.frozen == "shard_in_node" else None
+            _partition(ds, [p for p, _ in frozen.values()], group, self.ds_config)
+        _partition(ds, [p for p in trainables if not _is_partitioned(p)], None, self.ds_config)
+        return buffers
+
+    def _keep_trainables_gathered(self) -> None:
+        """`train.trainable_comm: per_step`: the trainables stay gathered (DeepSpeed's persistent parameters, which
+        its optimizer step re-gathers once after each update) and their gradients accumulate locally over the
+        step's backwards (DeepSpeed's coalesced reduction), reduce-scattered once in `step()`."""
+        for p in self.params:
+            p.ds_persist = True
+        persistent = self.optimizer.persistent_parameters  # the list ZeRO-3's step re-gathers (shared with its hooks)
+        persistent.extend(p for p in self.params if all(p is not q for q in persistent))
+        self.params[0].all_gather(self.params)
+        self.optimizer._coalesce_grad_reduction = True
+
+    def refresh_gathered(self) -> None:
+        """After a write to the trainables' partitions (EMA swap, checkpoint load), re-gather the copies kept
+        whole (per_step) so the next forward sees the write. Collective; a no-op for per_pass."""
+        if self.per_step:
+            self.params[0].partition(param_list=self.params)
+            self.params[0].all_gather(self.params)
+
+    def _reduce_accumulated_grads(self) -> None:
+        """per_step: the one reduce-scatter of the step, over the gradients every backward since the last step
+        accumulated on the (whole) parameters, into ZeRO-3's gradient partitions (copied, not added)."""
+        opt = self.optimizer
+        opt._coalesce_grad_reduction = False
+        try:
+            opt.micro_step_id = 0
+            for group in opt.fp16_groups:
+                for p in group:
+                    if p.requires_grad:
+                        if p.grad is None:  # unused this step: a zero gradient, not the last step's partition
+                            p.grad = torch.zeros_like(p)
+                        opt.reduce_ready_partitions_and_remove_grads(p)
+            opt.independent_gradient_partition_epilogue()
+        finally:
+            opt._coalesce_grad_reduction = True
 
     # ---- the engine interface
     def _set_lr(self) -> float:
@@ -446,7 +537,12 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # Sum of gradients over calls (the loop weights segment and micro-batch losses itself); the mean over
         # ranks is DeepSpeed's reduce-scatter, so each rank's loss is the mean over its local batch.
-        self._ds.backward(loss, scale_wrt_gas=False)
+        # per_step: no reduction at the end of this backward (gradients stay on the parameters until step())
+        self._ds.inside_no_sync_ctxt = self.per_step
+        try:
+            self._ds.backward(loss, scale_wrt_gas=False)
+        finally:
+            self._ds.inside_no_sync_ctxt = False
         # ZeRO-3 switches from "copy" to "accumulate" into the gradient partitions when this flag is cleared,
         # which DeepSpeed only does at the start of its own forward. Our loop may run several backwards with no
         # forward in between (overlap: fwd_0 fwd_1 bwd_0 bwd_1), and calls the student's methods directly, so
@@ -477,6 +573,8 @@ class DeepSpeedEngine:
         lr = self._set_lr()
         self._set_clip()
         self._force_skip = bool(reasons)
+        if self.per_step:
+            self._reduce_accumulated_grads()
         try:
             self._ds.step()
         finally:
@@ -525,17 +623,24 @@ class DeepSpeedEngine:
                                if p.requires_grad == train]
         opt = self.optimizer
         adam = [t for state in opt.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-        return {"weights_trainable": nbytes(parts(True)), "weights_frozen": nbytes(parts(False)),
+        frozen = parts(False) + [module.get_buffer(n) for n in self.frozen_buffers]
+        return {"weights_trainable": nbytes(parts(True)), "weights_frozen": nbytes(frozen),
                 "grads": nbytes([getattr(opt, "grad_partitions_flat_buffer", None)]),
                 "master": nbytes(getattr(opt, "fp32_partitioned_groups_flat", [])),
-                "adam": nbytes([t for t in adam if t.dim() > 0])}
+                "adam": nbytes([t for t in adam if t.dim() > 0]),
+                "trainables_whole": nbytes([p.data for p in self.params]) if self.per_step else 0}
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights of the trainable module (collective: call on every rank; every rank gets a copy)."""
         ds = _import_deepspeed()
         out = {}
         module = self._ds.module
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
         for name, p in module.named_parameters():
+            if getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.AVAILABLE:
+                out[name] = p.detach().clone().cpu()  # kept whole (per_step) and current: no gather, no release
+                continue
             with ds.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().clone().cpu()
         for name, b in module.named_buffers():
@@ -603,6 +708,7 @@ class DeepSpeedEngine:
             if adam_step > 0:
                 for key in ADAM_STATES:
                     safe_set_local_optimizer_state(p, tensors[f"{key}/{n}"].to(master.dtype), key)
+        self.refresh_gathered()
         self._set_lr()
 
     @torch.no_grad()
@@ -638,6 +744,152 @@ def partitioned_construction(cfg: Config) -> Iterator[None]:
     ds_config = deepspeed_config(cfg, dist.get_world_size())
     with ds.zero.Init(config_dict_or_path=ds_config):  # dtype from the config: bf16 or fp32
         yield
+
+
+# ------------------------------------------------------------------ where the weights live (issue 23)
+@dataclass(frozen=True)
+class Layout:
+    """This run's weight layout: `frozen` (replicate | shard_in_node | shard) places a LoRA run's frozen base,
+    `trainable` (per_step | per_pass) the trainables' communication, `gpus_per_node` the node shape and
+    `prefetch_numel` ZeRO-3's prefetch bucket (`train.prefetch_blocks` blocks of the planned model)."""
+
+    frozen: str
+    trainable: str
+    gpus_per_node: int
+    prefetch_numel: int
+
+
+_LAYOUTS: dict[tuple[str, int], Layout] = {}
+_NODE_GROUPS: dict[tuple[int, ...], Any] = {}
+
+
+def node_shape(cfg: Config, world: int) -> tuple[int, int]:
+    """(this rank's node index, GPUs per node): NODE_RANK / LOCAL_WORLD_SIZE as Ray Train and torchrun set them,
+    else `cluster.gpus_per_node`, else one node holding every rank."""
+    import os
+
+    from trainer.distributed import rank_info
+
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    per_node = max(1, min(int(local) if local else (cfg.cluster.gpus_per_node or world), world))
+    node = os.environ.get("NODE_RANK", "")
+    return (int(node) if node else rank_info().rank // per_node), per_node
+
+
+def _gpu_memory_gib(cfg: Config) -> float | None:
+    """Memory per GPU for the plan: `cluster.gpu_memory_gb`, else the CUDA device's; None on CPU ranks."""
+    if cfg.cluster.gpu_memory_gb > 0:
+        return cfg.cluster.gpu_memory_gb * 1e9 / 2**30
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    return None
+
+
+def engine_layout(cfg: Config) -> Layout:
+    """Resolve `train.frozen_weights` / `train.trainable_comm` for this process group (collective on first use).
+
+    Rank 0 plans the model (`trainer.planner.runtime_layout`: `auto` takes the first layout that fits the GPU)
+    and broadcasts its choice, so every rank takes the same one even where their devices differ."""
+    import torch.distributed as dist
+
+    from trainer.distributed import collective_device
+    from trainer.planner import FROZEN_PLACEMENTS, TRAINABLE_COMM, runtime_layout
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    key = (cfg.hash(), world)
+    if key not in _LAYOUTS:
+        _, per_node = node_shape(cfg, world)
+        choice = torch.zeros(3, dtype=torch.long, device=collective_device())
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            row, largest_block = runtime_layout(cfg, world, per_node, _gpu_memory_gib(cfg))
+            choice[0] = FROZEN_PLACEMENTS.index(row.frozen)
+            choice[1] = TRAINABLE_COMM.index(row.trainable)
+            choice[2] = round(cfg.train.prefetch_blocks * (largest_block or DEFAULT_PREFETCH_NUMEL))
+        if dist.is_initialized():
+            dist.broadcast(choice, 0)
+        f, t, prefetch = (int(v) for v in choice.tolist())
+        _LAYOUTS[key] = Layout(FROZEN_PLACEMENTS[f], TRAINABLE_COMM[t], per_node, prefetch)
+    return _LAYOUTS[key]
+
+
+def node_group(cfg: Config) -> Any:
+    """The process group of this rank's node (`shard_in_node`); None when one node holds every rank. Every rank
+    builds every node's group, in the same order (torch.distributed.new_group is collective)."""
+    import torch.distributed as dist
+
+    from trainer.distributed import collective_device
+
+    world = dist.get_world_size()
+    node, _ = node_shape(cfg, world)
+    nodes = torch.zeros(world, dtype=torch.long, device=collective_device())
+    mine = torch.tensor([node], dtype=torch.long, device=collective_device())
+    dist.all_gather_into_tensor(nodes, mine)
+    nodes = tuple(int(n) for n in nodes.tolist())
+    if len(set(nodes)) == 1:
+        return None
+    if nodes not in _NODE_GROUPS:
+        groups = {n: dist.new_group([r for r, m in enumerate(nodes) if m == n]) for n in sorted(set(nodes))}
+        _NODE_GROUPS[nodes] = groups
+    return _NODE_GROUPS[nodes][node]
+
+
+def _partition(ds, params: list[torch.nn.Parameter], group: Any, ds_config: dict[str, Any]) -> None:
+    """Turn plain parameters into ZeRO-3 parameters partitioned over `group` (None: all ranks), in place."""
+    if params:
+        ds.zero.Init(module=torch.nn.ParameterList(params), data_parallel_group=group, config_dict_or_path=ds_config)
+
+
+_LOADING_INIT: list[type] = []
+
+
+def _loading_init(ds) -> type:
+    """`deepspeed.zero.Init` for a trunk whose every weight is read from a file right after construction: it
+    skips the broadcast of rank 0's freshly initialised values that zero.Init does before partitioning each
+    parameter (12B random weights for FLUX, all overwritten by `load_partitioned`). `skip_broadcast` is cleared
+    once the weights are loaded, so later conversions through this context broadcast as usual."""
+    if not _LOADING_INIT:
+        class LoadingInit(ds.zero.Init):
+            skip_broadcast = False
+
+            def _zero_init_param(self, param):
+                if not self.skip_broadcast:
+                    return super()._zero_init_param(param)
+                self._convert_to_deepspeed_param(param)
+                param.partition()
+
+        _LOADING_INIT.append(LoadingInit)
+    return _LOADING_INIT[0]
+
+
+@contextlib.contextmanager
+def trunk_construction(cfg: Config, loaded: bool) -> Iterator[None]:
+    """Build the teacher trunk where the layout puts its weights: a plain replica on this rank's device (a LoRA
+    run's `replicate`; the engine turns the frozen weights into buffers), or ZeRO-3 partitions over the ranks
+    of this node (`shard_in_node`) or all ranks. `loaded`: every weight is overwritten from a file right after,
+    so nothing is broadcast. A no-op for `train.engine: torch`."""
+    if cfg.train.engine != "deepspeed":
+        yield
+        return
+    ds = _import_deepspeed()
+    ensure_distributed(cfg)
+    import torch.distributed as dist
+
+    layout = engine_layout(cfg)
+    if cfg.lora.enabled and layout.frozen == "replicate":
+        from trainer.distributed import device_for, rank_info
+
+        with torch.device(device_for(rank_info())):
+            yield
+        return
+    group = node_group(cfg) if cfg.lora.enabled and layout.frozen == "shard_in_node" else None
+    init = _loading_init(ds)(config_dict_or_path=deepspeed_config(cfg, dist.get_world_size(), layout.prefetch_numel),
+                             data_parallel_group=group)
+    init.skip_broadcast = loaded
+    try:
+        with init:
+            yield
+    finally:
+        init.skip_broadcast = False
 
 
 def build_engine(cfg: Config, module: torch.nn.Module) -> TorchEngine | DeepSpeedEngine:

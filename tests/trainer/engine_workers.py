@@ -58,7 +58,7 @@ def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: b
     info = rank_info()
     ds = cfg.train.engine == "deepspeed"
     ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start,
-                   master=engine.local_master if ds else None)
+                   master=engine.local_master if ds else None, refresh=engine.refresh_gathered if ds else None)
     out = {"loss": [], "grad_norm": [], "lr": [], "local_numel": 0, "full_numel": 0}
     for p in engine.params:
         out["local_numel"] += p.ds_tensor.numel() if ds else p.numel()
