@@ -36,7 +36,7 @@ RECIPE = ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml"
 LAYOUTS = [("shard", "per_pass", 0.0), ("shard", "per_pass", 1.0), ("shard", "per_step", 1.0),
            ("shard_in_node", "per_pass", 0.0), ("shard_in_node", "per_step", 1.0), ("replicate", "per_step", 1.0)]
 QUICK_LAYOUTS = [("shard", "per_step", 1.0), ("shard_in_node", "per_pass", 0.0), ("replicate", "per_step", 1.0)]
-KINDS = ("gather_frozen", "gather_trainable", "gather_other", "reduce_scatter", "other")
+KINDS = ("gather_frozen", "gather_trainable", "gather_other", "reduce_scatter", "broadcast", "other")
 
 
 def rehearsal_overrides(pretrained: str, output: str, world: int, frozen: str, trainable: str, iters: int,
@@ -83,7 +83,7 @@ class CommCounter:
 
         kinds = {"all_gather_into_tensor": "gather", "_all_gather_base": "gather", "all_gather": "gather",
                  "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
-                 "reduce_scatter": "reduce_scatter", "all_reduce": "other", "broadcast": "other",
+                 "reduce_scatter": "reduce_scatter", "all_reduce": "other", "broadcast": "broadcast",
                  "all_to_all_single": "other"}
         for name, kind in kinds.items():
             real = getattr(dist, name, None)
@@ -316,6 +316,12 @@ def bars(rows: list[dict]) -> dict[str, Any]:
             diff = max(abs(a - c) for a, c in zip(rep["losses"], shard["losses"]))
             b["replicate_vs_shard_loss_diff"] = diff
             b["losses_pass"] = diff <= 1e-5 and len(rep["losses"]) == len(shard["losses"]) > 0
+        # issue 21 item 7: building the student broadcasts its (small, seeded) trainables, never the frozen base
+        # that is read from model.pretrained right after (zero.Init broadcast rank 0's random values of all of it)
+        b["setup_broadcast_over_trainable"] = max(r["setup"].get("broadcast", 0.0) / r["trainable_bytes"]
+                                                  for r in rs.values())
+        b["setup_broadcast_pass"] = all(r["setup"].get("broadcast", 0.0) <= r["trainable_bytes"] + 1024
+                                        for r in rs.values())
         nodes = [r for k, r in rs.items() if k[0] == "shard_in_node" and r["gpus_per_node"] < world]
         if nodes:
             b["shard_in_node_frozen_cross_node"] = max(r["per_iteration"].get("gather_frozen_cross_node", 0.0)
