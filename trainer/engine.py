@@ -18,7 +18,14 @@ engine (`train.engine: deepspeed`):
 
 The DeepSpeed engine adds the ZeRO-3 hooks: `partitioned_construction(cfg)` (build the student
 partitioned), `load_partitioned(module, tensors)` (student-from-teacher init, one tensor at a time),
-`engine.local_master(p)` (the fp32 partition for a sharded EMA) and `engine.gathered_state_dict()`.
+`engine.local_master(p)` (the fp32 partition for a sharded EMA), `engine.refresh_gathered()` (after a write to
+the partitions of trainables kept gathered) and `engine.gathered_state_dict()`.
+
+Where the weights live (issue 23, docs/performance.md) is `engine_layout(cfg)`: a LoRA run's frozen base
+replicated as plain buffers, ZeRO-3 partitioned within a node or over all ranks (`train.frozen_weights`), and
+the trainables gathered and reduced per pass or once per step (`train.trainable_comm`), resolved by the memory
+plan when `auto`. `trunk_construction` builds the trunk accordingly, without zero.Init's broadcast of values
+that a weights file overwrites.
 """
 from __future__ import annotations
 
