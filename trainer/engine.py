@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from trainer.config import Config
+from trainer.layout import DEFAULT_PREFETCH_NUMEL, engine_layout, node_group
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -201,9 +202,6 @@ def micro_batch_and_accumulation(cfg: Config, world_size: int) -> tuple[int, int
             f"train.batch_size {global_batch} is not a multiple of micro_batch_size {micro} x world size {world_size}"
         )
     return micro, global_batch // (micro * world_size)
-
-
-DEFAULT_PREFETCH_NUMEL = 50_000_000  # DeepSpeed's own default, used when the model is not planned
 
 
 def deepspeed_config(cfg: Config, world_size: int, prefetch_numel: int = DEFAULT_PREFETCH_NUMEL) -> dict[str, Any]:
@@ -754,92 +752,6 @@ def partitioned_construction(cfg: Config) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ where the weights live (issue 23)
-@dataclass(frozen=True)
-class Layout:
-    """This run's weight layout: `frozen` (replicate | shard_in_node | shard) places a LoRA run's frozen base,
-    `trainable` (per_step | per_pass) the trainables' communication, `gpus_per_node` the node shape and
-    `prefetch_numel` ZeRO-3's prefetch bucket (`train.prefetch_blocks` blocks of the planned model)."""
-
-    frozen: str
-    trainable: str
-    gpus_per_node: int
-    prefetch_numel: int
-
-
-_LAYOUTS: dict[tuple[str, int], Layout] = {}
-_NODE_GROUPS: dict[tuple[int, ...], Any] = {}
-
-
-def node_shape(cfg: Config, world: int) -> tuple[int, int]:
-    """(this rank's node index, GPUs per node): NODE_RANK / LOCAL_WORLD_SIZE as Ray Train and torchrun set them,
-    else `cluster.gpus_per_node`, else one node holding every rank."""
-    import os
-
-    from trainer.distributed import rank_info
-
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    per_node = max(1, min(int(local) if local else (cfg.cluster.gpus_per_node or world), world))
-    node = os.environ.get("NODE_RANK", "")
-    return (int(node) if node else rank_info().rank // per_node), per_node
-
-
-def _gpu_memory_gib(cfg: Config) -> float | None:
-    """Memory per GPU for the plan: `cluster.gpu_memory_gb`, else the CUDA device's; None on CPU ranks."""
-    if cfg.cluster.gpu_memory_gb > 0:
-        return cfg.cluster.gpu_memory_gb * 1e9 / 2**30
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-    return None
-
-
-def engine_layout(cfg: Config) -> Layout:
-    """Resolve `train.frozen_weights` / `train.trainable_comm` for this process group (collective on first use).
-
-    Rank 0 plans the model (`trainer.planner.runtime_layout`: `auto` takes the first layout that fits the GPU)
-    and broadcasts its choice, so every rank takes the same one even where their devices differ."""
-    import torch.distributed as dist
-
-    from trainer.distributed import collective_device
-    from trainer.planner import FROZEN_PLACEMENTS, TRAINABLE_COMM, runtime_layout
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    key = (cfg.hash(), world)
-    if key not in _LAYOUTS:
-        _, per_node = node_shape(cfg, world)
-        choice = torch.zeros(3, dtype=torch.long, device=collective_device())
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            row, largest_block = runtime_layout(cfg, world, per_node, _gpu_memory_gib(cfg))
-            choice[0] = FROZEN_PLACEMENTS.index(row.frozen)
-            choice[1] = TRAINABLE_COMM.index(row.trainable)
-            choice[2] = round(cfg.train.prefetch_blocks * (largest_block or DEFAULT_PREFETCH_NUMEL))
-        if dist.is_initialized():
-            dist.broadcast(choice, 0)
-        f, t, prefetch = (int(v) for v in choice.tolist())
-        _LAYOUTS[key] = Layout(FROZEN_PLACEMENTS[f], TRAINABLE_COMM[t], per_node, prefetch)
-    return _LAYOUTS[key]
-
-
-def node_group(cfg: Config) -> Any:
-    """The process group of this rank's node (`shard_in_node`); None when one node holds every rank. Every rank
-    builds every node's group, in the same order (torch.distributed.new_group is collective)."""
-    import torch.distributed as dist
-
-    from trainer.distributed import collective_device
-
-    world = dist.get_world_size()
-    node, _ = node_shape(cfg, world)
-    nodes = torch.zeros(world, dtype=torch.long, device=collective_device())
-    mine = torch.tensor([node], dtype=torch.long, device=collective_device())
-    dist.all_gather_into_tensor(nodes, mine)
-    nodes = tuple(int(n) for n in nodes.tolist())
-    if len(set(nodes)) == 1:
-        return None
-    if nodes not in _NODE_GROUPS:
-        groups = {n: dist.new_group([r for r, m in enumerate(nodes) if m == n]) for n in sorted(set(nodes))}
-        _NODE_GROUPS[nodes] = groups
-    return _NODE_GROUPS[nodes][node]
-
-
 def _partition(ds, params: list[torch.nn.Parameter], group: Any, ds_config: dict[str, Any]) -> None:
     """Turn plain parameters into ZeRO-3 parameters partitioned over `group` (None: all ranks), in place."""
     if params:
