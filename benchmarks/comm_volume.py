@@ -135,7 +135,7 @@ class CommCounter:
 
         params = [p for p in self.context if set(dist.get_process_group_ranks(p.ds_process_group)) == ranks]
         if source is not None:
-            own = [p for p in params if p.ds_tensor.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()]
+            own = [p for p in params if p.ds_tensor.data_ptr() == source.data_ptr()]
             params = own or params
         pay = {False: 0, True: 0}
         for p in params:  # (peft switches requires_grad off on the adapters while they are disabled)
@@ -244,7 +244,7 @@ def rank_worker(jobs: list[dict], per_node: int) -> list[dict[str, Any]]:
     records = []
     for job in jobs:
         counter.setup, counter.iterations, counter.current, counter._in_iterations = {}, [], {}, False
-        counter.per_param = {}
+        counter.per_param, counter.unattributed = {}, 0
         cfg = config_from_dict(job)
         torch.manual_seed(0)
         summary = run_rank(cfg, None, cond_shapes=cond_shapes_without_prompts(cfg))

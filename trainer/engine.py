@@ -489,9 +489,9 @@ class DeepSpeedEngine:
                     del sub._parameters[name]
                     sub.register_buffer(name, tensor)
                     buffers.append(f"{names[id(sub)]}.{name}".lstrip("."))
-        else:
+        else:  # the plain frozen copies of output modules, gathered from the partitions: equal on every rank
             group = node_group(self.cfg) if self.cfg.lora.enabled and self.layout.frozen == "shard_in_node" else None
-            _partition(ds, [p for p, _ in frozen.values()], group, self.ds_config)
+            _partition(ds, [p for p, _ in frozen.values()], group, self.ds_config, broadcast=False)
         _partition(ds, [p for p in trainables if not _is_partitioned(p)], None, self.ds_config)
         return buffers
 
@@ -752,10 +752,18 @@ def partitioned_construction(cfg: Config) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ where the weights live (issue 23)
-def _partition(ds, params: list[torch.nn.Parameter], group: Any, ds_config: dict[str, Any]) -> None:
-    """Turn plain parameters into ZeRO-3 parameters partitioned over `group` (None: all ranks), in place."""
-    if params:
-        ds.zero.Init(module=torch.nn.ParameterList(params), data_parallel_group=group, config_dict_or_path=ds_config)
+def _partition(ds, params: list[torch.nn.Parameter], group: Any, ds_config: dict[str, Any],
+               broadcast: bool = True) -> None:
+    """Turn plain parameters into ZeRO-3 parameters partitioned over `group` (None: all ranks), in place;
+    rank 0's values broadcast first unless the caller knows they are equal on every rank."""
+    if not params:
+        return
+    init = _loading_init(ds)(config_dict_or_path=ds_config, data_parallel_group=group)
+    init.skip_broadcast = not broadcast
+    try:
+        init._convert_to_zero_parameters(params)
+    finally:
+        init.skip_broadcast = False
 
 
 _LOADING_INIT: list[type] = []

@@ -67,14 +67,22 @@ def engine_layout(cfg: Config) -> Layout:
     if key not in _LAYOUTS:
         _, per_node = node_shape(cfg, world)
         choice = torch.zeros(3, dtype=torch.long, device=collective_device())
+        failure = None
         if not dist.is_initialized() or dist.get_rank() == 0:
-            row, largest_block = runtime_layout(cfg, world, per_node, _gpu_memory_gib(cfg))
-            choice[0] = FROZEN_PLACEMENTS.index(row.frozen)
-            choice[1] = TRAINABLE_COMM.index(row.trainable)
-            choice[2] = round(cfg.train.prefetch_blocks * (largest_block or DEFAULT_PREFETCH_NUMEL))
+            try:
+                row, largest_block = runtime_layout(cfg, world, per_node, _gpu_memory_gib(cfg))
+                choice[0] = FROZEN_PLACEMENTS.index(row.frozen)
+                choice[1] = TRAINABLE_COMM.index(row.trainable)
+                choice[2] = round(cfg.train.prefetch_blocks * (largest_block or DEFAULT_PREFETCH_NUMEL))
+            except Exception as e:  # the other ranks wait in the broadcast: tell them, then fail everywhere
+                failure, choice[0] = e, -1
         if dist.is_initialized():
             dist.broadcast(choice, 0)
+        if failure is not None:
+            raise failure
         f, t, prefetch = (int(v) for v in choice.tolist())
+        if f < 0:
+            raise RuntimeError("planning the weight layout failed on rank 0 (its error names the cause)")
         _LAYOUTS[key] = Layout(FROZEN_PLACEMENTS[f], TRAINABLE_COMM[t], per_node, prefetch)
     return _LAYOUTS[key]
 
