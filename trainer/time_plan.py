@@ -368,9 +368,11 @@ def make_time_plan(cfg: Config, cluster: Cluster, mfu: float = DEFAULT_MFU) -> T
     traced = trace_passes(cfg)
     counts = count_model(cfg)
     rows = []
-    placements = FROZEN_PLACEMENTS if cfg.lora.enabled else ("shard",)
-    for frozen in placements:
-        trainable = plan.layout.trainable if cfg.train.trainable_comm == "auto" else cfg.train.trainable_comm
+    trainable = plan.layout.trainable if cfg.train.trainable_comm == "auto" else cfg.train.trainable_comm
+    layouts = [(f, trainable) for f in (FROZEN_PLACEMENTS if cfg.lora.enabled else ("shard",))]
+    if ("shard", "per_pass") not in layouts:
+        layouts.append(("shard", "per_pass"))  # the layout before issue 23, for comparison
+    for frozen, trainable in layouts:
         b = comm_bytes(cfg, world, cluster.gpus_per_node, frozen, trainable, traced)
         group = frozen_group_size(frozen, world, cluster.gpus_per_node)
         frozen_bw = hw.inter_gbs if group > cluster.gpus_per_node else hw.intra_gbs
@@ -429,6 +431,7 @@ def format_time_plan(tp: TimePlan, cfg: Config) -> str:
         lines.append(f"{f'{cfg.train.iters} iterations, {label}':<34}" + "".join(f"{x:>24}" for x in cells))
     lines.append(f"train.frozen_weights={cfg.train.frozen_weights} takes: {tp.chosen}"
                  + ("" if cfg.lora.enabled else " (full fine-tune: no frozen base)"))
-    lines.append("note: bytes are exact for the layout (benchmarks/comm_volume.py measures them on CPU); seconds "
-                 "from bytes assume the links above, and compute seconds assume the MFU above")
+    lines.append("note: bytes count one gather per use, as DeepSpeed does without prefetch (benchmarks/comm_volume.py "
+                 "measures the same on CPU); with prefetch it keeps some sharded weights gathered, so sharded columns "
+                 "are an upper bound. Seconds from bytes assume the links above, compute seconds the MFU above")
     return "\n".join(lines)

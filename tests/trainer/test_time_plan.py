@@ -108,6 +108,7 @@ def test_plan_command_prints_the_time_plan_per_placement(tmp_path, capsys):
                  "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "replicate/per_step" in out and "shard_in_node/per_step" in out and "shard/per_step" in out
+    assert "shard/per_pass" in out  # the layout before issue 23, for comparison
     assert "0.50 of the 312 TFLOP/s" in out and "NOT measured" in out
     assert "100 iterations, comm not overlapped" in out and "train.frozen_weights=auto takes: replicate" in out
     assert main(["plan", str(cfg_path), "--cluster", "2x8xB200"]) == 2
