@@ -142,19 +142,33 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="memory and placement plan of a config on N GPUs, without allocating")
+    p = sub.add_parser("plan", help="memory, placement and time plan of a config on a cluster, without allocating")
     p.add_argument("config", help="YAML config (model.family flux, qwen_image or dit)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.add_argument("--gpus", type=int, required=True, help="total GPUs (student group + teacher group)")
-    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
+    p.add_argument("--cluster", default="", help="NODESxGPUSxKIND, KIND one of H100, H200, A100 (e.g. 2x8xH100); "
+                                                  "default: the recipe's cluster.nodes x cluster.gpus_per_node, H100")
+    p.add_argument("--gpus", type=int, default=0, help="memory plan only: total GPUs (student + teacher group)")
+    p.add_argument("--gpu-mem", type=float, default=0.0, help="memory plan only: memory per GPU in GiB")
+    p.add_argument("--mfu", type=float, default=None, help="assumed model-FLOPs utilisation for the time plan "
+                                                          "(default 0.40: issue 23's target, not a measurement)")
 
     def run(args: argparse.Namespace) -> int:
-        from trainer.config import load_config
+        from trainer.config import ConfigError, load_config
         from trainer.planner import format_plan, make_plan
 
         cfg = load_config(args.config, args.overrides)
-        plan = make_plan(cfg, args.gpus, args.gpu_mem)
-        print(format_plan(plan, cfg))
+        if args.gpus or args.gpu_mem:  # the memory plan on a GPU count (no node shape, no time plan)
+            if not (args.gpus and args.gpu_mem):
+                raise ConfigError("piflow plan: --gpus and --gpu-mem go together (or use --cluster)")
+            print(format_plan(make_plan(cfg, args.gpus, args.gpu_mem), cfg))
+            return 0
+        from trainer.time_plan import DEFAULT_MFU, format_time_plan, make_time_plan, parse_cluster
+
+        cluster = parse_cluster(args.cluster, cfg)
+        print(format_plan(make_plan(cfg, cluster.gpus, cluster.gpu_mem_gib, cluster.gpus_per_node), cfg))
+        print()
+        mfu = DEFAULT_MFU if args.mfu is None else args.mfu
+        print(format_time_plan(make_time_plan(cfg, cluster, mfu), cfg))
         return 0
 
     p.set_defaults(func=run)

@@ -165,6 +165,19 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     max_failed_uploads: int = 2
     ckpt_part_timeout_s: float = 300.0
+    # issue 23 (docs/performance.md): where a LoRA run's frozen base lives under train.engine=deepspeed.
+    # replicate: a plain copy on every GPU (never gathered); shard_in_node: ZeRO-3 partitioned over the GPUs of
+    # one node (gathers stay on NVLink); shard: partitioned over all ranks; auto: the first of these that the
+    # memory plan says fits (trainer/planner.py)
+    frozen_weights: Literal["auto", "replicate", "shard_in_node", "shard"] = "auto"
+    # issue 23: the trainable weights (LoRA, head, norm) gathered once after each optimizer step and kept, their
+    # gradients accumulated locally and reduce-scattered once per step (per_step: costs a full bf16 copy of the
+    # trainable weights and of their gradients per GPU), or ZeRO-3's default of a gather per forward/backward
+    # and a reduce-scatter per backward (per_pass); auto = per_step when the memory plan says it fits
+    trainable_comm: Literal["auto", "per_step", "per_pass"] = "auto"
+    # issue 23: ZeRO-3's prefetch bucket in blocks of the planned model (the largest): on a GPU the next block's
+    # gathers run while this block computes; 0 = no prefetch (every gather waits, on CPU the same either way)
+    prefetch_blocks: float = 1.0
 
 
 @dataclass
@@ -420,7 +433,7 @@ RANGES: dict[str, str] = {
     "run.seed": f"[0, {SEED_MAX}]", "run.log_flush_steps": "[1, 100000]", "run.log_flush_s": "(0, 86400]",
     "run.lease_heartbeat_s": "(0, 3600]", "model.latent_width": "[0, 65536]", "model.latent_frames": "[1, 4096]",
     "train.max_nonfinite_steps": "[1, 100000]", "train.max_failed_uploads": "[1, 100]",
-    "train.ckpt_part_timeout_s": "[1, 86400]",
+    "train.ckpt_part_timeout_s": "[1, 86400]", "train.prefetch_blocks": "[0, 64]",
     "model.num_timesteps": "(0, 1e6]", "model.latent_channels": "[1, 4096]", "model.latent_size": "[1, 65536]",
     "model.max_sequence_length": "[1, 65536]", "model.num_classes": "[1, 1e9]", "model.hidden_dim": "[1, 1e6]",
     "model.num_layers": "[1, 1000]", "model.teacher_iters": "[0, 1e9]", "model.teacher_batch_size": "[1, 1e9]",
@@ -547,6 +560,11 @@ def validate(cfg: Config, source: str) -> None:
              f"unknown backend {cfg.model.attention_backend!r} (one of {', '.join(attention_backends())})")
     if cfg.teacher.placement == "shared":
         need(cfg.lora.enabled, "teacher.placement", "'shared' needs lora.enabled: true (the teacher is the LoRA base)")
+    # DeepSpeed 0.19.8's module trace fails ("tracing error ... parameter fetch queue") with kept-gathered
+    # trainables when nothing is prefetched (found by benchmarks/comm_volume.py)
+    need(not (cfg.train.trainable_comm == "per_step" and cfg.train.prefetch_blocks == 0), "train.trainable_comm",
+         "per_step needs train.prefetch_blocks > 0 (DeepSpeed 0.19.8 fails its trace check without prefetch); "
+         "set train.trainable_comm=per_pass or auto")
     world = cfg.cluster.student.workers
     if cfg.train.micro_batch_size:
         need(

@@ -6,8 +6,10 @@ the EMA follows the weights (beta = 0). Rollouts, evaluation and export run insi
 
 `master` (optional) returns the fp32 master copy of a parameter's local partition (the DeepSpeed engine's
 `local_master`): with bf16 weights the EMA then averages the optimiser's fp32 values, not bf16 roundings.
-Under ZeRO-3, `applied()` writes the partitions; the next forward gathers them (the engine keeps no
-parameter persistently gathered), and every rank must enter it together.
+Under ZeRO-3, `applied()` writes the partitions and every rank must enter it together. A parameter ZeRO-3
+re-gathers for each forward sees the write by itself; one the engine keeps gathered (`ds_persist`, the
+trainables of `train.trainable_comm: per_step`) is stale until `refresh` (the engine's `refresh_gathered`)
+re-gathers it, which `applied()` calls after writing the EMA weights in and after writing the live ones back.
 """
 from __future__ import annotations
 
@@ -32,11 +34,16 @@ def power_ema_beta(step: int, gamma: float, start: int) -> float:
 
 class PowerEMA:
     def __init__(self, params: Iterable[torch.nn.Parameter], gamma: float = 7.0, start: int = 0,
-                 master: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None):
+                 master: Optional[Callable[[torch.nn.Parameter], torch.Tensor]] = None,
+                 refresh: Optional[Callable[[], None]] = None):
         self.params = [p for p in params if p.requires_grad]
         self.gamma = gamma
         self.start = start
         self._source = master if master is not None else _local
+        if refresh is None and any(getattr(p, "ds_persist", False) for p in self.params):
+            raise ValueError("PowerEMA: these parameters are kept gathered (ZeRO-3 ds_persist): pass "
+                             "refresh=engine.refresh_gathered, or a forward inside applied() runs the live weights")
+        self._refresh = refresh or (lambda: None)
         self.shadow = [self._source(p).detach().clone().float() for p in self.params]  # fp32, local shards
 
     @torch.no_grad()
@@ -54,11 +61,13 @@ class PowerEMA:
         backup = [_local(p).detach().clone() for p in self.params]
         for s, p in zip(self.shadow, self.params):
             _local(p).copy_(s.to(_local(p).dtype).view_as(_local(p)))
+        self._refresh()
         try:
             yield
         finally:
             for b, p in zip(backup, self.params):
                 _local(p).copy_(b)
+            self._refresh()
 
     def state_dict(self) -> dict:
         return {"gamma": self.gamma, "start": self.start, "shadow": [s.clone() for s in self.shadow]}

@@ -18,7 +18,14 @@ engine (`train.engine: deepspeed`):
 
 The DeepSpeed engine adds the ZeRO-3 hooks: `partitioned_construction(cfg)` (build the student
 partitioned), `load_partitioned(module, tensors)` (student-from-teacher init, one tensor at a time),
-`engine.local_master(p)` (the fp32 partition for a sharded EMA) and `engine.gathered_state_dict()`.
+`engine.local_master(p)` (the fp32 partition for a sharded EMA), `engine.refresh_gathered()` (after a write to
+the partitions of trainables kept gathered) and `engine.gathered_state_dict()`.
+
+Where the weights live (issue 23, docs/performance.md) is `engine_layout(cfg)`: a LoRA run's frozen base
+replicated as plain buffers, ZeRO-3 partitioned within a node or over all ranks (`train.frozen_weights`), and
+the trainables gathered and reduced per pass or once per step (`train.trainable_comm`), resolved by the memory
+plan when `auto`. `trunk_construction` builds the trunk accordingly, without zero.Init's broadcast of values
+that a weights file overwrites.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from trainer.config import Config
+from trainer.layout import DEFAULT_PREFETCH_NUMEL, engine_layout, node_group
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -196,17 +204,29 @@ def micro_batch_and_accumulation(cfg: Config, world_size: int) -> tuple[int, int
     return micro, global_batch // (micro * world_size)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, prefetch_numel: int = DEFAULT_PREFETCH_NUMEL) -> dict[str, Any]:
     """The DeepSpeed config, generated from ours (no separate DeepSpeed JSON to keep in sync).
 
     - `managed_gradient_accumulation: false`: every `step()` is the accumulation boundary, so the loop may call
       `backward` any number of times per step (one per data-free segment, per micro-batch).
     - `gradient_clipping` is set so that ZeRO computes the clip, but the engine switches it on only from
       `optim.grad_clip_start` (DeepSpeed's own clipping is static; see `DeepSpeedEngine._set_clip`).
-    - `stage3_param_persistence_threshold: 0`: no parameter stays gathered between forwards, so a write to a
-      parameter's partition (`ds_tensor`, e.g. swapping in the EMA weights) is seen by the next forward.
+    - `stage3_param_persistence_threshold: 0`: no parameter stays gathered by size; the trainables of
+      `train.trainable_comm: per_step` are kept gathered by the engine itself, which re-gathers them after every
+      write to their partitions (EMA swap, checkpoint load), so the next forward always sees the write.
+    - `overlap_comm` and a prefetch bucket of `train.prefetch_blocks` blocks (`prefetch_numel`): on a GPU the
+      next block's gather runs on its own stream while this block computes. On CPU (gloo) DeepSpeed's
+      accelerator is synchronous: the same gathers run in the same order, one after the other. Prefetching
+      also keeps a parameter gathered when its next use lies inside the prefetch window (fewer bytes than one
+      gather per use: docs/performance.md).
+    - `stage3_max_reuse_distance: 0`: a gathered parameter is released right after its module ran, whatever the
+      model's size (DeepSpeed's default keeps parameters reused within 1e9 elements, which keeps a whole tiny
+      model gathered across passes but not a 12B one): bytes per pass then scale with the model, so what
+      `benchmarks/comm_volume.py` measures at reduced size is what `piflow plan` predicts at full size.
+    - `memory_efficient_linear: false`: zero.Init would otherwise replace torch's linear for the process.
     """
     micro, accum = micro_batch_and_accumulation(cfg, world_size)
+    prefetch = int(prefetch_numel)
     return {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -217,11 +237,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "fp16": {"enabled": False},
         "zero_optimization": {
             "stage": 3,
-            "overlap_comm": False,
+            "overlap_comm": True,
             "contiguous_gradients": True,
+            "stage3_prefetch_bucket_size": prefetch,
+            "stage3_max_reuse_distance": 0,
             "stage3_param_persistence_threshold": 0,
             "stage3_model_persistence_threshold": 0,
             "stage3_gather_16bit_weights_on_model_save": False,
+            "memory_efficient_linear": False,
         },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -368,17 +391,19 @@ def build_partitioned_student(cfg: Config, build_trunk: Callable[[], torch.nn.Mo
                               build_student: Callable[[torch.nn.Module], torch.nn.Module]) -> torch.nn.Module:
     """Student-from-teacher construction without materialising the trunk on any rank (ZeRO-3).
 
-    1. `build_trunk()` runs under `deepspeed.zero.Init`: every weight is partitioned as soon as it exists;
+    1. `build_trunk()` runs where the layout puts the frozen base (`trunk_construction`): under
+       `deepspeed.zero.Init`, every weight partitioned as soon as it exists (over all ranks, or the ranks of
+       this node), or as a plain replica on this rank's device (`train.frozen_weights: replicate`);
     2. the teacher's weights (`weights`, e.g. `safetensors_source(dir)`) are copied into the partitions one
        tensor at a time (`load_partitioned`);
     3. the small output modules the student replaces or copies (`plain_modules`, e.g. FLUX's `norm_out`,
        `proj_out`) are gathered once and swapped for ordinary copies, so the head initialisation
        (PIFLOW.md §2.2) reads real values;
-    4. `build_student(trunk)` adds the head, the tail and LoRA as ordinary modules; DeepSpeed partitions those
-       (small) when the engine is built.
+    4. `build_student(trunk)` adds the head, the tail and LoRA as ordinary modules; the engine places those
+       when it is built (`DeepSpeedEngine._place_weights`).
     With `train.engine: torch` the same steps run without partitioning.
     """
-    with partitioned_construction(cfg):
+    with trunk_construction(cfg, loaded=weights is not None):
         trunk = build_trunk()
     if weights is not None:  # None: keep the constructed values (tiny seeded models, identical on every rank)
         load_partitioned(trunk, weights)
@@ -388,6 +413,8 @@ def build_partitioned_student(cfg: Config, build_trunk: Callable[[], torch.nn.Mo
             parent_name, _, leaf = name.rpartition(".")
             parent = trunk.get_submodule(parent_name) if parent_name else trunk
             module = getattr(parent, leaf)
+            if not any(_is_partitioned(p) for p in module.parameters()):
+                continue  # a replicated trunk is plain already
             with ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 plain = _plain_copy(module)
             setattr(parent, leaf, plain)
@@ -410,7 +437,8 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.layout = engine_layout(cfg)
+        self.ds_config = deepspeed_config(cfg, self.world_size, self.layout.prefetch_numel)
         if cfg.model.gradient_checkpointing and enable_gradient_checkpointing(module) == 0:
             raise ValueError("model.gradient_checkpointing: true, but the student has no block that supports it")
         params = [p for p in module.parameters() if p.requires_grad]
@@ -423,6 +451,7 @@ class DeepSpeedEngine:
             for p in params:
                 if p.dtype != torch.bfloat16:
                     p.data = p.data.to(torch.bfloat16)
+        self.frozen_buffers = self._place_weights(ds, module, params)
         optimizer = make_optimizer(cfg, params)
         self._ds, self.optimizer, _, _ = ds.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.module = self._ds  # calling it runs the forward with ZeRO-3's gather hooks
@@ -432,7 +461,74 @@ class DeepSpeedEngine:
         self.skipped_steps = 0
         self._force_skip = False
         self._install_skip_hook()
+        self.per_step = self.layout.trainable == "per_step"
+        if self.per_step:
+            self._keep_trainables_gathered()
         self._set_lr()
+
+    # ---- where the weights live (issue 23, docs/performance.md)
+    def _place_weights(self, ds, module: torch.nn.Module, trainables: list[torch.nn.Parameter]) -> list[str]:
+        """Place every weight before `deepspeed.initialize` sees the module (it would partition all of them over
+        all ranks): frozen weights that are still plain become buffers of this rank's device (`replicate`: ZeRO-3
+        never gathers them), or ZeRO-3 parameters of this node's group (`shard_in_node`) or of all ranks
+        (`shard`); the trainables become ZeRO-3 parameters of all ranks, broadcast from rank 0 (they are small
+        and built by seeded code, but a rank whose construction drew other numbers must not train silently
+        apart). Returns the names of the frozen weights kept as buffers."""
+        frozen = {}  # id -> (param, [(module, name)]) of plain frozen parameters, shared ones once
+        for sub in module.modules():
+            for name, p in sub._parameters.items():
+                if p is not None and not p.requires_grad and not _is_partitioned(p):
+                    frozen.setdefault(id(p), (p, []))[1].append((sub, name))
+        buffers = []
+        if self.cfg.lora.enabled and self.layout.frozen == "replicate":
+            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32  # as zero.Init stores
+            names = {id(sub): prefix for prefix, sub in module.named_modules()}
+            for p, owners in frozen.values():
+                tensor = p.detach().to(dtype)
+                for sub, name in owners:
+                    del sub._parameters[name]
+                    sub.register_buffer(name, tensor)
+                    buffers.append(f"{names[id(sub)]}.{name}".lstrip("."))
+        else:  # the plain frozen copies of output modules, gathered from the partitions: equal on every rank
+            group = node_group(self.cfg) if self.cfg.lora.enabled and self.layout.frozen == "shard_in_node" else None
+            _partition(ds, [p for p, _ in frozen.values()], group, self.ds_config, broadcast=False)
+        _partition(ds, [p for p in trainables if not _is_partitioned(p)], None, self.ds_config)
+        return buffers
+
+    def _keep_trainables_gathered(self) -> None:
+        """`train.trainable_comm: per_step`: the trainables stay gathered (DeepSpeed's persistent parameters, which
+        its optimizer step re-gathers once after each update) and their gradients accumulate locally over the
+        step's backwards (DeepSpeed's coalesced reduction), reduce-scattered once in `step()`."""
+        for p in self.params:
+            p.ds_persist = True
+        persistent = self.optimizer.persistent_parameters  # the list ZeRO-3's step re-gathers (shared with its hooks)
+        persistent.extend(p for p in self.params if all(p is not q for q in persistent))
+        self.params[0].all_gather(self.params)
+        self.optimizer._coalesce_grad_reduction = True
+
+    def refresh_gathered(self) -> None:
+        """After a write to the trainables' partitions (EMA swap, checkpoint load), re-gather the copies kept
+        whole (per_step) so the next forward sees the write. Collective; a no-op for per_pass."""
+        if self.per_step:
+            self.params[0].partition(param_list=self.params)
+            self.params[0].all_gather(self.params)
+
+    def _reduce_accumulated_grads(self) -> None:
+        """per_step: the one reduce-scatter of the step, over the gradients every backward since the last step
+        accumulated on the (whole) parameters, into ZeRO-3's gradient partitions (copied, not added)."""
+        opt = self.optimizer
+        opt._coalesce_grad_reduction = False
+        try:
+            opt.micro_step_id = 0
+            for group in opt.fp16_groups:
+                for p in group:
+                    if p.requires_grad:
+                        if p.grad is None:  # unused this step: a zero gradient, not the last step's partition
+                            p.grad = torch.zeros_like(p)
+                        opt.reduce_ready_partitions_and_remove_grads(p)
+            opt.independent_gradient_partition_epilogue()
+        finally:
+            opt._coalesce_grad_reduction = True
 
     # ---- the engine interface
     def _set_lr(self) -> float:
@@ -446,7 +542,12 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         # Sum of gradients over calls (the loop weights segment and micro-batch losses itself); the mean over
         # ranks is DeepSpeed's reduce-scatter, so each rank's loss is the mean over its local batch.
-        self._ds.backward(loss, scale_wrt_gas=False)
+        # per_step: no reduction at the end of this backward (gradients stay on the parameters until step())
+        self._ds.inside_no_sync_ctxt = self.per_step
+        try:
+            self._ds.backward(loss, scale_wrt_gas=False)
+        finally:
+            self._ds.inside_no_sync_ctxt = False
         # ZeRO-3 switches from "copy" to "accumulate" into the gradient partitions when this flag is cleared,
         # which DeepSpeed only does at the start of its own forward. Our loop may run several backwards with no
         # forward in between (overlap: fwd_0 fwd_1 bwd_0 bwd_1), and calls the student's methods directly, so
@@ -477,6 +578,8 @@ class DeepSpeedEngine:
         lr = self._set_lr()
         self._set_clip()
         self._force_skip = bool(reasons)
+        if self.per_step:
+            self._reduce_accumulated_grads()
         try:
             self._ds.step()
         finally:
@@ -525,17 +628,24 @@ class DeepSpeedEngine:
                                if p.requires_grad == train]
         opt = self.optimizer
         adam = [t for state in opt.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-        return {"weights_trainable": nbytes(parts(True)), "weights_frozen": nbytes(parts(False)),
+        frozen = parts(False) + [module.get_buffer(n) for n in self.frozen_buffers]
+        return {"weights_trainable": nbytes(parts(True)), "weights_frozen": nbytes(frozen),
                 "grads": nbytes([getattr(opt, "grad_partitions_flat_buffer", None)]),
                 "master": nbytes(getattr(opt, "fp32_partitioned_groups_flat", [])),
-                "adam": nbytes([t for t in adam if t.dim() > 0])}
+                "adam": nbytes([t for t in adam if t.dim() > 0]),
+                "trainables_whole": nbytes([p.data for p in self.params]) if self.per_step else 0}
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights of the trainable module (collective: call on every rank; every rank gets a copy)."""
         ds = _import_deepspeed()
         out = {}
         module = self._ds.module
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
         for name, p in module.named_parameters():
+            if getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.AVAILABLE:
+                out[name] = p.detach().clone().cpu()  # kept whole (per_step) and current: no gather, no release
+                continue
             with ds.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().clone().cpu()
         for name, b in module.named_buffers():
@@ -603,6 +713,7 @@ class DeepSpeedEngine:
             if adam_step > 0:
                 for key in ADAM_STATES:
                     safe_set_local_optimizer_state(p, tensors[f"{key}/{n}"].to(master.dtype), key)
+        self.refresh_gathered()
         self._set_lr()
 
     @torch.no_grad()
@@ -638,6 +749,74 @@ def partitioned_construction(cfg: Config) -> Iterator[None]:
     ds_config = deepspeed_config(cfg, dist.get_world_size())
     with ds.zero.Init(config_dict_or_path=ds_config):  # dtype from the config: bf16 or fp32
         yield
+
+
+# ------------------------------------------------------------------ where the weights live (issue 23)
+def _partition(ds, params: list[torch.nn.Parameter], group: Any, ds_config: dict[str, Any],
+               broadcast: bool = True) -> None:
+    """Turn plain parameters into ZeRO-3 parameters partitioned over `group` (None: all ranks), in place;
+    rank 0's values broadcast first unless the caller knows they are equal on every rank."""
+    if not params:
+        return
+    init = _loading_init(ds)(config_dict_or_path=ds_config, data_parallel_group=group)
+    init.skip_broadcast = not broadcast
+    try:
+        init._convert_to_zero_parameters(params)
+    finally:
+        init.skip_broadcast = False
+
+
+_LOADING_INIT: list[type] = []
+
+
+def _loading_init(ds) -> type:
+    """`deepspeed.zero.Init` for a trunk whose every weight is read from a file right after construction: it
+    skips the broadcast of rank 0's freshly initialised values that zero.Init does before partitioning each
+    parameter (12B random weights for FLUX, all overwritten by `load_partitioned`). `skip_broadcast` is cleared
+    once the weights are loaded, so later conversions through this context broadcast as usual."""
+    if not _LOADING_INIT:
+        class LoadingInit(ds.zero.Init):
+            skip_broadcast = False
+
+            def _zero_init_param(self, param):
+                if not self.skip_broadcast:
+                    return super()._zero_init_param(param)
+                self._convert_to_deepspeed_param(param)
+                param.partition()
+
+        _LOADING_INIT.append(LoadingInit)
+    return _LOADING_INIT[0]
+
+
+@contextlib.contextmanager
+def trunk_construction(cfg: Config, loaded: bool) -> Iterator[None]:
+    """Build the teacher trunk where the layout puts its weights: a plain replica on this rank's device (a LoRA
+    run's `replicate`; the engine turns the frozen weights into buffers), or ZeRO-3 partitions over the ranks
+    of this node (`shard_in_node`) or all ranks. `loaded`: every weight is overwritten from a file right after,
+    so nothing is broadcast. A no-op for `train.engine: torch`."""
+    if cfg.train.engine != "deepspeed":
+        yield
+        return
+    ds = _import_deepspeed()
+    ensure_distributed(cfg)
+    import torch.distributed as dist
+
+    layout = engine_layout(cfg)
+    if cfg.lora.enabled and layout.frozen == "replicate":
+        from trainer.distributed import device_for, rank_info
+
+        with torch.device(device_for(rank_info())):
+            yield
+        return
+    group = node_group(cfg) if cfg.lora.enabled and layout.frozen == "shard_in_node" else None
+    init = _loading_init(ds)(config_dict_or_path=deepspeed_config(cfg, dist.get_world_size(), layout.prefetch_numel),
+                             data_parallel_group=group)
+    init.skip_broadcast = loaded
+    try:
+        with init:
+            yield
+    finally:
+        init.skip_broadcast = False
 
 
 def build_engine(cfg: Config, module: torch.nn.Module) -> TorchEngine | DeepSpeedEngine:

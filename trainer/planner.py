@@ -6,6 +6,10 @@ student group (DeepSpeed ZeRO-3 partitions parameters, gradients and optimizer s
 and of the teacher group is estimated for full fine-tuning and for LoRA, with and without activation
 checkpointing. The model (bytes per parameter, activation constants) is written out in `BYTES` and
 `activation_bytes` so a reader can check every number.
+
+It also decides where a LoRA run's weights live (issue 23, docs/performance.md): `resolve_layout` picks the
+frozen base's placement (`train.frozen_weights`: replicated, sharded within a node, sharded over all ranks) and
+the trainables' communication (`train.trainable_comm`) as the first choice whose memory row fits the GPU.
 """
 from __future__ import annotations
 
@@ -42,11 +46,18 @@ class ModelCounts:
     describe: str = ""
 
 
+FROZEN_PLACEMENTS = ("replicate", "shard_in_node", "shard")  # preference order of `train.frozen_weights: auto`
+TRAINABLE_COMM = ("per_step", "per_pass")  # preference order of `train.trainable_comm: auto`
+FROZEN_KEY = "frozen base (bf16)"
+
+
 @dataclass
 class PlanRow:
     mode: str  # "full" | "lora"
     checkpointing: bool
     parts_gib: dict[str, float] = field(default_factory=dict)
+    frozen: str = "shard"  # where the frozen base lives (FROZEN_PLACEMENTS)
+    trainable: str = "per_pass"  # TRAINABLE_COMM
 
     @property
     def total_gib(self) -> float:
@@ -65,6 +76,8 @@ class Plan:
     student_rows: list[PlanRow]
     teacher_gib: float  # per teacher GPU (separate placement); 0 in shared placement
     notes: list[str]
+    gpus_per_node: int = 0  # 0 = all student GPUs on one node
+    layout: PlanRow | None = None  # the chosen row: this config's mode, placement and trainable communication
 
     def fits(self, row: PlanRow) -> bool:
         return row.total_gib <= self.gpu_mem_gib
@@ -168,31 +181,74 @@ def trainable_state_bytes(n: int, eightbit: bool) -> float:
     return n * (BYTES["weight"] + BYTES["grad"] + BYTES["master"] + adam + BYTES["ema"])
 
 
+def frozen_group_size(placement: str, n_gpus: int, gpus_per_node: int) -> int:
+    """How many GPUs share one copy of the frozen base: 1 (replicate), a node, or all student GPUs."""
+    if placement == "replicate":
+        return 1
+    if placement == "shard_in_node":
+        return max(1, min(gpus_per_node or n_gpus, n_gpus))
+    return n_gpus
+
+
 def student_row(cfg: Config, counts: ModelCounts, n_gpus: int, mode: str, checkpointing: bool, tokens: int,
-                micro_batch: int, shared_teacher: bool) -> PlanRow:
+                micro_batch: int, shared_teacher: bool, frozen: str = "shard", trainable_comm: str = "per_pass",
+                gpus_per_node: int = 0) -> PlanRow:
+    """Per-GPU memory of one student rank. `frozen` places the LoRA base (replicated, sharded in a node or over
+    all GPUs); `trainable_comm: per_step` keeps whole bf16 copies of the trainable weights and gradients."""
     eightbit = cfg.optim.eightbit
     if mode == "full":
-        trainable, frozen = counts.total + counts.head, 0  # (the replaced proj_out is negligible)
+        trainable, frozen_n = counts.total + counts.head, 0  # (the replaced proj_out is negligible)
     else:
-        trainable, frozen = counts.lora + counts.head + counts.norm_out, counts.total
+        trainable, frozen_n = counts.lora + counts.head + counts.norm_out, counts.total
+    group = frozen_group_size(frozen, n_gpus, gpus_per_node)
+    # ZeRO-3 gathers up to two blocks at a time (the one computing, the one prefetched): the whole block when
+    # it is partitioned, nothing of a replicated frozen base (its LoRA share is kept whole with per_step)
+    gathered = counts.largest_block if (mode == "full" or group > 1) else 0
     parts = {
-        "frozen base (bf16, ZeRO-3 shard)": frozen * BYTES["frozen"] / n_gpus / GiB,
+        FROZEN_KEY: frozen_n * BYTES["frozen"] / group / GiB,
         "trainable states (ZeRO-3 shard)": trainable_state_bytes(trainable, eightbit) / n_gpus / GiB,
-        "ZeRO-3 gathered blocks (2 in flight)": 2 * counts.largest_block * BYTES["weight"] / GiB,
+        "ZeRO-3 gathered blocks (2 in flight)": 2 * gathered * BYTES["weight"] / GiB,
+        "trainables kept whole (per_step)":
+            (trainable * (BYTES["weight"] + BYTES["grad"]) / GiB) if trainable_comm == "per_step" else 0.0,
         "activations": activation_bytes(counts, tokens, micro_batch, checkpointing) / GiB,
         "overhead": OVERHEAD_GIB,
     }
     if shared_teacher:
         teacher_batch = micro_batch * cfg.distill.num_intermediate * _cfg_factor(cfg)
         parts["teacher forward (shared, no_grad)"] = ACT_INFER * tokens * counts.hidden * teacher_batch / GiB
-    return PlanRow(mode=mode, checkpointing=checkpointing, parts_gib=parts)
+    return PlanRow(mode=mode, checkpointing=checkpointing, parts_gib=parts,
+                   frozen=frozen if mode == "lora" else "shard", trainable=trainable_comm)
+
+
+def resolve_layout(cfg: Config, counts: ModelCounts, n_gpus: int, gpus_per_node: int, gpu_mem_gib: float | None,
+                   tokens: int, micro_batch: int) -> PlanRow:
+    """This config's memory row with `train.frozen_weights` and `train.trainable_comm` resolved: an explicit
+    choice is kept; `auto` takes the first placement (replicate, shard_in_node, shard) and then the first
+    trainable mode (per_step, per_pass) whose row fits `gpu_mem_gib` (None: unknown, e.g. CPU ranks: the
+    first). When nothing fits, the most sharded row (the plan then says DOES NOT FIT)."""
+    mode = "lora" if cfg.lora.enabled else "full"
+    shared = cfg.teacher.placement == "shared"
+    frozen = FROZEN_PLACEMENTS if cfg.train.frozen_weights == "auto" else (cfg.train.frozen_weights,)
+    if mode == "full":
+        frozen = ("shard",)  # no frozen base: the whole trunk trains and is ZeRO-3 sharded
+    trainable = TRAINABLE_COMM if cfg.train.trainable_comm == "auto" else (cfg.train.trainable_comm,)
+    if cfg.train.prefetch_blocks == 0:
+        trainable = ("per_pass",)  # per_step needs prefetch (config.validate)
+    row = None
+    for f in frozen:
+        for t in trainable:
+            row = student_row(cfg, counts, n_gpus, mode, cfg.model.gradient_checkpointing, tokens, micro_batch,
+                              shared, f, t, gpus_per_node)
+            if gpu_mem_gib is None or row.total_gib <= gpu_mem_gib:
+                return row
+    return row
 
 
 def _cfg_factor(cfg: Config) -> int:
     return 2 if cfg.teacher.guidance.mode == "cfg" else 1
 
 
-def make_plan(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
+def make_plan(cfg: Config, gpus: int, gpu_mem_gib: float, gpus_per_node: int = 0) -> Plan:
     if gpus < 1:
         raise ConfigError(f"piflow plan: --gpus must be >= 1, got {gpus}")
     counts = count_model(cfg)
@@ -206,7 +262,11 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
                           f"(teacher.replicas={cfg.teacher.replicas} x {per_replica})")
     micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // student_gpus)
     tokens = sequence_tokens(cfg)
-    rows = [student_row(cfg, counts, student_gpus, mode, ckpt, tokens, micro, shared)
+    layout = resolve_layout(cfg, counts, student_gpus, gpus_per_node, gpu_mem_gib, tokens, micro)
+    # the other rows (mode, checkpointing) with the layout this config resolved to where it applies: the
+    # placement of a frozen base only exists for LoRA, whole trainables (per_step) only for small trainables
+    rows = [student_row(cfg, counts, student_gpus, mode, ckpt, tokens, micro, shared, layout.frozen,
+                        layout.trainable if mode == layout.mode else "per_pass", gpus_per_node)
             for mode in ("full", "lora") for ckpt in (True, False)]
     teacher_gib = 0.0
     if not shared:
@@ -220,7 +280,8 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gib: float) -> Plan:
                      "the full fine-tune rows would need a separate teacher")
     if not cfg.lora.target_modules:
         notes.append("lora.target_modules is empty: the LoRA rows count heads + norm_out only")
-    return Plan(counts, gpus, student_gpus, teacher_gpus, gpu_mem_gib, micro, tokens, rows, teacher_gib, notes)
+    return Plan(counts, gpus, student_gpus, teacher_gpus, gpu_mem_gib, micro, tokens, rows, teacher_gib, notes,
+                gpus_per_node, layout)
 
 
 def format_plan(plan: Plan, cfg: Config) -> str:
@@ -231,7 +292,10 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"student trainables: LoRA r={cfg.lora.rank} {c.lora / 1e6:.1f}M + {cfg.policy.type.upper()} head "
         f"{c.head / 1e6:.1f}M + norm_out {c.norm_out / 1e6:.1f}M; full fine-tune {(c.total + c.head) / 1e9:.2f}B",
         f"GPUs: {plan.gpus} = {plan.student_gpus} student (ZeRO-3) + {plan.teacher_gpus} teacher; "
-        f"{plan.gpu_mem_gib:g} GiB each; micro-batch {plan.micro_batch}/GPU, {plan.tokens} tokens/sample",
+        f"{plan.gpu_mem_gib:.4g} GiB each; micro-batch {plan.micro_batch}/GPU, {plan.tokens} tokens/sample",
+        f"layout: frozen base {plan.layout.frozen if cfg.lora.enabled else '(none: full fine-tune)'}"
+        f" (train.frozen_weights={cfg.train.frozen_weights}), trainables {plan.layout.trainable}"
+        f" (train.trainable_comm={cfg.train.trainable_comm})",
         "",
         f"{'student per GPU (GiB)':<40}" + "".join(f"{_row_name(r):>14}" for r in plan.student_rows),
     ]
@@ -259,3 +323,26 @@ def format_plan(plan: Plan, cfg: Config) -> str:
 
 def _row_name(row: PlanRow) -> str:
     return f"{row.mode}{'+ckpt' if row.checkpointing else ''}"
+
+
+def runtime_layout(cfg: Config, world: int, gpus_per_node: int, gpu_mem_gib: float | None) -> tuple[PlanRow, int]:
+    """(the layout a run with `world` student ranks takes at startup, the largest block's parameter count or 0)
+    for trainer/engine.py. `auto` plans the model on the meta device; a model the planner cannot count (no
+    public config) takes the safest layout on a GPU (shard, per_pass), the cheapest where memory is unknown."""
+    mode = "lora" if cfg.lora.enabled else "full"
+    try:
+        counts = count_model(cfg)
+    except ConfigError:
+        counts = None
+    if counts is None or (cfg.train.frozen_weights != "auto" and cfg.train.trainable_comm != "auto"):
+        safe = gpu_mem_gib is not None
+        frozen = cfg.train.frozen_weights if cfg.train.frozen_weights != "auto" else (
+            "shard" if safe else "replicate")
+        trainable = cfg.train.trainable_comm if cfg.train.trainable_comm != "auto" else (
+            "per_pass" if safe or cfg.train.prefetch_blocks == 0 else "per_step")
+        row = PlanRow(mode, cfg.model.gradient_checkpointing, frozen=frozen if mode == "lora" else "shard",
+                      trainable=trainable)
+        return row, counts.largest_block if counts is not None else 0
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.batch_size // world)
+    row = resolve_layout(cfg, counts, world, gpus_per_node, gpu_mem_gib, sequence_tokens(cfg), micro)
+    return row, counts.largest_block

@@ -89,8 +89,9 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
     if cfg.train.engine != "deepspeed":
         student.to(device)  # DeepSpeed places the module itself (zero.Init + initialize on the accelerator)
     engine = build_engine(cfg, student)
-    master = engine.local_master if cfg.train.engine == "deepspeed" else None
-    ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=master)
+    ds = cfg.train.engine == "deepspeed"
+    ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=engine.local_master if ds else None,
+                   refresh=engine.refresh_gathered if ds else None)
     return RankSetup(info, family, student, teacher, engine, ema, module_device(student))
 
 

@@ -20,7 +20,8 @@ def ds_checkpoint_run(output: str, teacher_path: str) -> dict:
     cfg = config_from_dict({**make_cfg(2), "run": {"output": output}})
     student, teacher = student_and_teacher(cfg, teacher_path)
     engine = build_engine(cfg, student)
-    ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=engine.local_master)
+    ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start, master=engine.local_master,
+                   refresh=engine.refresh_gathered)
     info = rank_info()
     gens = {"extra": torch.Generator().manual_seed(50 + info.rank)}
 

@@ -58,7 +58,7 @@ def train_trajectory(cfg_dict: dict, teacher_path: str, steps: int, grad_ckpt: b
     info = rank_info()
     ds = cfg.train.engine == "deepspeed"
     ema = PowerEMA(engine.params, gamma=cfg.ema.gamma, start=cfg.ema.start,
-                   master=engine.local_master if ds else None)
+                   master=engine.local_master if ds else None, refresh=engine.refresh_gathered if ds else None)
     out = {"loss": [], "grad_norm": [], "lr": [], "local_numel": 0, "full_numel": 0}
     for p in engine.params:
         out["local_numel"] += p.ds_tensor.numel() if ds else p.numel()
@@ -167,6 +167,14 @@ def piid_trajectory(cfg_dict: dict, steps: int, accum: int) -> dict:
     for p in engine.params:
         out["local_numel"] += p.ds_tensor.numel() if ds else p.numel()
         out["full_numel"] += p.ds_numel if ds else p.numel()
+    if ds:  # where the frozen base lives: ZeRO-3 partitions, or whole buffers (replicate)
+        module = engine._ds.module
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        buffers = [module.get_buffer(n) for n in engine.frozen_buffers]
+        out["layout"] = [engine.layout.frozen, engine.layout.trainable]
+        out["frozen_zero_params"] = bool(frozen) and all(hasattr(p, "ds_tensor") for p in frozen)
+        out["frozen_local_numel"] = sum(p.ds_tensor.numel() for p in frozen) + sum(b.numel() for b in buffers)
+        out["frozen_full_numel"] = sum(p.ds_numel for p in frozen) + sum(b.numel() for b in buffers)
     for step in range(steps):
         noise, cond = global_piid_batch(step, cfg.train.batch_size)
         total = torch.zeros(())

@@ -143,3 +143,31 @@ def test_piid_loss_trajectory_two_ranks_equals_one_rank(flux_teacher_dir):
         rel = ((a - b).abs() / b.abs()).max().item()
         assert rel < 1e-5, f"pi-ID {key}: 2 ranks vs 1 rank differ by {rel:.2e} relative\n{a}\n{b}"
     assert len(set(two[0]["loss"])) == PIID_STEPS  # the weights move: every step's loss differs
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_weight_layouts_train_the_same_trajectory(flux_teacher_dir):
+    """6 data-free pi-ID steps on 2 ranks (fp32) with the frozen base sharded and every trainable gathered and
+    reduced per pass (the layout before issue 23), with the trainables kept gathered and reduced once per step,
+    and with the frozen base replicated: the same losses and gradient norms within 1e-5 relative. The replicated
+    base is held whole by each rank and is no ZeRO-3 parameter."""
+    from tests.trainer.ds_spawn import run_ranks
+    from tests.trainer.engine_workers import flux_cfg, piid_trajectory
+
+    runs = {}
+    for frozen, trainable in (("shard", "per_pass"), ("shard", "per_step"), ("replicate", "per_step")):
+        cfg = flux_cfg(2, flux_teacher_dir, train={"frozen_weights": frozen, "trainable_comm": trainable})
+        runs[(frozen, trainable)] = run_ranks(piid_trajectory, 2, cfg, 6, 1)
+    ref = runs[("shard", "per_pass")][0]
+    for key, (r0, r1) in runs.items():
+        assert r0["layout"] == list(key) and r0["frozen_zero_params"] == (key[0] != "replicate")
+        for k in ("loss", "grad_norm"):
+            a, b = torch.tensor(r0[k], dtype=torch.float64), torch.tensor(ref[k], dtype=torch.float64)
+            rel = ((a - b).abs() / b.abs()).max().item()
+            assert rel < 1e-5, f"{key} vs shard/per_pass: {k} differs by {rel:.2e}\n{a}\n{b}"
+    assert len(set(ref["loss"])) == 6
+    rep = runs[("replicate", "per_step")][0]
+    assert rep["frozen_local_numel"] == rep["frozen_full_numel"] > 0  # whole on each rank
+    shard = runs[("shard", "per_step")][0]
+    assert shard["frozen_full_numel"] / 2 <= shard["frozen_local_numel"] <= shard["frozen_full_numel"] / 2 + 200

@@ -39,7 +39,7 @@ def test_qwen_image_counts():
 
 
 def test_memory_arithmetic_flux_lora_shared():
-    cfg = load_config(FLUX)
+    cfg = load_config(FLUX, ["train.frozen_weights=shard", "train.trainable_comm=per_pass"])
     plan = make_plan(cfg, gpus=32, gpu_mem_gib=80)
     c = plan.counts
     assert plan.student_gpus == 32 and plan.teacher_gpus == 0 and plan.micro_batch == 2
@@ -47,7 +47,8 @@ def test_memory_arithmetic_flux_lora_shared():
     lora_ckpt = next(row for row in plan.student_rows if row.mode == "lora" and row.checkpointing)
     parts = lora_ckpt.parts_gib
     trainable = c.lora + c.head + c.norm_out
-    assert parts["frozen base (bf16, ZeRO-3 shard)"] == pytest.approx(2 * c.total / 32 / GiB)
+    assert parts["frozen base (bf16)"] == pytest.approx(2 * c.total / 32 / GiB)
+    assert parts["trainables kept whole (per_step)"] == 0
     assert parts["trainable states (ZeRO-3 shard)"] == pytest.approx(20 * trainable / 32 / GiB)  # 2+2+4+8+4 bytes
     assert parts["ZeRO-3 gathered blocks (2 in flight)"] == pytest.approx(2 * 2 * c.largest_block / GiB)
     act = (2 * 57 + 34) * plan.tokens * D * 2  # saved block inputs + one block recomputed, micro-batch 2
@@ -99,3 +100,44 @@ def test_paper_hyper_parameters_in_configs():
     for cfg in (flux, qwen):
         assert (cfg.distill.shift, cfg.distill.final_step_scale, cfg.distill.window_substeps) == (3.2, 0.5, 3.0)
         assert cfg.policy.dropout == 0.1 and cfg.teacher.placement == "shared"
+
+
+def _lora_row(plan):
+    return next(row for row in plan.student_rows if row.mode == "lora" and row.checkpointing)
+
+
+def test_frozen_base_placement_memory():
+    """replicate keeps the whole bf16 base on every GPU and gathers no block of it; shard_in_node divides it by
+    the GPUs of a node, shard by all; per_step adds whole bf16 trainable weights and gradients."""
+    rows = {}
+    for frozen in ("replicate", "shard_in_node", "shard"):
+        cfg = load_config(FLUX, [f"train.frozen_weights={frozen}", "train.trainable_comm=per_step"])
+        plan = make_plan(cfg, gpus=16, gpu_mem_gib=80, gpus_per_node=8)
+        assert (plan.layout.frozen, plan.layout.trainable) == (frozen, "per_step")
+        rows[frozen] = _lora_row(plan).parts_gib
+    c = count_model(load_config(FLUX))
+    trainable = c.lora + c.head + c.norm_out
+    for frozen, group in (("replicate", 1), ("shard_in_node", 8), ("shard", 16)):
+        assert rows[frozen]["frozen base (bf16)"] == pytest.approx(2 * c.total / group / GiB)
+        assert rows[frozen]["trainables kept whole (per_step)"] == pytest.approx(4 * trainable / GiB)
+    assert rows["replicate"]["ZeRO-3 gathered blocks (2 in flight)"] == 0
+    assert rows["shard"]["ZeRO-3 gathered blocks (2 in flight)"] == pytest.approx(4 * c.largest_block / GiB)
+
+
+@pytest.mark.parametrize("mem,want", [(80, ("replicate", "per_step")), (24, ("shard_in_node", "per_step")),
+                                      (19, ("shard", "per_pass")), (8, ("shard", "per_pass"))])
+def test_auto_layout_takes_the_first_that_fits(mem, want):
+    """FLUX on 2 nodes x 8 GPUs: the replicated base (about 40 GiB with everything else) fits 80 GiB, not 24;
+    a node-sharded base fits 24; below that only the all-rank shard is left, and when nothing fits (8 GiB) the
+    most sharded layout is kept and the plan says so."""
+    plan = make_plan(load_config(FLUX), gpus=16, gpu_mem_gib=mem, gpus_per_node=8)
+    assert (plan.layout.frozen, plan.layout.trainable) == want
+    assert plan.fits(plan.layout) == (mem >= 19)
+    explicit = make_plan(load_config(FLUX, ["train.frozen_weights=replicate"]), gpus=16, gpu_mem_gib=mem,
+                         gpus_per_node=8)
+    assert explicit.layout.frozen == "replicate"  # an explicit choice is kept, fitting or not
+
+
+def test_full_fine_tune_has_no_frozen_placement():
+    plan = make_plan(load_config(DIT), gpus=10, gpu_mem_gib=80)
+    assert plan.layout.frozen == "shard" and plan.layout.parts_gib["frozen base (bf16)"] == 0

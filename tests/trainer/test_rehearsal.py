@@ -53,15 +53,19 @@ def rehearsal_cfg(family: str, pretrained: str, out: str):
 
 
 def planned_bytes_per_rank(cfg, world: int) -> dict[str, float]:
-    """`piflow plan`'s per-GPU parameter, gradient, optimiser and EMA bytes for this config (the dir's arch)."""
-    from trainer.planner import BYTES, make_plan
+    """`piflow plan`'s per-GPU parameter, gradient, optimiser and EMA bytes for this config (the dir's arch) in
+    the layout the ranks take (CPU ranks: `auto` = the replicated base, trainables kept whole)."""
+    from trainer.planner import BYTES, frozen_group_size, make_plan, runtime_layout
 
     plan = make_plan(cfg, gpus=world + (0 if cfg.teacher.placement == "shared" else 1), gpu_mem_gib=80)
     assert plan.student_gpus == world
+    layout, _ = runtime_layout(cfg, world, world, None)
     c = plan.counts
     trainable = c.lora + c.head + c.norm_out if cfg.lora.enabled else c.total + c.head
     frozen = c.total if cfg.lora.enabled else 0
-    return {"weights_frozen": frozen * BYTES["frozen"] / world,
+    group = frozen_group_size(layout.frozen, world, world)
+    whole = trainable * BYTES["weight"] if layout.trainable == "per_step" else 0
+    return {"weights_frozen": frozen * BYTES["frozen"] / group, "trainables_whole": whole,
             "weights_trainable": trainable * BYTES["weight"] / world, "grads": trainable * BYTES["grad"] / world,
             "master": trainable * BYTES["master"] / world, "adam": trainable * BYTES["adam"] / world,
             "ema": trainable * BYTES["ema"] / world}
