@@ -440,6 +440,7 @@ def rehearse(recipe: str, overrides: list[str], steps: int = 4, output: str = ""
             write_hub_snapshot(cfg, work / "hub")
         else:
             write_model_dir(cfg, cfg.model.pretrained)
+        env["WANDB_MODE"] = cfg.wandb.mode  # the recipe's (offline) mode, whatever the caller's environment says
         config_file = work / "rehearsal.yaml"
         config_file.write_text(f"# piflow rehearse {recipe}: the recipe with the shrink of docs/rehearse.md\n"
                                + dump_config(cfg))
