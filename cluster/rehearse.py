@@ -402,7 +402,7 @@ def _machine_line(machine) -> str:
     return f"{kind}, load average {load:.1f} at the start"
 
 
-def rehearse(recipe: str, overrides: list[str], steps: int = 4, output: str = "", workdir: str = "",
+def rehearse(recipe: str, overrides: list[str], steps: int = 6, output: str = "", workdir: str = "",
              timeout: float = 1800.0) -> Report:
     """The whole rehearsal; returns its report (printed by the command). Raises RehearsalFailed on a failed step."""
     from trainer.config import dump_config, load_config
@@ -477,7 +477,7 @@ def add_rehearse(sub: argparse._SubParsersAction) -> None:
                                         "sample, and the full-scale plan")
     p.add_argument("recipe", help="the production recipe (YAML), e.g. configs/flux_dev_gm_k8_4nfe.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides on top of the shrink (listed as such)")
-    p.add_argument("--steps", type=int, default=4, help="training steps (>= 4): a checkpoint at steps/2, a rank "
+    p.add_argument("--steps", type=int, default=6, help="training steps (>= 4): a checkpoint at steps/2, a rank "
                    "killed in the step after it, the group resumed from the checkpoint")
     p.add_argument("--output", default="", help="storage for the run and its shards: a local dir or s3://BUCKET/"
                    "PREFIX with your credentials (default: a temporary S3 server on 127.0.0.1)")

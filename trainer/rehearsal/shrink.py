@@ -149,7 +149,7 @@ SHRINK: tuple[Rule, ...] = (
     Rule("teacher.cpus_per_replica", "workers", "0 (the CPUs go to the student ranks)", lambda cfg, ctx: 0.0),
     Rule("data.workers", "workers", "1", lambda cfg, ctx: 1),
     # -- iterations and cadences
-    Rule("train.iters", "iterations", "--steps (default 4)", lambda cfg, ctx: ctx.steps),
+    Rule("train.iters", "iterations", "--steps (default 6; the suite: 4)", lambda cfg, ctx: ctx.steps),
     Rule("train.ckpt_every", "checkpoint cadence", "steps / 2 (a rank is killed in the step after it)",
          lambda cfg, ctx: max(1, ctx.steps // 2)),
     Rule("run.log_flush_steps", "checkpoint cadence", "1 (every step's record reaches storage before the kill)",
