@@ -404,62 +404,58 @@ def _machine_line(machine) -> str:
 
 def rehearse(recipe: str, overrides: list[str], steps: int = 6, output: str = "", workdir: str = "",
              timeout: float = 1800.0) -> Report:
-    """The whole rehearsal; returns its report (printed by the command). Raises RehearsalFailed on a failed step."""
+    """The whole rehearsal; returns its report (printed by the command). Raises RehearsalFailed on a failed step;
+    a bad recipe, override, --steps or --output fails before anything is written or deleted."""
+    import contextlib
+
     from trainer.config import dump_config, load_config
     from trainer.rehearsal.shrink import Context, Machine, shrink
     from trainer.rehearsal.snapshot import write_hub_snapshot, write_model_dir
     from trainer.weights import is_hub_id
 
     t0 = time.time()
-    base = load_config(recipe)  # a bad recipe fails here, before anything is written
+    base = load_config(recipe)
     machine = Machine.here()
-    work = _workdir(Path(workdir or Path("runs") / "rehearse" / base.run.name).resolve())
+    work = Path(workdir or Path("runs") / "rehearse" / base.run.name).resolve()
+    root = output.rstrip("/") if output else "s3://piflow-rehearsal"
+    run_output, data_root = f"{root}/runs/{base.run.name}", f"{root}/data/{base.run.name}"
+    kind = "latents" if not base.distill.data_free else "encoded" if base.data.pre_encoded else "prompts"
+    ctx = Context(machine, steps, run_output, f"{data_root}/{kind}", pretrained_dir=str(work / "model"))
+    recipe_cfg, cfg, changes = shrink(recipe, ctx, overrides)  # every config error comes here, first
     report = Report(recipe=recipe, machine={**vars(machine), "describe": _machine_line(machine)})
-    env = {**os.environ, "HF_HUB_CACHE": str(work / "hub"), "HF_HUB_OFFLINE": "1", "WANDB_DIR": str(work)}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, machine.cpus // 2)))
-    s3 = None
-    try:
+    report.changes = [{"key": c.key, "recipe": c.recipe, "rehearsal": c.rehearsal, "kind": c.kind,
+                       "family": cfg.model.family} for c in changes]
+    with contextlib.ExitStack() as stack:
         if not output:
-            s3 = LocalS3().__enter__()
-            env.update({k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-            for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
-                env.pop(k, None)
-            root = "s3://piflow-rehearsal"
-        else:
-            root = output.rstrip("/")
-        run_output = f"{root}/runs/{base.run.name}"
-        data_root = f"{root}/data/{base.run.name}"
+            stack.enter_context(LocalS3())
         _check_empty(run_output)
-        shards = f"{data_root}/{'latents' if not base.distill.data_free else 'encoded' if base.data.pre_encoded else 'prompts'}"
-        ctx = Context(machine, steps, run_output, shards, pretrained_dir=str(work / "model"))
-        recipe_cfg, cfg, changes = shrink(recipe, ctx, overrides)
-        report.changes = [{"key": c.key, "recipe": c.recipe, "rehearsal": c.rehearsal, "kind": c.kind,
-                           "family": cfg.model.family} for c in changes]
-        report.plan = full_scale_plan(recipe_cfg)
-        if is_hub_id(cfg.model.pretrained):
-            write_hub_snapshot(cfg, work / "hub")
-        else:
-            write_model_dir(cfg, cfg.model.pretrained)
-        env["WANDB_MODE"] = cfg.wandb.mode  # the recipe's (offline) mode, whatever the caller's environment says
-        config_file = work / "rehearsal.yaml"
-        config_file.write_text(f"# piflow rehearse {recipe}: the recipe with the shrink of docs/rehearse.md\n"
-                               + dump_config(cfg))
-        runner = Steps(work, env)
-        report.seconds["setup"] = round(time.time() - t0, 1)
-        t = time.time()
-        build_data(runner, cfg, config_file, data_root, shards)
-        report.seconds["data"] = round(time.time() - t, 1)
-        train_with_kill(runner, cfg, config_file, report, timeout)
-        report.seconds["train"] = runner.seconds["train"]
-        t = time.time()
-        export_and_sample(runner, cfg, report)
-        report.seconds["export+sample"] = round(time.time() - t, 1)
-        report.passed = report.finite and report.resume.get("exact", False) and report.sample.get("finite", False)
-    finally:
-        report.seconds["total"] = round(time.time() - t0, 1)
-        if s3 is not None:
-            s3.__exit__(None, None, None)
-        (work / "rehearsal.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+        _workdir(work)
+        env = {**os.environ, "HF_HUB_CACHE": str(work / "hub"), "HF_HUB_OFFLINE": "1", "WANDB_DIR": str(work),
+               "WANDB_MODE": cfg.wandb.mode}  # the recipe's (offline) mode, whatever the caller's environment says
+        env.setdefault("OMP_NUM_THREADS", str(max(1, machine.cpus // 2)))
+        try:
+            report.plan = full_scale_plan(recipe_cfg)
+            if is_hub_id(cfg.model.pretrained):
+                write_hub_snapshot(cfg, work / "hub")
+            else:
+                write_model_dir(cfg, cfg.model.pretrained)
+            config_file = work / "rehearsal.yaml"
+            config_file.write_text(f"# piflow rehearse {recipe}: the recipe with the shrink of docs/rehearse.md\n"
+                                   + dump_config(cfg))
+            runner = Steps(work, env)
+            report.seconds["setup"] = round(time.time() - t0, 1)
+            t = time.time()
+            build_data(runner, cfg, config_file, data_root, ctx.shards)
+            report.seconds["data"] = round(time.time() - t, 1)
+            train_with_kill(runner, cfg, config_file, report, timeout)
+            report.seconds["train"] = runner.seconds["train"]
+            t = time.time()
+            export_and_sample(runner, cfg, report)
+            report.seconds["export+sample"] = round(time.time() - t, 1)
+            report.passed = report.finite and report.resume.get("exact", False) and report.sample.get("finite", False)
+        finally:
+            report.seconds["total"] = round(time.time() - t0, 1)
+            (work / "rehearsal.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
     return report
 
 

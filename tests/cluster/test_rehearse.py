@@ -17,9 +17,32 @@ import pytest
 from tests.recipes import RECIPES, ROOT
 from trainer.rehearsal.shrink import SHRINK_KEYS
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.distributed, pytest.mark.timeout(2700)]
 
 
+def test_bad_input_is_one_line_before_anything_is_written_or_deleted(tmp_path, capsys):
+    from cluster.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".piflow-rehearsal").write_text("")
+    (work / "earlier.txt").write_text("an earlier rehearsal")
+    cases = [([RECIPES["flux"], "--steps", "3"], "--steps 3: a rehearsal needs at least 4"),
+             (["configs/digits_demo.yaml"], "model.family='digits'"),
+             ([RECIPES["flux"], "optim.lr=-1"], "optim.lr"),
+             ([RECIPES["flux"], "--workdir", str(tmp_path)], "is not a rehearsal's directory")]
+    for args, message in cases:
+        if "--workdir" not in args:
+            args = [*args, "--workdir", str(work)]
+        assert main(["rehearse", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert (work / "earlier.txt").exists() and not (work / "hub").exists()  # nothing cleared, nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.distributed
+@pytest.mark.timeout(2700)
 @pytest.mark.parametrize("family", ["flux", "qwen_image", "dit", "wan"])
 def test_piflow_rehearse_passes_for_the_recipe(family, tmp_path):
     work, report_file = tmp_path / "work", tmp_path / "report.json"
