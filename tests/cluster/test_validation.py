@@ -48,3 +48,31 @@ def test_prompts_encoded_once_and_rollouts_decoded_with_captions(tmp_path, monke
     data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
     for prompt in cfg.eval.prompts[:cfg.eval.num_samples]:  # one wandb image per sample, its prompt as caption
         assert f"{prompt} (seed".encode() in data
+
+
+def test_video_rollouts_are_decoded_to_clips_and_previewed(tmp_path):
+    """The Wan recipe's validation (shared placement: the ValidationServer actor's object here): its VAE decodes
+    the folded latents into clips, the preview shows each clip's middle frame (it failed: decode without the
+    config, which a video family needs for the frame count)."""
+    from cluster.validation import ValidationServer
+    from models.families import get_family
+    from models.pipeline import PiFlowStudent
+    from trainer.rollouts import RolloutHook, rollout_url
+
+    cfg = recipe_config("wan", *FP32, "eval.num_samples=2", output=str(tmp_path / "run"))
+    server = ValidationServer(cfg.to_dict())
+    student = PiFlowStudent(piflow=cfg.to_dict(), kind="lora").student
+    hook = RolloutHook(cfg, get_family("wan"), student, encode=server.encode, decode=server.decode)
+    hook(step=1)
+    hook.close()
+    x0 = hook.sample()[0][:, -1]
+    clips = server.decode(x0)
+    m = cfg.model
+    assert clips.shape == (2, 3, 4 * (m.latent_frames - 1) + 1, 8 * m.latent_size, 8 * m.latent_width)
+    from data_pipeline import storage
+
+    grid = Image.open(io.BytesIO(storage.get_bytes(storage.join(rollout_url(cfg.run.output, 1), "preview.png"))))
+    assert grid.size == (2 * 8 * m.latent_width, 8 * m.latent_size)
+    middle = ((clips[:, :, clips.shape[2] // 2].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    got = torch.from_numpy(__import__("numpy").array(grid)).permute(2, 0, 1)  # (3, H, 2W)
+    assert (got[:, :, : 8 * m.latent_width].int() - middle[0].int()).abs().max() <= 1
