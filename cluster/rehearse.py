@@ -135,6 +135,9 @@ class Steps:
         except subprocess.TimeoutExpired:
             stop_tree(proc.pid)
             raise RehearsalFailed(f"step '{name}' did not finish in {timeout:.0f} s (stopped); log: {log}") from None
+        except KeyboardInterrupt:  # its own session gets no Ctrl-C: stop it and its Ray here
+            stop_tree(proc.pid)
+            raise
         self.seconds[name] = round(time.time() - started, 1)
         if rc != 0:
             raise RehearsalFailed(f"step '{name}' failed (exit {rc}): {last_error(log)}; log: {log}")
