@@ -11,8 +11,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                 _add_template, _add_convert, _add_import):
         add(sub)
     from cluster.jobs.eval import add_eval
+    from cluster.rehearse import add_rehearse
 
     add_eval(sub)
+    add_rehearse(sub)
 
 
 def need_input(url: str, what: str) -> None:

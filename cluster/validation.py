@@ -52,7 +52,8 @@ class ValidationServer:
         with torch.no_grad():
             if self._vae is None:
                 return None if self.family.uses_vae else self.family.decode(None, x0.float()).cpu()
-            return self.family.decode(self._vae, x0.to(self.device, torch.float32)).clamp(-1, 1).cpu()
+            # cfg: a video family needs the frame count (found by rehearsing the Wan recipe)
+            return self.family.decode(self._vae, x0.to(self.device, torch.float32), cfg=self.cfg).clamp(-1, 1).cpu()
 
     def validation_calls(self) -> dict[str, int]:
         return dict(self.calls)

@@ -188,7 +188,10 @@ def build_transformer_student(family: TransformerFamily, cfg: Config, teacher=No
             if "lora_" in name:
                 param.data = param.data.float()  # trainables in fp32, the frozen base stays in its dtype
                 param.requires_grad_(True)
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing:  # the one place it is turned on; the engines verify it (trainer/engine.py)
+        if not getattr(network, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"model.gradient_checkpointing: true, but {type(network).__name__} (model.family="
+                             f"{family.name}) does not support activation checkpointing; set it to false")
         network.enable_gradient_checkpointing()
     family.prepare_student_network(network)
 

@@ -100,7 +100,7 @@ def save_tiny_text_encoders(family: str, root: str | Path, seed: int = 0) -> Pat
 
 
 def _load_components(cfg: Config, names: dict[str, type]) -> dict[str, object]:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     if cfg.model.tiny:
         return tiny_text_encoders(cfg.model.family, cfg.run.seed)
@@ -112,7 +112,10 @@ def _load_components(cfg: Config, names: dict[str, type]) -> dict[str, object]:
     out: dict[str, object] = {}
     for sub, cls in names.items():
         if cls is None:
-            out[sub] = AutoTokenizer.from_pretrained(root, subfolder=sub)
+            # a diffusers-format tokenizer folder has no model config.json: without `config` transformers probes
+            # for one, which fails on a hub id offline (HF_HUB_OFFLINE=1, found by `piflow rehearse`); the class
+            # comes from tokenizer_config.json either way
+            out[sub] = AutoTokenizer.from_pretrained(root, subfolder=sub, config=PretrainedConfig())
         else:
             out[sub] = cls.from_pretrained(root, subfolder=sub, torch_dtype=dtype).eval().requires_grad_(False)
     return out

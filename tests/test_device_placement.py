@@ -12,21 +12,22 @@ import pytest
 import torch
 
 from tests.device_emulation import Emulated, device, emulated_device, run_isolated
+from tests.recipes import FP32, IN_PROCESS, recipe_config
 from tests.trainer.bf16_workers import InProcessTeacher  # the Ray hop only, as in the bf16 tests
-from trainer.config import load_config
-
-CONFIGS = {"flux": "configs/flux_dev_gm_k8_4nfe_tiny.yaml", "qwen_image": "configs/qwen_image_gm_k8_4nfe_tiny.yaml",
-           "dit": "configs/dit_imagenet_gm_k32_1nfe_tiny.yaml"}
 
 
 def _cfg(family: str, lora: bool, out: str, nfe: int = 2):
-    o = [f"run.output={out}", "train.iters=1", "train.batch_size=2", "train.engine=torch", "eval.every=1",
-         "eval.num_samples=2", "ema.start=0", "distill.teacher_ratio_decay_iters=0", "distill.num_intermediate=2",
-         "distill.total_substeps=16", "model.latent_size=4", f"lora.enabled={str(lora).lower()}",
+    """The family's recipe (rehearsal config), one process in float32 (results are compared to the CPU's).
+    Without activation checkpointing: torch.utils.checkpoint asks the device backend for its autocast support,
+    which the emulated device (a test double) does not register; tests/trainer/test_gradient_checkpointing.py
+    checks checkpointing."""
+    o = [*IN_PROCESS, *FP32, "model.gradient_checkpointing=false", "train.iters=1", "train.batch_size=2", "eval.every=1", "eval.num_samples=2",
+         "ema.start=0", "distill.teacher_ratio_decay_iters=0", "distill.num_intermediate=2",
+         "distill.total_substeps=16", f"lora.enabled={str(lora).lower()}",
          f"teacher.placement={'shared' if lora else 'separate'}", "teacher.overlap=false"]
     if family != "dit":
         o += [f"distill.nfe={nfe}", f"eval.nfe={nfe}"]
-    return load_config(CONFIGS[family], o)
+    return recipe_config(family, *o, output=out)
 
 
 def _one_iteration(cfg, dev):

@@ -269,19 +269,21 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim
     return bitsandbytes.optim.AdamW8bit(params, **kwargs)
 
 
-def enable_gradient_checkpointing(module: torch.nn.Module) -> int:
-    """Checkpoint the transformer blocks of every diffusers/transformers model inside `module`.
+def checkpointed_models(module: torch.nn.Module) -> int:
+    """How many diffusers/transformers models inside `module` run their blocks under activation checkpointing.
 
-    Returns how many sub-models were switched on (0 = nothing supports it: an error for the caller).
-    """
-    count = 0
-    for sub in module.modules():
-        if getattr(sub, "_supports_gradient_checkpointing", False) and hasattr(sub, "enable_gradient_checkpointing"):
-            if getattr(sub, "is_gradient_checkpointing", False):
-                continue
-            sub.enable_gradient_checkpointing()
-            count += 1
-    return count
+    Checkpointing is switched on in ONE place, where the student is built (`models.student`, for every engine);
+    the engines only verify it here, so a config asking for it never trains silently without it."""
+    return sum(1 for sub in module.modules()
+               if getattr(sub, "_supports_gradient_checkpointing", False) and getattr(sub, "is_gradient_checkpointing",
+                                                                                      False))
+
+
+def verify_gradient_checkpointing(cfg: Config, module: torch.nn.Module) -> None:
+    if cfg.model.gradient_checkpointing and checkpointed_models(module) == 0:
+        raise ValueError(f"model.gradient_checkpointing: true, but no block of the student "
+                         f"({type(module).__name__}) runs checkpointed: build it with the family's build_student, "
+                         f"which turns checkpointing on")
 
 
 def _is_partitioned(p: torch.Tensor) -> bool:
@@ -439,8 +441,6 @@ class DeepSpeedEngine:
         self.rank = dist.get_rank()
         self.layout = engine_layout(cfg)
         self.ds_config = deepspeed_config(cfg, self.world_size, self.layout.prefetch_numel)
-        if cfg.model.gradient_checkpointing and enable_gradient_checkpointing(module) == 0:
-            raise ValueError("model.gradient_checkpointing: true, but the student has no block that supports it")
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("build_engine: the student has no trainable parameters")
@@ -820,6 +820,7 @@ def trunk_construction(cfg: Config, loaded: bool) -> Iterator[None]:
 
 
 def build_engine(cfg: Config, module: torch.nn.Module) -> TorchEngine | DeepSpeedEngine:
+    verify_gradient_checkpointing(cfg, module)
     if cfg.train.engine == "torch":
         return TorchEngine(cfg, module)
     if cfg.train.engine == "deepspeed":

@@ -107,9 +107,12 @@ def latents_as_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def preview_png(x0: torch.Tensor, images: Optional[torch.Tensor] = None) -> bytes:
-    """A PNG of the final samples: `images` (N,3,H,W) in [-1,1] when decoded; for 1x1 latents with two
-    channels (2-D toy points) a scatter plot; otherwise the latent channels."""
+    """A PNG of the final samples: `images` (N,3,H,W) in [-1,1] when decoded (clips (N,3,F,H,W): their middle
+    frames); for 1x1 latents with two channels (2-D toy points) a scatter plot; otherwise the latent channels."""
     from PIL import Image
+
+    if images is not None and images.dim() == 5:
+        images = images[:, :, images.shape[2] // 2]
 
     if images is None and x0.shape[-2:] == (1, 1) and x0.shape[1] == 2:
         import matplotlib

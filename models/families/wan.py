@@ -27,7 +27,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from torch import nn
 from torch.nn import functional as F
 
-from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_dtype
+from models.families.base import Cond, Config, OutputTap, TransformerFamily
 
 # The released transformer (Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json): 40 blocks, 40 heads x 128.
 WAN_T2V_14B_CONFIG = dict(
@@ -145,7 +145,9 @@ class WanFamily(TransformerFamily):
 
     def network_inputs(self, cfg: Config, network: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
                        cond: Cond) -> dict:
-        dtype = network_dtype(network)
+        # the input layer's dtype: a bf16 Wan keeps rope, time embedder and norms in fp32 (`_keep_in_fp32_modules`),
+        # so the first parameter's dtype can be fp32 while the patch embedding is bf16 (found by the bf16 recipe)
+        dtype = network.patch_embedding.weight.dtype
         return dict(hidden_states=self.to_video(cfg, x_t).to(dtype), timestep=self.scaled_timestep(cfg, sigma),
                     encoder_hidden_states=cond["prompt_embeds"].to(dtype))
 

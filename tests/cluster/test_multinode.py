@@ -1,7 +1,7 @@
 """Multi-node on loopback: a `ray start --head` node and a second `ray start --address` node on this machine,
 each advertising one unit of a custom resource that every student rank needs, so the two ranks MUST land on
-different nodes. A run submitted with `piflow submit` (tiny FLUX, LoRA + GM head, DeepSpeed ZeRO-3 over gloo
-under Ray Train) trains, reports where each rank ran, and finishes; the job's startup timing lines are
+different nodes. A run submitted with `piflow submit` (the FLUX recipe with the rehearsal's shrink: its tiny
+same-family model, LoRA + GM head, DeepSpeed ZeRO-3 over gloo under Ray Train) trains, reports where each rank ran, and finishes; the job's startup timing lines are
 streamed back."""
 from __future__ import annotations
 
@@ -14,21 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.flux_fixtures import save_tiny_teacher
 from tests.cluster.loopback_ray import LoopbackCluster
+from tests.recipes import recipe_overrides, recipe_path
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml"
+RECIPE = recipe_path("flux")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
 
-def tiny_distributed(out: Path, teacher_dir: str, iters: int = 4) -> list[str]:
-    """The tiny FLUX recipe under DeepSpeed on 2 ranks; the teacher weights from a saved tiny transformer
-    (distributed ranks partition a weights file, they never build a random trunk each)."""
-    return [f"model.pretrained={teacher_dir}", "model.tiny=false", "train.engine=deepspeed", "cluster.student.workers=2", "cluster.student.custom_resource=student_slot",
-            "cluster.student.max_failures=0", "train.batch_size=2", f"train.iters={iters}", "train.ckpt_every=2",
-            "train.log_every=1", "distill.total_substeps=16", "distill.num_intermediate=2", f"run.output={out}"]
+def tiny_distributed(out: Path, iters: int = 4) -> list[str]:
+    """The FLUX recipe under DeepSpeed on 2 ranks (the rehearsal's shrink; the teacher weights from its tiny
+    model's directory: distributed ranks partition a weights file, they never build a random trunk each)."""
+    return recipe_overrides("flux", "cluster.student.custom_resource=student_slot", "cluster.student.max_failures=0",
+                            f"train.iters={iters}", "train.ckpt_every=2", "train.log_every=1", "eval.every=0",
+                            "distill.total_substeps=16", "distill.num_intermediate=2", output=str(out))
 
 
 def alive_node_ids(cluster: LoopbackCluster) -> set[str]:
@@ -52,12 +52,11 @@ def two_nodes():
 
 def test_two_ranks_on_two_nodes_train_checkpoint_and_finish(two_nodes, tmp_path):
     out = tmp_path / "run"
-    teacher_dir = save_tiny_teacher(tmp_path / "teacher")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update({"HOME": str(tmp_path), "RAY_AUTH_TOKEN": two_nodes.token})
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", str(TINY), "--address",
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "submit", str(RECIPE), "--address",
                            two_nodes.dashboard_url, "--working-dir", str(ROOT), "--job-id", "two-nodes",
-                           *tiny_distributed(out, teacher_dir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+                           *tiny_distributed(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:] + two_nodes.logs()[-3000:]
     assert "piflow: job two-nodes SUCCEEDED" in proc.stdout

@@ -28,7 +28,7 @@ from tests.cluster.loopback_ray import _node_ports, free_ports
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml"
+RECIPE = ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml"  # with the rehearsal's shrink (tests/recipes.py)
 TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -115,7 +115,9 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_rendered_sbatch_trains_the_tiny_config_to_s3(slurm, s3_server, tmp_path):
+def test_rendered_sbatch_trains_the_recipe_to_s3(slurm, s3_server, tmp_path):
+    from tests.recipes import recipe_overrides
+
     root, env = slurm
     bucket = f"slurm-{uuid.uuid4().hex[:10]}"
     storage.makedirs(f"s3://{bucket}")
@@ -124,10 +126,11 @@ def test_rendered_sbatch_trains_the_tiny_config_to_s3(slurm, s3_server, tmp_path
     ray_tmp = tempfile.mkdtemp(prefix="pfsr-", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
     script = tmp_path / "run.sbatch"
     render = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "template", "slurm", str(TINY), "--nodes", "1", "--cpus-per-node", "2",
+        [sys.executable, "-m", "cluster.cli", "template", "slurm", str(RECIPE), "--nodes", "1", "--cpus-per-node", "2",
          "--mem-per-node", "900M", "--time", "00:15:00", "--workdir", str(ROOT), "--gcs-port", str(gcs),
-         "--dashboard-port", str(dash), "train.engine=deepspeed", "train.iters=2", "train.ckpt_every=2",
-         "cluster.student.max_failures=0", f"run.output={out}", f"run.scratch={tmp_path / 'scratch'}"],
+         "--dashboard-port", str(dash),
+         *recipe_overrides("flux", "train.iters=2", "train.ckpt_every=2", "eval.every=0",
+                           "cluster.student.max_failures=0", f"run.scratch={tmp_path / 'scratch'}", output=out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert render.returncode == 0, render.stderr
     script.write_text(render.stdout.replace("#SBATCH --output=%x-%j.out", f"#SBATCH --output={tmp_path}/job-%j.out"))
@@ -151,7 +154,7 @@ def test_rendered_sbatch_trains_the_tiny_config_to_s3(slurm, s3_server, tmp_path
         subprocess.run([_tool("scancel"), job], env=env, capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     log = (tmp_path / f"job-{job}.out").read_text()
-    assert f"piflow: job flux-dev-gm-k8-4nfe-tiny-{job} SUCCEEDED" in log, log[-6000:]
+    assert f"piflow: job flux-dev-gm-k8-4nfe-{job} SUCCEEDED" in log, log[-6000:]
     assert "piflow: startup ray_nodes_up" in log
     assert [r["step"] for r in read_metrics(storage.join(out, "metrics.jsonl"))] == [1, 2]
     assert storage.exists(storage.join(out, "config.yaml"))

@@ -8,7 +8,7 @@ import asyncio
 
 import torch
 
-from trainer.config import load_config
+from tests.recipes import FP32, recipe_config
 
 
 def _cond(rows: int, length: int, valid: list[int], seed: int) -> dict:
@@ -25,7 +25,8 @@ def _cond(rows: int, length: int, valid: list[int], seed: int) -> dict:
 def test_requests_with_prompts_of_different_lengths_share_one_forward():
     from cluster.teacher_server import TeacherServer
 
-    cfg = load_config("configs/qwen_image_gm_k8_4nfe_tiny.yaml", ["model.latent_size=4"])
+    cfg = recipe_config("qwen_image", *FP32)  # the recipe's tiny same-family model, in float32 for the comparison
+    C, S = cfg.model.latent_channels, cfg.model.latent_size
     grad = torch.is_grad_enabled()
     try:
         server = TeacherServer(cfg.to_dict(), batch_wait_ms=200.0)
@@ -33,7 +34,7 @@ def test_requests_with_prompts_of_different_lengths_share_one_forward():
         torch.set_grad_enabled(grad)  # the actor turns autograd off for its process; restore this one's
     ranks = [_cond(2, 3, [3, 2], seed=1), _cond(2, 6, [6, 4], seed=2)]  # rank 0 pads to 3 tokens, rank 1 to 6
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(4, 4, 4, 4, generator=g) for _ in ranks]  # 2 query states x 2 rows per rank
+    xs = [torch.randn(4, C, S, S, generator=g) for _ in ranks]  # 2 query states x 2 rows per rank
     sigmas = [torch.tensor([0.9, 0.3, 0.6, 0.2]), torch.tensor([0.5, 0.8, 0.1, 0.7])]
     for r, c in enumerate(ranks):
         server.put_cond(f"rank{r}", c)
@@ -46,5 +47,5 @@ def test_requests_with_prompts_of_different_lengths_share_one_forward():
     alone = [server.teacher(xs[r], sigmas[r], {k: v.repeat(2, *([1] * (v.dim() - 1))) for k, v in c.items()})
              for r, c in enumerate(ranks)]
     for u, ref in zip(together, alone):
-        assert u.shape == (4, 4, 4, 4) and bool(torch.isfinite(u).all())
+        assert u.shape == (4, C, S, S) and bool(torch.isfinite(u).all())
         torch.testing.assert_close(u, ref, rtol=1e-4, atol=1e-5)

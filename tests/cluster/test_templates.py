@@ -13,13 +13,13 @@ from cluster.cli import main
 from cluster.job_templates import TemplateError, TemplateParams, fill, job_name, render
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml")
+RECIPE = str(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml")  # the recipe; GPU_RUN sizes it for these shapes
 GPU_RUN = ["train.engine=deepspeed", "cluster.student.workers=4", "cluster.student.gpus_per_worker=1",
            "teacher.placement=separate", "teacher.replicas=2", "teacher.gpus_per_replica=1", "train.batch_size=8"]
 
 
 def _sbatch(**kw) -> str:
-    return render("slurm", TemplateParams(config=TINY, overrides=GPU_RUN, workdir=str(ROOT), **kw))
+    return render("slurm", TemplateParams(config=RECIPE, overrides=GPU_RUN, workdir=str(ROOT), **kw))
 
 
 def test_sbatch_is_valid_bash_with_the_resources(tmp_path):
@@ -45,7 +45,7 @@ def test_sbatch_variables_parse_back_to_the_config_and_overrides(tmp_path):
     script.write_text("WORKDIR=" + block + 'printf "%s\\n" "$WORKDIR" "$CONFIG" "$NODES" "$GPUS_PER_NODE" '
                       '"${OVERRIDES[@]}"\n')
     out = subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout.splitlines()
-    assert out[:4] == [str(ROOT), "configs/flux_dev_gm_k8_4nfe_tiny.yaml", "2", "4"]
+    assert out[:4] == [str(ROOT), "configs/flux_dev_gm_k8_4nfe.yaml", "2", "4"]
     assert out[4:] == GPU_RUN
     assert "RAY_AUTH_MODE=token" in text and "--dashboard-host=127.0.0.1" in text
     assert "echo $RAY_AUTH_TOKEN" not in text and "cluster.cli submit" in text
@@ -53,7 +53,7 @@ def test_sbatch_variables_parse_back_to_the_config_and_overrides(tmp_path):
 
 def test_rayjob_manifest_has_the_required_keys(tmp_path):
     docs = list(yaml.safe_load_all(render("kuberay", TemplateParams(
-        config=TINY, overrides=GPU_RUN, nodes=3, gpus_per_node=2, cpus_per_node=12, mem_per_node="96Gi",
+        config=RECIPE, overrides=GPU_RUN, nodes=3, gpus_per_node=2, cpus_per_node=12, mem_per_node="96Gi",
         image="registry.example/piflow:1", namespace="ml"))))
     assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
     cm, job = docs
@@ -96,18 +96,20 @@ def test_job_name_is_a_dns_label():
 
 
 def test_cli_renders_with_overrides_after_options(tmp_path, capsys):
-    assert main(["template", "slurm", TINY, "--nodes", "2", "--workdir", str(ROOT), "train.iters=20"]) == 0
+    assert main(["template", "slurm", RECIPE, "--nodes", "2", "--gpus-per-node", "16", "--workdir", str(ROOT),
+                 "train.iters=20"]) == 0  # the recipe's 32 student GPUs
     text = capsys.readouterr().out
     assert "OVERRIDES=(train.iters=20)" in text
-    assert main(["template", "kuberay", TINY, "--nodes", "1", "cluster.student.gpus_per_worker=1"]) == 2
+    assert main(["template", "kuberay", RECIPE, "--nodes", "1", "cluster.student.workers=1"]) == 2
     assert "needs 1 GPUs" in capsys.readouterr().err
 
 
 def test_config_outside_the_workdir_is_refused(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(Path(TINY).read_text())
+    cfg.write_text(Path(RECIPE).read_text())
     with pytest.raises(TemplateError, match="inside the working dir"):
-        render("slurm", TemplateParams(config=str(cfg), workdir=str(ROOT)))
+        render("slurm", TemplateParams(config=str(cfg), overrides=["cluster.student.gpus_per_worker=0"],
+                                       workdir=str(ROOT)))
     assert f"WORKDIR={shlex.quote(str(ROOT))}" in _sbatch(nodes=3, gpus_per_node=2)
 
 

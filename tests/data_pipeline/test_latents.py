@@ -14,7 +14,8 @@ import torch
 from data_pipeline.latents.shards import (digits_image_shards, image_samples_tar, key_seed, make_latent_shard,
                                           shard_latents)
 from data_pipeline.reader import fetch_samples
-from models.vae_encoder import load_image_encoder, tiny_vae
+from models.vae_encoder import load_image_encoder
+from tests.recipes import recipe_config
 from trainer.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,12 +75,15 @@ def test_digits_latents_are_the_real_digit_images_with_prompts(tmp_path):
 
 def test_dit_latents_are_posterior_samples_of_the_vae_and_deterministic(tmp_path):
     urls = write_png_shards(tmp_path)
-    cfg = load_config(ROOT / "configs" / "dit_imagenet_gm_k32_1nfe_tiny.yaml")
+    cfg = recipe_config("dit")  # the ImageNet recipe's VAE: its tiny model's vae/ (SD-VAE compression, x 0.18215)
     encode = load_image_encoder(cfg)
     reps = shard_latents(urls, str(tmp_path / "a"), encode, flip="random", seed=3, batch_size=2)
     assert [r.samples for r in reps] == [3, 3]
-    # independent reference: a fresh tiny VAE, its posterior mean/std, the per-key noise, x 0.18215
-    vae = tiny_vae("dit", 4)
+    # independent reference: the same VAE weights loaded by diffusers, its posterior mean/std, the per-key
+    # noise, x 0.18215
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(cfg.model.pretrained, subfolder="vae").eval()
     samples = dict(_members(str(tmp_path / "a" / "images-000001.tar")))
     src = dict(_members(urls[1]))
     flips = []
@@ -116,7 +120,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path):
     path = tmp_path / "bad.tar"
     path.write_bytes(image_samples_tar([("a", {"png": good, "cls": b"1"}), ("b", {"png": b"not a png", "cls": b"2"}),
                                         ("c", {"png": good}), ("d", {"png": good, "cls": b"x"})]))
-    cfg = load_config(ROOT / "configs" / "dit_imagenet_gm_k32_1nfe_tiny.yaml")
+    cfg = recipe_config("dit")
     rep = make_latent_shard(str(path), str(tmp_path / "out.tar"), load_image_encoder(cfg))
     assert rep.samples == 1
     assert sorted((b.key, b.reason) for b in rep.bad) == [("b", "bad_image"), ("c", "bad_image"), ("d", "bad_image")]

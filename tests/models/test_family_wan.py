@@ -1,7 +1,8 @@
 """Wan 2.1 T2V family on a tiny WanTransformer3DModel, a tiny UMT5 and a tiny Wan VAE (real diffusers/transformers
 classes, tiny configs, no downloads): the folded video layout against the transformer's own un-patchify, the
 prompt encoder and CFG against WanPipeline, teacher + Euler against WanPipeline to 1e-5, the student (init,
-LoRA, shared teacher, pi-ID), the 14B count on meta, and the tiny twin trained, exported and sampled to a GIF."""
+LoRA, shared teacher, pi-ID), the 14B count on meta, and the recipe (its rehearsal config: the tiny same-family
+model loaded from its hub snapshot) trained, exported and sampled to a GIF."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -218,21 +219,22 @@ def test_plan_counts_the_released_14b_on_meta(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_twin_trains_exports_and_samples_a_clip(tmp_path):
-    """The tiny twin through the real rank program (torch engine, shared teacher, checkpoints), export, then
-    `piflow sample` writes an animated GIF of the decoded clip."""
+def test_recipe_trains_exports_and_samples_a_clip(tmp_path):
+    """The Wan recipe through the real rank program (torch engine in one process, shared teacher, checkpoints),
+    export, then `piflow sample` writes an animated GIF of the clip decoded by the snapshot's Wan VAE."""
     import yaml
     from PIL import Image
 
     from models.pipeline import PiFlowPipeline
+    from tests.recipes import FP32, IN_PROCESS, recipe_dict
     from trainer.rank_program import run_rank
 
-    data = yaml.safe_load((ROOT / "configs" / "wan_t2v_14b_gm_k8_4nfe_tiny.yaml").read_text())
-    data["run"]["output"] = str(tmp_path / "run")
+    data = recipe_dict("wan", *IN_PROCESS, *FP32, output=str(tmp_path / "run"))
     data["distill"]["total_substeps"] = 16
-    data["train"]["iters"] = 4
+    data["train"]["iters"] = data["train"]["ckpt_every"] = 4
     data["policy"]["num_components"] = 2
     cfg = config_from_dict(data)
+    Cw, F, H, W = cfg.model.latent_channels, cfg.model.latent_frames, cfg.model.latent_size, cfg.model.latent_width
     summary = run_rank(cfg, cond_shapes={"prompt_embeds": [16, 32], "negative_prompt_embeds": [16, 32]})
     assert summary["steps"] == 4 and summary["checkpoint_steps"] == [4]
     losses = [yaml.safe_load(line)["loss"] for line in Path(summary["metrics_path"]).read_text().splitlines()
@@ -249,12 +251,12 @@ def test_tiny_twin_trains_exports_and_samples_a_clip(tmp_path):
     gif = tmp_path / "clip.gif"
     assert main(["sample", str(out), "--prompt", "a red cat", "--seed", "3", "--out", str(gif)]) == 0
     with Image.open(gif) as im:
-        assert im.format == "GIF" and im.n_frames == 2 * (T - 1) + 1  # the tiny VAE: 2x in time, 3 -> 5 frames
-        assert im.size == (2 * S, 2 * S)
+        assert im.format == "GIF" and im.n_frames == 4 * (F - 1) + 1  # the Wan VAE: 4x in time, 3 -> 9 frames
+        assert im.size == (8 * W, 8 * H)  # and 8x in space
     pipe = PiFlowPipeline.from_pretrained(str(out))
     expected = pipe(prompt=["a red cat"], generator=[torch.Generator().manual_seed(3)], output_type="latent")
     got = torch.load(tmp_path / "clip.pt", weights_only=True)
-    assert got.shape == (1, C, T * S, S) and torch.allclose(got, expected, atol=1e-6)
+    assert got.shape == (1, Cw, F * H, W) and torch.allclose(got, expected, atol=1e-6)
     # the export stands alone: diffusers only, this project blocked, same latents as this project's pipeline
     from tests.trainer.test_export_standalone import run_diffusers_only
 

@@ -38,6 +38,8 @@ def student_and_teacher(cfg, teacher_path: str) -> tuple[TinyFlux, TinyFlux]:
     torch.manual_seed(123)  # construction RNG: the teacher file overwrites every weight anyway
     with partitioned_construction(cfg):
         student = TinyFlux()
+    if cfg.model.gradient_checkpointing:  # as models.student does for a family student; the engine verifies it
+        student.transformer.enable_gradient_checkpointing()
     with safe_open(teacher_path, framework="pt") as f:
         load_partitioned(student, f)
     teacher = TinyFlux().requires_grad_(False).eval()

@@ -1,5 +1,5 @@
 """Data-based pi-ID through the real loop (PIFLOW.md §3.1): latent shards (txt + latent.npy) -> PromptStream ->
-PromptBatches -> train_loop with the tiny DiT twin of the ImageNet recipe (real diffusers DiT, class labels
+PromptBatches -> train_loop with the ImageNet recipe's rehearsal config (its tiny same-family DiT; class labels
 encoded on the fly). Each sample's x_src is built from its own shard latent and the segment of its global
 index; the teacher is only queried inside that segment; training lowers the loss on a fixed batch."""
 from __future__ import annotations
@@ -18,13 +18,13 @@ from models.piid import DataSegments, data_iteration
 from models.text_encoders import load_text_encoder
 from models.timesteps import sample_segment_of, warp
 from tests.data_pipeline.helpers import tar_bytes
+from tests.recipes import FP32, IN_PROCESS, recipe_config, recipe_path
 from trainer.config import load_config
 from trainer.distributed import RankInfo
 from trainer.engine import build_engine
 from trainer.loop import piid_params, train_loop
 from trainer.rank_program import PromptBatches
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (4, 8, 8)
 
 
@@ -54,9 +54,10 @@ def write_latent_shards(root: Path, sizes=(6, 6), with_latent=True) -> list[str]
 
 
 def _cfg(shards: str, iters: int = 6):
-    return load_config(ROOT / "configs" / "dit_imagenet_gm_k32_1nfe_tiny.yaml",
-                       ["distill.data_free=false", f"data.shards={shards}", f"train.iters={iters}",
-                        "distill.nfe=2", "train.batch_size=4", "optim.warmup_iters=1", "ema.start=1"])
+    # a training-behaviour test: lr and schedule short enough to see the loss fall in 6 steps
+    return recipe_config("dit", *IN_PROCESS, *FP32, "distill.data_free=false", f"data.shards={shards}",
+                         f"train.iters={iters}", "distill.nfe=2", "train.batch_size=4", "optim.lr=5e-4",
+                         "optim.warmup_iters=1", "optim.grad_clip_start=2", "ema.start=1")
 
 
 def _batches(cfg, urls):
@@ -132,12 +133,12 @@ def test_data_based_needs_latent_shards(tmp_path):
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match="distill.data_free"):
-        load_config(ROOT / "configs" / "dit_imagenet_gm_k32_1nfe_tiny.yaml", ["distill.data_free=false"])
+        load_config(recipe_path("dit"), ["data.shards="])  # the data-based recipe without its latent shards
 
 
-def test_dit_twin_trains_data_based_on_latent_shards_made_from_images(tmp_path):
-    """The ImageNet recipe's tiny twin end to end: PNG image shards with class ids -> `shard_latents` (tiny
-    SD-VAE-shaped AutoencoderKL, posterior samples x 0.18215) -> data-based pi-ID steps of the tiny DiT."""
+def test_dit_recipe_trains_data_based_on_latent_shards_made_from_images(tmp_path):
+    """The ImageNet recipe's rehearsal config end to end: PNG image shards with class ids -> `shard_latents`
+    (the tiny model's SD-VAE-shaped AutoencoderKL, posterior samples x 0.18215) -> data-based pi-ID steps."""
     from data_pipeline.latents.shards import shard_latents
     from models.vae_encoder import load_image_encoder
     from tests.data_pipeline.test_latents import write_png_shards

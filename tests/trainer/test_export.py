@@ -1,5 +1,5 @@
 """Export: a checkpoint's EMA student -> diffusers-format dir -> `PiFlowPipeline.from_pretrained` in a FRESH
-process gives the training-time sampler's latents for the same seeds (toy full-weight export, tiny FLUX LoRA
+process gives the training-time sampler's latents for the same seeds (toy full-weight export, the FLUX recipe's LoRA
 export); `piflow sample` writes a PNG and the latents; ZeRO-3 partitions consolidate to the gathered EMA."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from models.families import get_family
 from models.sampling import sample
@@ -107,9 +106,10 @@ def test_toy_full_export_matches_training_sampler_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_path):
-    data = yaml.safe_load((ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml").read_text())
-    data["run"]["output"] = str(tmp_path / "run")
+def test_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_path):
+    from tests.recipes import FP32, recipe_dict
+
+    data = recipe_dict("flux", *FP32, output=str(tmp_path / "run"))
     data["policy"]["num_components"] = 2
     data["distill"]["total_substeps"] = 16
     data["ema"]["start"] = 0
@@ -121,7 +121,7 @@ def test_tiny_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_p
 
     prompts = ["a red cat", "a handwritten seven"]
     cond = load_text_encoder(cfg)(prompts)
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 16, 8, 8)
 
     def loss(it):
         return student.make_policy(x, torch.full((2,), 0.8), cond).means.pow(2).mean()
@@ -132,7 +132,7 @@ def test_tiny_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_p
     out = tmp_path / "export"
     export_student(str(tmp_path / "run"), out)
     meta = export_summary(out)
-    assert meta["kind"] == "lora" and meta["base_model"] == "tiny:flux:seed=0"
+    assert meta["kind"] == "lora" and meta["base_model"] == cfg.model.pretrained
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "student" / "diffusion_pytorch_model.safetensors"))

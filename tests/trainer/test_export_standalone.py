@@ -117,16 +117,17 @@ def test_digits_export_loads_with_diffusers_alone_and_matches_piflow_sample(tmp_
 
 
 def test_lora_export_writes_the_adapter_in_diffusers_naming_and_merges_exactly(tmp_path):
-    """Tiny FLUX LoRA student: `lora/pytorch_lora_weights.safetensors` holds `transformer.<module>.lora_{A,B}.weight`
-    for every adapted module, the head is its own file, and the merged transformer reproduces the student's trunk."""
+    """The FLUX recipe's LoRA student (its tiny same-family model): `lora/pytorch_lora_weights.safetensors` holds
+    `transformer.<module>.lora_{A,B}.weight` for every adapted module, the head is its own file, and the merged
+    transformer reproduces the student's trunk."""
     from safetensors.torch import load_file
 
     from models.pipeline import PiFlowStudent
     from trainer.standalone_export import merged_transformer_state, write_standalone
 
-    data = yaml.safe_load((ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml").read_text())
-    data["run"]["output"] = str(tmp_path / "run")
-    cfg = config_from_dict(data)
+    from tests.recipes import FP32, recipe_config
+
+    cfg = recipe_config("flux", *FP32, output=str(tmp_path / "run"))
     torch.manual_seed(0)
     model = PiFlowStudent(piflow=cfg.to_dict(), kind="lora")
     student = model.student.eval()  # no LoRA dropout
@@ -146,7 +147,7 @@ def test_lora_export_writes_the_adapter_in_diffusers_naming_and_merges_exactly(t
 
     clean = FluxTransformer2DModel.from_pretrained(str(tmp_path / "export" / "transformer"))
     fam = get_family("flux")
-    x, s = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.4])
+    x, s = torch.randn(2, 16, 8, 8), torch.tensor([0.9, 0.4])
     c = {"prompt_embeds": torch.randn(2, 5, 32), "pooled_prompt_embeds": torch.randn(2, 32)}
     captured = {}
     clean.proj_out.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
@@ -157,4 +158,4 @@ def test_lora_export_writes_the_adapter_in_diffusers_naming_and_merges_exactly(t
     assert (captured["h"] - ours).abs().max() < 1e-5
     assert set(merged_transformer_state(student)) == set(clean.state_dict())
     card = (tmp_path / "export" / "README.md").read_text()
-    assert "license: other" in card and "LoRA | rank 4, alpha 4" in card
+    assert "license: other" in card and "LoRA | rank 256, alpha 256" in card  # the recipe's

@@ -5,7 +5,6 @@ exact; the import is an export dir `piflow sample` runs."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +14,18 @@ from cluster.cli import main
 from models.converters.released import to_gm_dit, to_pi_adapter
 from models.families import get_family
 from models.pipeline import PiFlowPipeline
+from tests.recipes import FP32, IN_PROCESS, recipe_config, recipe_yaml
 from trainer.config import load_config
 
-ROOT = Path(__file__).resolve().parents[2]
-C, S = 4, 8
-RECIPES = {"pi-flux": "flux_dev_gm_k8_4nfe_tiny", "pi-qwen": "qwen_image_gm_k8_4nfe_tiny"}
+C, S = 4, 8  # the ImageNet recipe's latent channels; its rehearsal latent size
+C16 = 16  # FLUX / Qwen-Image latent channels
+RECIPES = {"pi-flux": "flux", "pi-qwen": "qwen_image"}
 
 
 def released_adapter(family: str, targets: list[str], K=6, rank=3, inner=24, seed=0) -> dict[str, torch.Tensor]:
-    """Random tensors named and shaped as a released pi-Flow adapter for the tiny base of `family`."""
+    """Random tensors named and shaped as a released pi-Flow adapter for the recipe's tiny base of `family`."""
     g = torch.Generator().manual_seed(seed)
-    cfg = load_config(ROOT / "configs" / f"{RECIPES[family]}.yaml")
+    cfg = recipe_config(RECIPES[family])
     net = get_family(cfg.model.family).load_network(cfg)
     D = net.norm_out.linear.in_features
     sd = {}
@@ -35,7 +35,7 @@ def released_adapter(family: str, targets: list[str], K=6, rank=3, inner=24, see
                 continue  # the reference adapts nothing whose output is unused either
             sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.1
             sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.1
-    F = 4 * C
+    F = 4 * C16
     sd.update({"transformer.proj_out_means.weight": torch.randn(K * F, D, generator=g) * 0.1,
                "transformer.proj_out_means.bias": torch.randn(K * F, generator=g) * 0.1,
                "transformer.proj_out_logweights.weight": torch.randn(K * 4, D, generator=g) * 0.1,
@@ -63,7 +63,7 @@ def unpack_2x2(t, H, W):  # the FLUX/Qwen token layout: feature c*4 + i*2 + j, t
 
 @pytest.mark.parametrize("kind", ["pi-flux", "pi-qwen"])
 def test_pi_adapter_import_matches_the_reference_head_and_round_trips(kind, tmp_path):
-    recipe = ROOT / "configs" / f"{RECIPES[kind]}.yaml"
+    recipe = recipe_yaml(RECIPES[kind], tmp_path / "recipe.yaml")
     targets = load_config(recipe).lora.target_modules
     sd = released_adapter(kind, targets)
     src = tmp_path / "gm_adapter"
@@ -79,12 +79,12 @@ def test_pi_adapter_import_matches_the_reference_head_and_round_trips(kind, tmp_
     # the reference head on the features it reads: means (B, T, K, 64) k-major, logweights (B, T, K, 4)
     captured = {}
     student.head.register_forward_hook(lambda m, a, o: captured.update(hidden=a[0], temb=a[1]))
-    x, s, c = torch.randn(2, C, S, S), torch.tensor([0.9, 0.4]), make_cond(kind)
+    x, s, c = torch.randn(2, C16, S, S), torch.tensor([0.9, 0.4]), make_cond(kind)
     with torch.no_grad():
         means, logweights, logstd = student(x, s, c)
     h = captured["hidden"]
     B, T, _ = h.shape
-    ref_means = (h @ sd["transformer.proj_out_means.weight"].T + sd["transformer.proj_out_means.bias"]).view(B, T, 6, 16)
+    ref_means = (h @ sd["transformer.proj_out_means.weight"].T + sd["transformer.proj_out_means.bias"]).view(B, T, 6, 4 * C16)
     ref_logw = (h @ sd["transformer.proj_out_logweights.weight"].T + sd["transformer.proj_out_logweights.bias"]
                 ).view(B, T, 6, 4).log_softmax(dim=2)
     for k in range(6):
@@ -128,7 +128,7 @@ def released_gm_dit(K=3, inner=20, seed=0) -> dict[str, torch.Tensor]:
 def test_gm_dit_import_permutes_patch_first_rows_to_component_first(tmp_path):
     sd = released_gm_dit()
     torch.save({"state_dict": {"diffusion_ema.denoising." + k: v for k, v in sd.items()}}, tmp_path / "gmdit.pth")
-    recipe = ROOT / "configs" / "dit_imagenet_gm_k32_1nfe_tiny.yaml"
+    recipe = recipe_yaml("dit", tmp_path / "recipe.yaml")
     out = tmp_path / "export"
     assert main(["import", "gm-dit", str(tmp_path / "gmdit.pth"), "--config", str(recipe), "--out", str(out)]) == 0
     pipe = PiFlowPipeline.from_pretrained(str(out))
@@ -163,13 +163,13 @@ def test_gm_dit_import_permutes_patch_first_rows_to_component_first(tmp_path):
     gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
     expected = pipe(prompt=["207", "3"], num_images=2, num_inference_steps=4, generator=gens, output_type="latent")
     info = run_diffusers_only(out, tmp_path, ["207", "3"], "latent-only")
-    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "transformer"]
+    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "transformer", "vae"]
     got = torch.load(tmp_path / "standalone.pt", weights_only=True)
     assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
 
 
 def test_layout_mismatches_are_refused_with_one_line(tmp_path, capsys):
-    recipe = ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml"
+    recipe = recipe_yaml("flux", tmp_path / "recipe.yaml")
     sd = released_adapter("pi-flux", load_config(recipe).lora.target_modules)
     sd["transformer.proj_out_means.weight"] = sd["transformer.proj_out_means.weight"][:-3]
     save_file(sd, str(tmp_path / "bad.safetensors"))
@@ -185,14 +185,15 @@ def test_an_imported_student_starts_a_continued_distillation(tmp_path, capsys):
     """model.init_student: the rank program's student starts from the import's tensors (and trains on)."""
     from trainer.rank_program import build_rank
 
-    recipe = ROOT / "configs" / "flux_dev_gm_k8_4nfe_tiny.yaml"
+    recipe = recipe_yaml("flux", tmp_path / "recipe.yaml", *IN_PROCESS)
     cfg0 = load_config(recipe)
-    sd = released_adapter("pi-flux", cfg0.lora.target_modules, K=8, rank=4, inner=32)
+    p = cfg0.policy  # the recipe's K, LoRA rank (alpha = rank: scale 1, as the released adapters) and head width
+    sd = released_adapter("pi-flux", cfg0.lora.target_modules, K=p.num_components, rank=cfg0.lora.rank,
+                          inner=p.logstd_inner_dim)
     save_file(sd, str(tmp_path / "a.safetensors"))
     assert main(["import", "pi-flux", str(tmp_path / "a.safetensors"), "--config", str(recipe),
                  "--out", str(tmp_path / "imp")]) == 0
-    cfg = load_config(recipe, [f"model.init_student={tmp_path / 'imp'}", f"run.output={tmp_path / 'run'}",
-                               "lora.alpha=4.0"])
+    cfg = load_config(recipe, [f"model.init_student={tmp_path / 'imp'}", f"run.output={tmp_path / 'run'}"])
     setup = build_rank(cfg)
     trained = {n: p for n, p in setup.student.named_parameters() if p.requires_grad}
     imported = PiFlowPipeline.from_pretrained(str(tmp_path / "imp")).student.trained_state_dict()
@@ -210,7 +211,7 @@ def test_imported_pi_qwen_samples_with_diffusers_alone(tmp_path):
     project's pipeline samples for the same generators."""
     from tests.trainer.test_export_standalone import run_diffusers_only
 
-    recipe = ROOT / "configs" / f"{RECIPES['pi-qwen']}.yaml"
+    recipe = recipe_yaml("qwen_image", tmp_path / "recipe.yaml", *FP32)  # float32: the two samplers agree to 1e-4
     save_file(released_adapter("pi-qwen", load_config(recipe).lora.target_modules), str(tmp_path / "q.safetensors"))
     out = tmp_path / "export"
     assert main(["import", "pi-qwen", str(tmp_path / "q.safetensors"), "--config", str(recipe), "--out", str(out)]) == 0
@@ -220,7 +221,8 @@ def test_imported_pi_qwen_samples_with_diffusers_alone(tmp_path):
     gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
     expected = pipe(prompt=prompts, num_images=2, num_inference_steps=4, generator=gens, output_type="latent")
     info = run_diffusers_only(out, tmp_path, prompts, "latent-only")
-    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "text_encoder", "transformer"]
+    assert info["project_imported"] == [] and info["modules"] == ["policy_head", "text_encoder", "transformer",
+                                                                  "vae"]  # the base model's VAE travels along
     got = torch.load(tmp_path / "standalone.pt", weights_only=True)
     assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
 
