@@ -79,7 +79,7 @@ def _worker(config: dict) -> None:
             from cluster.validation import RemoteValidation
 
             v = config["validation"]
-            validation = RemoteValidation(v["actor"], v["prompts"], v["cond"])
+            validation = RemoteValidation(v["actor"], v["prompts"], v["cond"], timeout_s=cfg.teacher.timeout_s)
         guard = partial(check_holder, config["output"], config["run_id"]) if config.get("run_id") else None
         if rank == 0:  # issue 21: rank 0 logs to W&B; its node may lack what the driver's had (before any model)
             from trainer.config import ConfigError
