@@ -214,16 +214,20 @@ def _valid(cfg: Config) -> bool:
         return False
 
 
-def suggest(cfg: Config, nodes: list[dict], addable: list[NodeGroup] = ()) -> list[str]:
+def _demands(cfg: Config, students_only: bool) -> list[Demand]:
+    return [d for d in run_demands(cfg) if d.what == "student rank" or not students_only]
+
+
+def suggest(cfg: Config, nodes: list[dict], addable: list[NodeGroup] = (), students_only: bool = False) -> list[str]:
     """Overrides that make the run fit (the largest value of each knob that does, at most two)."""
     s, t = cfg.cluster.student, cfg.teacher
     candidates = []
-    if any(d.what == "validation actor" and d.bundle.get("GPU") for d in run_demands(cfg)):
+    if not students_only and any(d.what == "validation actor" and d.bundle.get("GPU") for d in run_demands(cfg)):
         candidates.append(("eval.validation_gpus", [0]))
     candidates.append(("cluster.student.workers", list(range(s.workers - 1, 0, -1))))
-    if t.placement == "separate":
+    if t.placement == "separate" and not students_only:
         candidates.append(("teacher.replicas", list(range(t.replicas - 1, 0, -1))))
-    if cfg.data.shards and cfg.cluster.data_cpus_per_worker > 0:
+    if cfg.data.shards and cfg.cluster.data_cpus_per_worker > 0 and not students_only:
         candidates.append(("data.workers", list(range(cfg.data.workers - 1, 0, -1))))
     if s.cpus_per_worker > 0:
         candidates.append(("cluster.student.cpus_per_worker",
@@ -235,7 +239,7 @@ def suggest(cfg: Config, nodes: list[dict], addable: list[NodeGroup] = ()) -> li
     for key, values in candidates:
         for v in values:
             trial = _with(cfg, key, v)
-            if _valid(trial) and not pack(run_demands(trial), nodes, addable):
+            if _valid(trial) and not pack(_demands(trial, students_only), nodes, addable):
                 out.append(f"{key}={v:g}")
                 break
         if len(out) == 2:
@@ -244,10 +248,11 @@ def suggest(cfg: Config, nodes: list[dict], addable: list[NodeGroup] = ()) -> li
 
 
 def shortfall(cfg: Config, nodes: list[dict], addable: list[NodeGroup] = (),
-              totals: Optional[list[dict]] = None) -> Optional[str]:
+              totals: Optional[list[dict]] = None, students_only: bool = False) -> Optional[str]:
     """None when the run fits; else the one-line reason. `nodes`: free resources per node; `totals`: the same
-    nodes' totals (to tell resources held by others apart from ones the cluster lacks)."""
-    demands = run_demands(cfg)
+    nodes' totals (to tell resources held by others apart from ones the cluster lacks); `students_only`: the
+    student group alone (a restart, while the run's other groups hold theirs)."""
+    demands = _demands(cfg, students_only)
     left = pack(demands, nodes, addable)
     if not left:
         return None
@@ -271,7 +276,7 @@ def shortfall(cfg: Config, nodes: list[dict], addable: list[NodeGroup] = (),
         busy = " (the cluster's nodes would hold it: the rest is in use by other jobs or actors)"
     scaler = (" + autoscaler: " + ", ".join(f"{g.count} x {_res(g.shape)}" for g in addable) + " more"
               if addable else ", no autoscaler")
-    fixes = suggest(cfg, nodes, addable)
+    fixes = suggest(cfg, nodes, addable, students_only)
     fix = ("; an override that fits: " + " or ".join(fixes)) if fixes else "; add nodes or lower the request"
     return (f"the cluster cannot hold this run: it asks for {asks} = {_res(need)}; the cluster has "
             f"{_shapes(nodes)} free{scaler}; {why}{busy}{fix}")

@@ -271,8 +271,8 @@ def _start_failed(cfg: Config, failure):
     from cluster.capacity import CapacityError, live_nodes, shortfall
 
     s = cfg.cluster.student
-    reason = shortfall(cfg, live_nodes(free=True)) or ("Ray could not place it although the free resources add "
-                                                       "up (ranks per node limited by a custom resource?)")
+    reason = shortfall(cfg, live_nodes(free=True), students_only=True) or (
+        "Ray could not place it although the free resources add up")
     return CapacityError(f"the student group did not start in cluster.student.startup_timeout_s="
                          f"{s.startup_timeout_s:g} s ({failure.describe()}): {reason}")
 
@@ -290,7 +290,7 @@ def _restart_size(cfg: Config, workers: int, failure) -> int:
         return s.workers
     smaller = largest_fitting_workers(cfg, s.workers - 1)
     if smaller == 0:
-        reason = shortfall(with_workers(cfg, 1), live_nodes(free=True)) or "no rank fits"
+        reason = shortfall(with_workers(cfg, 1), live_nodes(free=True), students_only=True) or "no rank fits"
         raise CapacityError(f"the student group lost its resources ({failure.describe()}) and not even one rank "
                             f"fits after cluster.student.replacement_wait_s={s.replacement_wait_s:g} s: {reason}")
     if smaller != workers:
