@@ -1,8 +1,9 @@
 """Which failures a restart can fix (issue 21): only infrastructure ones are retried.
 
 INFRASTRUCTURE: a dead process or node, a lost actor, a timeout, a broken connection (a rank's peers see a
-killed rank as a closed gloo/NCCL connection), a Ray Train worker group that did not start in time. A restart
-on healthy (or replacement) resources can get past it.
+killed rank as a closed gloo/NCCL connection), an object-store outage that outlasted data_pipeline/storage.py's
+retries (5xx, throttling, resets), a Ray Train worker group that did not start in time. A restart on healthy
+(or replacement) resources can get past it.
 
 DETERMINISTIC: everything else: config and model-build errors, shape errors, a missing file, a non-finite stop,
 another run holding the output. A restart would replay the same code on the same inputs into the same error,
@@ -62,7 +63,11 @@ def kind(error: BaseException) -> str:
     (RayTaskError) is deterministic."""
     import ray.exceptions as rx
 
+    from data_pipeline.storage import is_transient
+
     infra = _infra_types()
+    if is_transient(error):  # the object store's transient failures, by storage.py's own rule
+        return INFRASTRUCTURE
     for e in _chain(error):
         if isinstance(e, rx.RayTaskError):
             continue  # its cause decides

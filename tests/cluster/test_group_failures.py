@@ -86,6 +86,13 @@ def test_deterministic_errors_are_not_infrastructure():
     assert kind(FileNotFoundError("model.pretrained: /x/transformer does not exist")) == DETERMINISTIC
     assert kind(TimeoutError("teacher replica 0: no answer in 300 s")) == INFRASTRUCTURE
     assert kind(ConnectionResetError(104, "Connection reset by peer")) == INFRASTRUCTURE
+    from botocore.exceptions import ClientError
+
+    def s3_error(code: str, status: int) -> ClientError:  # what s3fs raises through, after storage.py's retries
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert kind(s3_error("SlowDown", 503)) == INFRASTRUCTURE  # an object-store outage
+    assert kind(s3_error("AccessDenied", 403)) == DETERMINISTIC  # credentials: a restart would not help
 
 
 @pytest.mark.ray
