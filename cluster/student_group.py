@@ -280,9 +280,7 @@ def _start_failed(cfg: Config, failure):
 def _restart_size(cfg: Config, workers: int, failure) -> int:
     """The world size of the next attempt after an infrastructure failure: the recipe's own once the cluster
     holds it again (waiting up to `cluster.student.replacement_wait_s` for a replacement), else the largest
-    that fits now (issue 21: a lost node without a replacement), logged."""
-    import logging
-
+    that fits now (issue 21: a lost node without a replacement), printed."""
     from cluster.capacity import CapacityError, largest_fitting_workers, live_nodes, shortfall, wait_for_students
 
     s = cfg.cluster.student
@@ -300,7 +298,6 @@ def _restart_size(cfg: Config, workers: int, failure) -> int:
                 f"{s.workers} student ranks from the newest checkpoint (resharded), global batch kept at "
                 f"train.batch_size={batch} ({batch // workers} -> {batch // smaller} per rank)")
         print(line, flush=True)
-        logging.getLogger(__name__).warning(line)
     return smaller
 
 
