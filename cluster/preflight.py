@@ -1,7 +1,8 @@
 """Driver checks before a run deletes anything (`--force`) or starts Ray (issue 11), in this order: the config,
 the output URL's scheme, one list/put/delete round trip on the output with the configured credentials, the
 prompt shard list (brace patterns expanded, every shard listed), the teacher weights (a hub id resolvable or
-a directory present, its architecture readable), W&B credentials when wandb.mode is online. The resume world size needs no check: checkpoints reshard.
+a directory present, its architecture readable), W&B credentials when wandb.mode is online. The resume world
+size needs no check: checkpoints reshard.
 Each failure is one line naming the key, the value and what to do (`PreflightError`, a ConfigError: the CLI prints it as one line)."""
 from __future__ import annotations
 

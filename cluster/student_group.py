@@ -256,8 +256,9 @@ def _fit(cfg: Config, loop_config: dict) -> None:
             torch_config=TorchConfig(backend=_backend(cfg, use_gpu)),
             scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources, placement_strategy="PACK"),
-            run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=storage, failure_config=ray.train.FailureConfig(
-                max_failures=0, controller_failure_limit=0, max_preemption_failures=0)),
+            run_config=ray.train.RunConfig(name=cfg.run.name, storage_path=storage,
+                                           failure_config=ray.train.FailureConfig(
+                                               max_failures=0, controller_failure_limit=0, max_preemption_failures=0)),
         )
         trainer.fit()
     finally:

@@ -177,8 +177,8 @@ def test_packing_is_per_node_not_per_sum():
 
 def test_fragmented_gpus_are_named_with_a_fitting_override():
     cfg = load_config(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml",
-                      ["cluster.student.workers=4", "cluster.student.gpus_per_worker=2", "cluster.student.cpus_per_worker=4",
-                       "eval.every=0", "data.workers=1"])
+                      ["cluster.student.workers=4", "cluster.student.gpus_per_worker=2",
+                       "cluster.student.cpus_per_worker=4", "eval.every=0", "data.workers=1"])
     reason = shortfall(cfg, [{"GPU": 1.0, "CPU": 32.0}] * 8)
     assert "no node has room for 4 student ranks (each needs {GPU 2, CPU 4} on one node)" in reason
     assert "8 x {GPU 1, CPU 32}" in reason

@@ -95,8 +95,9 @@ def test_the_validation_actor_takes_its_own_gpu_in_gpu_runs(tmp_path):
     cpu_run = _dit_validation_cfg(tmp_path)
     assert validation_options(cpu_run) == {"num_cpus": 0.0, "num_gpus": 0.0, "max_restarts": 3}
     gpu_run = load_config("configs/dit_imagenet_gm_k32_1nfe_tiny.yaml",
-                          ["teacher.placement=shared", "lora.enabled=true", "eval.every=1", "teacher.cpus_per_replica=2",
-                           "cluster.student.gpus_per_worker=1", "cluster.student.workers=2"])
+                          ["teacher.placement=shared", "lora.enabled=true", "eval.every=1",
+                           "teacher.cpus_per_replica=2", "cluster.student.gpus_per_worker=1",
+                           "cluster.student.workers=2"])
     assert validation_options(gpu_run) == {"num_cpus": 2.0, "num_gpus": 1.0, "max_restarts": 3}
     demands = {d.what: (d.bundle, d.count) for d in run_demands(gpu_run)}
     assert demands["validation actor"] == ({"CPU": 2.0, "GPU": 1.0}, 1)  # counted by the resource preflight
