@@ -367,17 +367,28 @@ def _add_template(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=["slurm", "kuberay"])
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (baked into the rendered file)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (SLURM) / pods: 1 head + nodes-1 workers")
-    p.add_argument("--gpus-per-node", type=int, default=0)
-    p.add_argument("--cpus-per-node", type=int, default=8)
-    p.add_argument("--mem-per-node", default="64G", help="memory per node (SLURM --mem / pod memory, e.g. 64G)")
+    # the node shape: the recipe's cluster.nodes / gpus_per_node / cpus_per_node / memory_gb_per_node unless given
+    p.add_argument("--nodes", type=int, default=None, help="nodes (SLURM) / pods: 1 head + nodes-1 workers "
+                   "(default: cluster.nodes, else 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: cluster.gpus_per_node, else what "
+                   "the run's GPUs need over the nodes")
+    p.add_argument("--cpus-per-node", type=int, default=None, help="default: cluster.cpus_per_node, else the "
+                   "fewest on which the run's ranks, replicas and workers pack")
+    p.add_argument("--mem-per-node", default=None, help="memory per node, e.g. 512G (default: "
+                   "cluster.memory_gb_per_node; SLURM: else all of the node's)")
     p.add_argument("--time", default="24:00:00", help="SLURM wall-clock limit")
     p.add_argument("--partition", default="", help="SLURM partition ('' = the cluster's default)")
     p.add_argument("--account", default="", help="SLURM account ('' = none)")
     p.add_argument("--venv", default="", help="SLURM: virtualenv to activate on every node ('' = none)")
     p.add_argument("--workdir", default="", help="SLURM: the checkout on the shared filesystem (default: cwd)")
-    p.add_argument("--image", default="rayproject/ray:2.60.0-py311", help="KubeRay: container image with piflow")
+    p.add_argument("--image", default="", help="KubeRay (required): an image built from this repository's "
+                   "Dockerfile, e.g. REGISTRY/piflow:TAG")
     p.add_argument("--namespace", default="default", help="KubeRay namespace")
+    p.add_argument("--secret", default="piflow-credentials", help="KubeRay: the Secret whose keys (HF_TOKEN, "
+                   "WANDB_API_KEY, AWS_*) become every pod's environment")
+    p.add_argument("--scratch-gb", type=int, default=None, help="KubeRay: scratch volume per pod (default: sized "
+                   "from the plan: teacher snapshot + checkpoint staging)")
+    p.add_argument("--storage-class", default="", help="KubeRay: storage class of the scratch volume")
     p.add_argument("--gcs-port", type=int, default=6379, help="SLURM: the Ray head's GCS port")
     p.add_argument("--dashboard-port", type=int, default=8265, help="SLURM: the Ray dashboard (Jobs API) port")
 
@@ -388,7 +399,9 @@ def _add_template(sub: argparse._SubParsersAction) -> None:
                                 gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
                                 mem_per_node=args.mem_per_node, time=args.time, partition=args.partition,
                                 account=args.account, venv=args.venv, workdir=args.workdir, image=args.image,
-                                namespace=args.namespace, gcs_port=args.gcs_port, dashboard_port=args.dashboard_port)
+                                namespace=args.namespace, secret=args.secret, scratch_gb=args.scratch_gb,
+                                storage_class=args.storage_class, gcs_port=args.gcs_port,
+                                dashboard_port=args.dashboard_port)
         try:
             text = render(args.kind, params)
         except TemplateError as e:

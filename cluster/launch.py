@@ -55,17 +55,23 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
 
     from trainer import resume
 
-    # Fresh start vs resume is decided here, once per run (applying --force); the ranks, also when Ray Train
-    # restarts them, only resume from the newest valid checkpoint.
-    resume.prepare_output(cfg, rank=0)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, force=False))
-    write_config(cfg)
+    from cluster.capacity import check as check_capacity
+
     times = PhaseTimes()  # startup per phase (issue 7); the ranks print student_init / first_step
     own_ray = not ray.is_initialized()  # a Ray this call starts is shut down here; a caller's is left alone
     group = feed = validation = None
     try:
-        with times.phase("ray_up"):
-            connect(cfg)
+        import time
+
+        t0 = time.perf_counter()
+        connect(cfg)
+        check_capacity(cfg)  # issue 21: one line naming what the cluster lacks, before anything is deleted
+        times.add("ray_up", time.perf_counter() - t0)
+        # Fresh start vs resume is decided here, once per run (applying --force); the ranks, also when the
+        # group is restarted, only resume from the newest valid checkpoint.
+        resume.prepare_output(cfg, rank=0)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, force=False))
+        write_config(cfg)
         with times.phase("teacher_load"):
             group = start_teacher_group(cfg)  # None in shared placement
         from cluster.validation import start_validation

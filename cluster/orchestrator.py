@@ -24,10 +24,15 @@ def connect(cfg: Config, address: Optional[str] = None) -> None:
     if address == "local":
         # No dashboard (1.5 GB, a server we do not need): Ray Train's placement-group cleaner then cannot reach
         # the state API and warns every second; the hook quiets that one logger in every worker.
-        kwargs: dict[str, Any] = {"include_dashboard": False,
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                                   "runtime_env": {"worker_process_setup_hook": quiet_state_api_warnings}}
         if cfg.cluster.num_cpus:
             kwargs["num_cpus"] = cfg.cluster.num_cpus
+        # the embedded Ray's banner and its token-auth notice are not the run's business (issue 21: a run that
+        # cannot start says so in one line)
+        import logging
+
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", **kwargs)  # "local": never attach to a stale /tmp/ray cluster by accident
     else:
         ray.init(address=address)

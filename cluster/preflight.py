@@ -1,7 +1,8 @@
 """Driver checks before a run deletes anything (`--force`) or starts Ray (issue 11), in this order: the config,
 the output URL's scheme, one list/put/delete round trip on the output with the configured credentials, the
 prompt shard list (brace patterns expanded, every shard listed), the teacher weights (a hub id resolvable or
-a directory present, its architecture readable). The resume world size needs no check: checkpoints reshard.
+a directory present, its architecture readable), W&B credentials when wandb.mode is online. The resume world
+size needs no check: checkpoints reshard.
 Each failure is one line naming the key, the value and what to do (`PreflightError`, a ConfigError: the CLI prints it as one line)."""
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def preflight(cfg: Config, config_path: str | None = None) -> None:
     if cfg.data.shards:
         check_shards(cfg.data.shards)
     check_teacher(cfg)
+    check_wandb(cfg)
+
+
+def check_wandb(cfg: Config) -> None:
+    """wandb.mode=online needs credentials here (issue 21: a node without them failed after loading the model,
+    three times); rank 0 checks its own node again before it builds anything (cluster/student_group.py)."""
+    from trainer.metrics import wandb_credentials_problem
+
+    problem = wandb_credentials_problem(cfg)
+    if problem:
+        raise PreflightError(problem)
 
 
 def check_output_url(url: str) -> None:

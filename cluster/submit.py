@@ -5,7 +5,8 @@
     piflow stop JOB --address ...
 
 What travels: the working directory (default: the current one) zipped by Ray, minus `DEFAULT_EXCLUDES`
-(virtualenvs, .git, run outputs, caches, wandb) and the run's own local output dir; the job runs
+(virtualenvs, .git, run outputs, caches, wandb), the run's own local output dir and, always and last (so no
+`--exclude '!.env'` re-includes them), `SECRET_EXCLUDES` (.env*, keys, cloud and git credentials); the job runs
 `python -m cluster.cli train CONFIG [overrides] cluster.address=auto` on the head with the uploaded code first
 on `sys.path`, so the cluster runs exactly the submitted checkout. The config is validated HERE first, so a bad
 key fails before anything is uploaded.
@@ -34,6 +35,11 @@ from typing import Any, Optional, TextIO
 DEFAULT_EXCLUDES = (
     ".venv", "venv", ".git", "/runs", "wandb", "__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache",
     ".ruff_cache", "*.egg-info", ".ipynb_checkpoints", "node_modules", ".cache",
+)
+# Files that hold credentials: never uploaded, whatever --exclude says (they go LAST: in gitignore rules the last
+# matching pattern wins, so an earlier negation cannot re-include them). `id_*` are SSH keys (id_rsa, id_ed25519).
+SECRET_EXCLUDES = (
+    ".env*", "*.pem", "*.key", ".aws/", ".netrc", "_netrc", "id_*", ".git-credentials", ".ssh/", ".pypirc", "*.p12",
 )
 # Environment names never shipped in a runtime env: they would be readable from the dashboard.
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE)", re.I)
@@ -132,13 +138,15 @@ def relative_config(config: str, working_dir: str) -> str:
 
 
 def excludes_for(req: SubmitRequest, run_output: str) -> list[str]:
-    """DEFAULT_EXCLUDES + the run's local output dir when it lies in the working dir + the request's own."""
+    """DEFAULT_EXCLUDES + the run's local output dir when it lies in the working dir + the request's own +
+    SECRET_EXCLUDES (last)."""
     out = list(DEFAULT_EXCLUDES)
     if "://" not in run_output:
         wd, target = Path(req.working_dir).resolve(), (Path(req.working_dir) / run_output).resolve()
         if target != wd and wd in target.parents:
             out.append("/" + target.relative_to(wd).as_posix())
-    return out + [e for e in req.excludes if e not in out]
+    out += [e for e in req.excludes if e not in out]
+    return out + list(SECRET_EXCLUDES)
 
 
 def job_env(env: dict[str, str]) -> dict[str, str]:

@@ -216,6 +216,29 @@ def retained_steps(valid_steps: list[int], keep_last: int, keep_every: int,
     return keep
 
 
+def overlapping_ranks(meta_dirs: dict[int, str], needed: list, where: str) -> list[int]:
+    """The old ranks (their state.json in `meta_dirs`) whose partitions hold any element of the `needed` slots
+    (name, numel, start, length: elements [start, min(start + length, numel)) of each flattened tensor)."""
+    want: dict[str, list[tuple[int, int]]] = {}
+    for slot in needed:
+        lo, hi = slot.start, min(slot.start + slot.length, slot.numel)
+        if lo < hi:
+            want.setdefault(slot.name, []).append((lo, hi))
+    out = []
+    for rank, d in sorted(meta_dirs.items()):
+        try:
+            with open(os.path.join(d, STATE_META)) as f:
+                rows = json.load(f)["slots"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}/{rank_dirname(rank)}/{STATE_META}: unreadable rank state ({e})") from None
+        for name, _shape, numel, start, length in rows:
+            a, b = int(start), min(int(start) + int(length), int(numel))
+            if any(max(a, lo) < min(b, hi) for lo, hi in want.get(name, ())):
+                out.append(rank)
+                break
+    return out or [min(meta_dirs)]  # nothing trained here (an empty partition): one rank for the counters
+
+
 # -------------------------------------------------------------------------------------------- manager
 @dataclass
 class _Job:
@@ -471,27 +494,52 @@ class CheckpointManager:
                                   f"under {self.root}; last cause: {self.last_failure}")
 
     # ----------------------------------------------------------------------------------------- load
-    def fetch(self, info: CheckpointInfo) -> tuple[RankStates, str]:
+    def fetch(self, info: CheckpointInfo, needed: Optional[list] = None) -> tuple[RankStates, str]:
         """Download what this rank needs of `info` into staging, checking each file's size and sha256 against
         the manifest; returns (the rank states, the client-state file). Same world size: this rank's own
-        files; another world size: every rank's state files (resharded on read) and the client state of
-        rank `rank % W`. Raises CheckpointError naming the file that fails; nothing is applied yet."""
+        files. Another world size: every old rank's small state.json first, then the state files only of the
+        old ranks whose partitions overlap `needed` (this rank's engine slots, `engine.slots()`; None: all of
+        them), and the client state of rank `rank % W` (issue 21: a 16 -> 8 GPU resume of FLUX fetched every
+        old rank's state on every rank). The free space of the staging dir is checked first. Raises
+        CheckpointError naming the file that fails; nothing is applied yet."""
+        from trainer.scratch import ensure_free
+
         manifest = check_manifest(f"{info.url}/{MANIFEST}", info.manifest)
         old_world = manifest["world_size"]
         same = old_world == self.world_size
-        state_ranks = [self.rank] if same else list(range(old_world))
         client_rank = self.rank if same else self.rank % old_world
+        local = os.path.join(self.staging, "load", step_dirname(info.step))
+        shutil.rmtree(local, ignore_errors=True)
+        if same:
+            state_ranks = [self.rank]
+        else:
+            metas = [f"{rank_dirname(r)}/{STATE_META}" for r in range(old_world)]
+            self._download(info, manifest, metas, local)
+            state_ranks = list(range(old_world)) if needed is None else overlapping_ranks(
+                {r: os.path.join(local, rank_dirname(r)) for r in range(old_world)}, needed, info.url)
         wanted = {f"{rank_dirname(r)}/{name}" for r in state_ranks for name in (STATE_FILE, STATE_META)}
         wanted.add(f"{rank_dirname(client_rank)}/{CLIENT_FILE}")
-        missing = sorted(wanted - set(manifest["files"]))
+        todo = sorted(rel for rel in wanted if not os.path.exists(os.path.join(local, *rel.split("/"))))
+        missing = [rel for rel in todo if rel not in manifest["files"]]
         if missing:
             raise CheckpointError(f"{info.url}: the manifest lists no {missing[0]} (a checkpoint of format "
                                   f"{FORMAT_VERSION} has {STATE_FILE}, {STATE_META} and {CLIENT_FILE} per rank)")
-        local = os.path.join(self.staging, "load", step_dirname(info.step))
-        shutil.rmtree(local, ignore_errors=True)
+        ensure_free(self.staging, sum(manifest["files"][rel]["size"] for rel in todo),
+                    f"loading {len(todo)} files of {info.url} on rank {self.rank}")
+        self._download(info, manifest, todo, local)
+        dirs = {r: os.path.join(local, rank_dirname(r)) for r in state_ranks}
+        states = RankStates(dirs, info.url)
+        if states.first["world_size"] != old_world:
+            raise CheckpointError(f"{info.url}: rank state says world size {states.first['world_size']}, the "
+                                  f"manifest {old_world}")
+        return states, os.path.join(local, rank_dirname(client_rank), CLIENT_FILE)
+
+    def _download(self, info: CheckpointInfo, manifest: dict[str, Any], rels: list[str], local: str) -> None:
         root = os.path.realpath(local)
-        for rel in sorted(wanted):
-            meta = manifest["files"][rel]
+        for rel in rels:
+            meta = manifest["files"].get(rel)
+            if meta is None:
+                raise CheckpointError(f"{info.url}: the manifest lists no {rel}")
             path = os.path.join(local, *check_rel(rel, info.url).split("/"))
             if not os.path.realpath(path).startswith(root + os.sep):  # belt and braces on top of check_rel
                 raise CheckpointError(f"{info.url}: {rel!r} resolves outside the staging dir")
@@ -501,12 +549,6 @@ class CheckpointManager:
                 raise CheckpointError(f"{info.url}/{rel}: content does not match the manifest (sha256 "
                                       f"{digest[:12]}... vs {meta['sha256'][:12]}..., {size} vs {meta['size']} "
                                       f"bytes)")
-        dirs = {r: os.path.join(local, rank_dirname(r)) for r in state_ranks}
-        states = RankStates(dirs, info.url)
-        if states.first["world_size"] != old_world:
-            raise CheckpointError(f"{info.url}: rank state says world size {states.first['world_size']}, the "
-                                  f"manifest {old_world}")
-        return states, os.path.join(local, rank_dirname(client_rank), CLIENT_FILE)
 
     def apply(self, fetched: tuple[RankStates, str], engine, ema=None) -> dict:
         """Restore the engine and EMA from `fetch`'s files (resharded), return the client state dict."""

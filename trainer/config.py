@@ -210,6 +210,15 @@ class StudentGroupConfig:
     # issue 7: a custom Ray resource each worker takes one unit of ("" = none); nodes that advertise it
     # (`ray start --resources '{"NAME": n}'`) host at most n ranks, which pins or spreads the group.
     custom_resource: str = ""
+    # issue 21: host memory Ray reserves per rank (its `memory` resource, GB; 0 = none): the resource preflight
+    # and Ray's scheduler then keep a node from taking more ranks than its memory holds
+    memory_gb_per_worker: float = 0.0
+    # issue 21: how long Ray Train may take to place and start the worker group before the start counts as
+    # failed (reported with what the cluster lacks)
+    startup_timeout_s: float = 120.0
+    # issue 21: after an infrastructure failure, how long the restart waits for the cluster to hold the group
+    # again (a replacement node); then the run continues on the ranks that fit, global batch kept
+    replacement_wait_s: float = 600.0
 
 
 @dataclass
@@ -252,6 +261,9 @@ class EvalConfig:
     full_seeds: int = 4  # images per prompt
     full_features: str = ""  # CLIP (flux, qwen_image) or image classifier (dit): hub id or dir; digits: built in
     full_wait_s: float = 1800.0  # after training: how long the driver waits for the last evaluation
+    # issue 21: GPUs of the validation actor of shared placement (text encoders, VAE decode) when the run has
+    # GPUs, outside the student ranks' memory plan; 0 = it runs on CPU. Separate placement uses teacher replica 0
+    validation_gpus: float = 1.0
 
 
 @dataclass
@@ -468,6 +480,8 @@ RANGES: dict[str, str] = {
     "cluster.num_cpus": "[0, 1e5]", "cluster.data_cpus_per_worker": "[0, 1024]",
     "cluster.student.workers": "[1, 1e5]", "cluster.student.gpus_per_worker": "[0, 64]",
     "cluster.student.cpus_per_worker": "[0, 1024]", "cluster.student.max_failures": "[0, 1000]",
+    "cluster.student.memory_gb_per_worker": "[0, 1e5]", "cluster.student.startup_timeout_s": "[1, 86400]",
+    "cluster.student.replacement_wait_s": "[0, 86400]", "eval.validation_gpus": "[0, 8]",
 }
 
 

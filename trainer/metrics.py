@@ -129,6 +129,36 @@ class MetricsLogger:
         self.close()
 
 
+def wandb_credentials_problem(cfg: Config) -> str | None:
+    """Issue 21: None unless `wandb.mode: online` and this process has no usable W&B credentials, found the way
+    wandb.init finds them (WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, else the netrc entry of WANDB_BASE_URL's
+    host); else the one-line reason. Local only, no request to the server, and never the key itself. The driver
+    checks before anything starts and rank 0 before it loads a model (its node may lack what the driver has)."""
+    if cfg.wandb.mode != "online":
+        return None
+    from wandb.errors import AuthenticationError
+    from wandb.sdk.lib.wbauth import read_netrc_auth
+    from wandb.sdk.lib.wbauth.validation import check_api_key
+
+    base = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    fix = "or set wandb.mode=offline (then `wandb sync` the run later)"
+    token_file = os.environ.get("WANDB_IDENTITY_TOKEN_FILE", "")
+    if token_file:
+        return None if os.path.isfile(token_file) else (
+            f"wandb.mode=online: WANDB_IDENTITY_TOKEN_FILE={token_file} does not exist on this node; {fix}")
+    key, source = os.environ.get("WANDB_API_KEY", "").strip(), "WANDB_API_KEY"
+    if not key:
+        try:
+            key, source = read_netrc_auth(host=base) or "", f"the netrc entry for {base}"
+        except (AuthenticationError, ValueError) as e:
+            return f"wandb.mode=online: the netrc entry for {base} is not a W&B API key ({e}); {fix}"
+    if not key:
+        return (f"wandb.mode=online but this node has no W&B credentials for {base}: set WANDB_API_KEY in its "
+                f"environment (a Kubernetes Secret, the SLURM job's environment) or run `wandb login` there, {fix}")
+    problem = check_api_key(key)
+    return f"wandb.mode=online: {source} is not a W&B API key ({problem}); {fix}" if problem else None
+
+
 def _wandb_init(cfg: Config, directory: str, run_id: str | None, resume_step: int | None):
     """A new wandb run, or the checkpoint's run rewound to the resumed step (issue 12): `resume_from=
     "<id>?_step=<step>"` (wandb >= 0.17.1) truncates the run's history there, so the steps logged again

@@ -46,7 +46,8 @@ def teacher_weights_dir(cfg: Config) -> Optional[Path]:
         return None
     from trainer.weights import local_model_dir
 
-    root = Path(local_model_dir(cfg.model.pretrained, cfg))  # a hub id / s3:// dir: this node's copy (issue 11)
+    # a hub id / s3:// dir: this node's copy (issue 11) of the transformer's files only (issue 21)
+    root = Path(local_model_dir(cfg.model.pretrained, cfg, ("transformer",)))
     path = root / cfg.model.subfolder if cfg.model.subfolder else root
     if not path.exists():
         raise ConfigError(f"model.pretrained: {path} does not exist (a diffusers-format dir with the teacher, "

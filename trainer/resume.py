@@ -116,14 +116,16 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return keys
 
 
-def fetch_with_fallback(cfg: Config, manager: CheckpointManager, info: Optional[CheckpointInfo]):
+def fetch_with_fallback(cfg: Config, manager: CheckpointManager, info: Optional[CheckpointInfo],
+                        needed: Optional[list] = None):
     """Download and check `info` on every rank; when any rank's files fail their checks (sha256, size,
     malformed rank state), every rank falls back to the next older valid checkpoint, with a warning naming
     the file. Rank 0 removes the rejected checkpoint (the resumed timeline overwrites its step anyway).
-    Returns (info, fetched) or (None, None) when there was nothing to resume."""
+    `needed`: this rank's engine slots (only the old ranks holding them are downloaded on a resharding
+    resume). Returns (info, fetched) or (None, None) when there was nothing to resume."""
     while info is not None:
         try:
-            fetched, err = manager.fetch(info), None
+            fetched, err = manager.fetch(info, needed), None
         except CheckpointError as e:
             fetched, err = None, e
         if err is not None:
@@ -153,7 +155,7 @@ def resume_state(cfg: Config, manager: CheckpointManager, info: Optional[Checkpo
     """Restore engine, EMA and this rank's RNGs from `info` (from `prepare_output`), or from an older valid
     checkpoint when `info` fails its checks on any rank; None for a fresh start. The checkpoint may come from
     another world size (resharded on load); the RNGs then come from rank `rank % W`."""
-    info, fetched = fetch_with_fallback(cfg, manager, info)
+    info, fetched = fetch_with_fallback(cfg, manager, info, engine.slots() if hasattr(engine, "slots") else None)
     if info is None:
         return None
     client = manager.apply(fetched, engine, ema)

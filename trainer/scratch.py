@@ -28,8 +28,10 @@ def run_scratch(cfg: Config, *parts: str) -> str:
     return os.path.join(scratch_root(cfg), f"piflow-{cfg.run.name}-{key}", *parts)
 
 
-def ensure_free(path: str, needed: int, what: str) -> None:
-    """Raise ScratchSpaceError unless the filesystem holding `path` has `needed` bytes free."""
+def ensure_free(path: str, needed: int, what: str,
+                fix: str = "free space or set run.scratch to a larger node-local disk") -> None:
+    """Raise ScratchSpaceError (one line: what, the bytes, the path, `fix`) unless the filesystem holding `path`
+    has `needed` bytes free."""
     probe = path
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -38,5 +40,5 @@ def ensure_free(path: str, needed: int, what: str) -> None:
         probe = parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise ScratchSpaceError(f"run.scratch: {what} needs {needed} bytes under {path}, only {free} are free "
-                                f"there; free space or set run.scratch to a larger node-local disk")
+        raise ScratchSpaceError(f"run.scratch: {what} needs {needed} bytes ({needed / 1e9:.2f} GB) under {path}, "
+                                f"only {free} ({free / 1e9:.2f} GB) are free there; {fix}")

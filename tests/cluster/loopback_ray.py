@@ -81,15 +81,23 @@ class LoopbackCluster:
         return p
 
     def start(self) -> "LoopbackCluster":
-        gcs, dash, client = free_ports(3)
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dash}"
-        self._spawn(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--num-cpus={self.num_cpus}",
-                     f"--resources={json.dumps(self.resources)}", f"--temp-dir={self.root / 'rtmp'}",
-                     *_node_ports()], "head.log", self.head_env)
-        self.wait_for_nodes(1)
-        return self
+        for attempt in range(3):  # a loaded machine can miss `ray start`'s own startup deadline: try again
+            gcs, dash, client = free_ports(3)
+            self.gcs_address = f"127.0.0.1:{gcs}"
+            self.dashboard_url = f"http://127.0.0.1:{dash}"
+            p = self._spawn(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                             f"--num-cpus={self.num_cpus}", f"--resources={json.dumps(self.resources)}",
+                             f"--temp-dir={self.root / f'rtmp-h{attempt}'}", *_node_ports()], "head.log", self.head_env)
+            try:
+                self.wait_for_nodes(1)
+                return self
+            except RuntimeError:
+                if attempt == 2 or p.poll() is None:
+                    raise
+                self.procs.remove(p)
+                _kill_sessions([p.pid])
+        raise AssertionError("unreachable")
 
     def add_node(self, num_cpus: int, resources: Optional[dict] = None, env: Optional[dict] = None
                  ) -> subprocess.Popen:

@@ -6,7 +6,8 @@ Ray session; nothing is simulated):
   replica and returns the same velocity; training with a dying teacher goes on to the end;
 - a student worker dies: Ray Train restarts the group (max_failures) from the newest checkpoint and the run
   ends with the same losses as an uninterrupted run;
-- every restart dies: the run stops with a clear error and the last good checkpoint stays valid;
+- the restart fails (the weights are gone): the run stops with a clear error and the last good checkpoint
+  stays valid;
 - a deterministic failure (too many non-finite steps, NaN injected into the teacher's answers through
   trainer/fault_injection.py) is not retried: one attempt, a clear error, the last finite checkpoint kept.
 """
@@ -253,8 +254,9 @@ def test_when_every_restart_dies_the_run_stops_clearly_and_keeps_its_checkpoint(
     shutil.copytree(teacher_dir, weights)  # this run's own copy: it is taken away mid-run
     out = tmp_path / "run"
     cfg = _run_cfg(str(weights), out, max_failures=1)
-    # A worker dies after the step-2 checkpoint, and at the same moment the teacher weights every rank
-    # builds its student from disappear (a lost mount): the restart, and any further one, cannot start.
+    # A worker dies after the step-2 checkpoint (infrastructure: the group restarts), and at the same moment the
+    # teacher weights every rank builds its student from disappear (a lost mount): the restart fails on the
+    # missing weights, a deterministic error, so the run stops at once instead of retrying (issue 21).
     killer = Killer(_manifest(out, 2), lambda: _session_pids("ray::RayTrainWorker"),
                     before_kill=lambda: (weights / "transformer").rename(weights / "gone"))
     with pytest.raises(StudentGroupFailed) as err:

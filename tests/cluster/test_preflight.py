@@ -130,3 +130,46 @@ def test_resume_on_another_world_size_passes_preflight(config, bucket):
     seed_previous_run(out)  # a checkpoint of 2 ranks
     cfg = load_config(config, [*TOY, f"run.output={out}", "cluster.student.workers=1"])
     preflight(cfg)  # no PreflightError
+
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))  # no ~/.netrc
+    return home
+
+
+def test_wandb_online_without_credentials_stops_before_anything_loads(no_wandb_credentials, config, tmp_path):
+    """Issue 21: a node without W&B credentials failed after loading the model, three times."""
+    from cluster.preflight import PreflightError, preflight
+    from trainer.config import load_config
+
+    cfg = load_config(config, [*TOY, "wandb.mode=online", f"run.output={tmp_path / 'out'}"])
+    with pytest.raises(PreflightError) as err:
+        preflight(cfg)
+    assert "wandb.mode=online but this node has no W&B credentials for https://api.wandb.ai" in str(err.value)
+    assert "WANDB_API_KEY" in str(err.value) and "wandb.mode=offline" in str(err.value)
+    preflight(load_config(config, [*TOY, "wandb.mode=offline", f"run.output={tmp_path / 'out'}"]))  # no check
+
+
+def test_wandb_credentials_from_netrc_or_environment_pass_and_a_bad_key_is_named_not_shown(
+        no_wandb_credentials, config, tmp_path, monkeypatch, capsys):
+    from cluster.preflight import preflight
+    from trainer.config import load_config
+
+    cfg = load_config(config, [*TOY, "wandb.mode=online", f"run.output={tmp_path / 'out'}"])
+    netrc = no_wandb_credentials / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "a1" * 20 + "\n")
+    netrc.chmod(0o600)
+    preflight(cfg)  # a well-formed key in ~/.netrc, as `wandb login` writes it
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "b2" * 20)
+    preflight(cfg)
+    monkeypatch.setenv("WANDB_API_KEY", "secret-but-short")
+    rc, err = run_cli(capsys, config, *TOY, "wandb.mode=online", f"run.output={tmp_path / 'out'}")
+    line = one_line(err)
+    assert rc == 2 and "wandb.mode=online: WANDB_API_KEY is not a W&B API key" in line
+    assert "secret-but-short" not in err and "but-short" not in line

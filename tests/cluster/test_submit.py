@@ -105,6 +105,30 @@ def test_the_uploaded_package_leaves_out_venvs_runs_git_and_caches(tmp_path):
     assert names == ["README.md", "cluster/cli.py", "configs/a.yaml", "notes/runs/keep.md"]
 
 
+def test_secrets_in_the_working_dir_are_never_uploaded(tmp_path):
+    """Issue 21: a zip of a working dir held .env, a .pem and .aws/credentials. Every file of SECRET_EXCLUDES'
+    kinds stays out, at any depth, even when --exclude tries to re-include one with a gitignore negation."""
+    from ray._private.runtime_env.packaging import create_package
+
+    wd = tmp_path / "proj"
+    code = ["cluster/cli.py", "configs/a.yaml", "README.md", "notes/keys.md", "models/idea.py"]
+    secrets_ = [".env", ".env.local", ".envrc", "configs/.env", "server.pem", "deploy/tls.key", ".aws/credentials",
+                ".aws/config", ".netrc", ".ssh/id_rsa", "id_ed25519", "id_rsa.pub", ".git-credentials", ".pypirc",
+                "certs/client.p12"]
+    for rel in code + secrets_:
+        (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+        (wd / rel).write_text("x")
+    (wd / "configs" / "a.yaml").write_text("run:\n  output: out/exp\n")
+    env = build_submission(SubmitRequest(config=str(wd / "configs" / "a.yaml"), working_dir=str(wd),
+                                         excludes=["!.env", "!*.pem"]))["runtime_env"]
+    create_package(str(wd), tmp_path / "pkg.zip", include_gitignore=True, excludes=env["excludes"])
+    names = sorted(n for n in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not n.endswith("/"))
+    assert names == sorted(code)
+    from cluster.submit import SECRET_EXCLUDES
+
+    assert env["excludes"][-len(SECRET_EXCLUDES):] == list(SECRET_EXCLUDES)  # last: nothing re-includes them
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def head():

@@ -154,3 +154,43 @@ def test_checkpoint_reshards_to_another_world_size_and_engine(runs, name, step):
         assert abs(got[s] - ref[s]) <= TOL * max(1.0, abs(ref[s])), (s, got[s], ref[s])
     for kind in ("master", "exp_avg", "exp_avg_sq", "ema"):
         assert max_diff(final_weights(runs[name], kind), final_weights(runs["ds1"], kind)) <= TOL, kind
+
+
+@pytest.mark.timeout(3600)
+def test_a_resharding_rank_downloads_only_the_old_ranks_it_needs(runs, tmp_path):
+    """Issue 21: the 4-rank checkpoint loaded by each rank of a 2-rank group (the slots a real 2-rank ZeRO-3
+    engine has, from ds2's checkpoint of the same step) fetches the state files only of the old ranks whose
+    partitions overlap its own, and reads the same partitions as from all four."""
+    import json
+    import os
+
+    from trainer.checkpoint import CheckpointManager, latest_valid
+    from trainer.checkpoint_files import STATE_FILE, STATE_META, rank_dirname
+    from trainer.engine import Slot
+
+    info = latest_valid(str(runs["ds4"]), "sha256")
+    two = latest_valid(str(runs["ds2"]), "sha256")
+    assert info.manifest["world_size"] == 4 and two.manifest["world_size"] == 2
+    old = {}  # old rank -> {name: (lo, hi)}
+    for r in range(4):
+        with open(runs["ds4"] / "checkpoints" / step_dirname(info.step) / rank_dirname(r) / STATE_META) as f:
+            old[r] = {n: (s, min(s + ln, numel)) for n, _, numel, s, ln in json.load(f)["slots"]}
+    for rank in (0, 1):
+        with open(runs["ds2"] / "checkpoints" / step_dirname(two.step) / rank_dirname(rank) / STATE_META) as f:
+            slots = [Slot(n, tuple(shape), numel, s, ln) for n, shape, numel, s, ln in json.load(f)["slots"]]
+        expected = sorted(r for r in range(4) if any(
+            max(old[r][s.name][0], s.start) < min(old[r][s.name][1], s.start + s.length, s.numel) for s in slots))
+        assert len(expected) < 4  # each new rank holds half: it needs only some old ranks
+        partial = CheckpointManager(str(runs["ds4"]), rank=rank, world_size=2, staging_dir=str(tmp_path / f"p{rank}"))
+        states, _ = partial.fetch(info, slots)
+        assert sorted(states.meta) == expected
+        load = tmp_path / f"p{rank}" / "load" / step_dirname(info.step)
+        fetched = sorted(p.parent.name for p in load.rglob(STATE_FILE))
+        assert fetched == [rank_dirname(r) for r in expected]  # no other old rank's state file came down
+        everything = CheckpointManager(str(runs["ds4"]), rank=rank, world_size=2, staging_dir=str(tmp_path / f"a{rank}"))
+        full, _ = everything.fetch(info)  # every old rank (the behaviour before issue 21)
+        assert sorted(full.meta) == [0, 1, 2, 3]
+        for s in slots:
+            for kind in ("master", "exp_avg", "ema"):
+                assert torch.equal(states.partition(kind, s), full.partition(kind, s)), (rank, s.name, kind)
+        assert os.path.exists(load / rank_dirname(rank % 4) / "client.pt")
