@@ -57,6 +57,7 @@ class DataWorker:
         self.prefetch, self.max_memory_gb, self.defer = max(1, prefetch), max_memory_gb, defer
         self._ahead: Any = None
         self._started = False
+        self._sent = 0  # bytes of pieces handed on (serialized), payloads apart
 
     def start(self, epoch: int, shard_pos: int, sample_pos: int, first_visit: int = 0, first_pos: int = 0) -> int:
         """(Re)start reading from a cursor; pieces of an earlier start are dropped. `first_visit` skips the
@@ -116,6 +117,10 @@ class DataWorker:
                 f = _Failure(e.cause)
                 raise RuntimeError(f"data worker {self.worker_index} failed: {f.summary}\n{f.text}") from None
         piece.telemetry = self.stats()
+        if self.defer:  # what this piece costs Ray besides the payloads it put: keys, prompts, handles
+            import ray
+
+            self._sent += ray._private.worker.global_worker.get_serialization_context().serialize(piece).total_bytes
         return piece
 
     def queued(self) -> int:
@@ -123,7 +128,7 @@ class DataWorker:
 
     def stats(self) -> dict[str, float]:
         """Memory (process RSS, its private part), read-ahead (bytes, pieces, samples) and time held back."""
-        return self._ahead.stats() if self._ahead is not None else {}
+        return {**self._ahead.stats(), "sent_mb": self._sent / 2**20} if self._ahead is not None else {}
 
     def _halt(self) -> None:
         if self._ahead is not None:

@@ -78,10 +78,10 @@ class ReadAhead:
         try:
             while not self._stop.is_set():
                 with self._cond:
-                    t0 = time.monotonic()
                     while not self._stop.is_set() and not self._room():
+                        t0 = time.monotonic()
                         self._cond.wait(0.1)
-                    self.held_s += time.monotonic() - t0
+                        self.held_s += time.monotonic() - t0
                 if self._stop.is_set():
                     return
                 piece = next(self._pieces, None)

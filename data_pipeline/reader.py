@@ -159,10 +159,11 @@ class ShardReader:
         o = self.options
         return retrying(fn, url, o.read_attempts, o.read_backoff_s, o.retry_window_s)
 
-    def pieces(self, task: ShardTask, piece_samples: int = PIECE_SAMPLES,
-               piece_bytes: int = PIECE_BYTES) -> Iterator[ShardResult]:
+    def pieces(self, task: ShardTask, piece_samples: Optional[int] = None,
+               piece_bytes: Optional[int] = None) -> Iterator[ShardResult]:
         """The visit's items from `task.start` on, in pieces (see the module docstring)."""
         o = self.options
+        piece_samples, piece_bytes = piece_samples or PIECE_SAMPLES, piece_bytes or PIECE_BYTES
         url = self.shards[task.shard_index]
         name = storage.basename(url)
         try:

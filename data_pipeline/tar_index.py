@@ -149,6 +149,7 @@ class Span:
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
     bad: Optional[BadRecord] = None  # a member that cannot be read (a link, a device): the sample is bad
     vote: Optional[str] = None  # its embedding signature (JSON) when it would be a valid record
+    scratch: dict[str, Any] = field(default_factory=dict, repr=False)  # while the scan is on this sample
 
     @property
     def start(self) -> int:
@@ -209,27 +210,36 @@ def walk(src: Any, shard: str, options: Any = None) -> tuple[list[Span], list[Ba
                     bad.setdefault(member.name, BadRecord(shard, member.name, "unreadable_member", str(e)))
                 continue
             if not spans or spans[-1].key != key:
+                if spans and options is not None:
+                    _vote(spans[-1], shard, options)
                 spans.append(Span(key))
             if not member.isfile():
                 bad.setdefault(key, BadRecord(shard, key, "unreadable_member",
                                               f"{member.name}: not a regular file (type {member.type!r})"))
                 continue
             spans[-1].members[ext] = (member.offset_data, member.size)
+            if options is not None:  # what the schema vote needs, read while its block is at hand
+                _gather(spans[-1], ext, view, member.offset_data, member.size)
     except tarfile.TarError as e:
-        if last is not None and last.offset_data + last.size > size:
-            raise ShardUnreadable(f"truncated: member {last.name} has {max(0, size - last.offset_data)} of "
-                                  f"{last.size} bytes") from None
+        if last is not None and end > size:
+            raise ShardUnreadable(_cut(last, size)) from None
         raise ShardUnreadable(f"corrupt tar: {e}") from None
-    if last is not None and last.offset_data + last.size > size:
-        raise ShardUnreadable(f"truncated: member {last.name} has {max(0, size - last.offset_data)} of "
-                              f"{last.size} bytes")
+    if last is not None and end > size:
+        raise ShardUnreadable(_cut(last, size))
     if size - end < 1024 or not _zeros(src, end, size):
         raise ShardUnreadable(f"truncated or corrupt after byte {end} of {size} (no end-of-archive marker)")
+    if spans and options is not None:
+        _vote(spans[-1], shard, options)
     for span in spans:
         span.bad = bad.get(span.key)
-        if span.bad is None and options is not None:
-            span.vote = _vote(span, view, shard, options)
+        if span.bad is not None:
+            span.vote = None
     return spans, list(bad.values())
+
+
+def _cut(member: tarfile.TarInfo, size: int) -> str:
+    return (f"truncated: the archive ends at byte {size}, in member {member.name} ({member.size} bytes from byte "
+            f"{member.offset_data}, with its padding to 512)")
 
 
 def _zeros(src: Any, start: int, end: int) -> bool:
@@ -241,24 +251,28 @@ def _zeros(src: Any, start: int, end: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------ signature votes
-def _vote(span: Span, view: _View, shard: str, options: Any) -> Optional[str]:
+def _gather(span: Span, ext: str, view: _View, offset: int, size: int) -> None:
+    """Keep what `_vote` needs from this member: the prompt and metadata bytes, the embeddings' shapes."""
+    if ext in ("txt", "json"):
+        span.scratch[ext] = view.pread(offset, size)
+    elif is_embedding_member(ext) and span.scratch.get("sig") is not False:
+        try:
+            span.scratch.setdefault("sig", {}).update(_member_signature(ext, view, offset, size))
+        except Exception:  # noqa: BLE001 - unreadable embeddings: a bad record when read, no vote
+            span.scratch["sig"] = False
+
+
+def _vote(span: Span, shard: str, options: Any) -> None:
     """The sample's embedding signature (JSON) if it would be a valid record with embeddings, else None."""
     from data_pipeline.compact import vote_key
 
-    text = {ext: view.pread(o, n) for ext, (o, n) in span.members.items() if ext in ("txt", "json")}
+    scratch, span.scratch = span.scratch, {}
+    text = {ext: scratch[ext] for ext in ("txt", "json") if ext in scratch}
     record, _ = validate_sample(span.key, text, shard, options.max_prompt_chars, options.overlong)
-    if record is None:
-        return None
-    sig: dict[str, list[int]] = {}
-    try:
-        for ext, (o, n) in span.members.items():
-            if is_embedding_member(ext):
-                sig.update(_member_signature(ext, view, o, n))
-    except Exception:  # noqa: BLE001 - unreadable embeddings: a bad record when read, no vote
-        return None
-    if not sig or (options.pre_encoded and not set(sig) - {LATENT_KEY}):
-        return None
-    return vote_key(dict(sorted(sig.items())))
+    sig = scratch.get("sig")
+    if record is None or not sig or (options.pre_encoded and not set(sig) - {LATENT_KEY}):
+        return
+    span.vote = vote_key(dict(sorted(sig.items())))
 
 
 def _member_signature(ext: str, view: _View, offset: int, size: int) -> dict[str, list[int]]:
@@ -276,7 +290,9 @@ def _member_signature(ext: str, view: _View, offset: int, size: int) -> dict[str
     if ext.endswith(".npy") or ext == "npy":
         import numpy as np
 
-        f = io.BytesIO(view.pread(offset, min(size, 4096)))
+        lead = view.pread(offset, 12)  # magic, version, header length (2 bytes in v1, 4 after)
+        n = struct.unpack("<H", lead[8:10])[0] + 10 if lead[6:7] == b"\x01" else struct.unpack("<I", lead[8:12])[0] + 12
+        f = io.BytesIO(view.pread(offset, min(size, n)))
         version = np.lib.format.read_magic(f)
         shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                        else np.lib.format.read_array_header_2_0(f))
