@@ -267,12 +267,13 @@ def _vote(span: Span, shard: str, options: Any) -> None:
     from data_pipeline.compact import vote_key
 
     scratch, span.scratch = span.scratch, {}
+    sig = scratch.get("sig")
+    if not sig or (options.pre_encoded and not set(sig) - {LATENT_KEY}):
+        return  # a prompt-only sample (most shards): nothing to vote on
     text = {ext: scratch[ext] for ext in ("txt", "json") if ext in scratch}
     record, _ = validate_sample(span.key, text, shard, options.max_prompt_chars, options.overlong)
-    sig = scratch.get("sig")
-    if record is None or not sig or (options.pre_encoded and not set(sig) - {LATENT_KEY}):
-        return
-    span.vote = vote_key(dict(sorted(sig.items())))
+    if record is not None:
+        span.vote = vote_key(dict(sorted(sig.items())))
 
 
 def _member_signature(ext: str, view: _View, offset: int, size: int) -> dict[str, list[int]]:
