@@ -137,19 +137,27 @@ class Consumer:
         import ray
         import torch
 
+        from cluster import data_worker
         from cluster.data_worker import FeedIterator
 
         ctx = ray._private.worker.global_worker.get_serialization_context()
         sent = {"slice": 0, "payload": 0, "stored": 0}
+        fetch = data_worker.fetch_payloads
+
+        def counted(handles, timeout_s=0.0):  # what the rank fetches from the workers' object store
+            raws = fetch(handles, timeout_s)
+            for raw in raws:
+                sent["payload"] += ctx.serialize(raw).total_bytes
+                sent["stored"] += len(raw)
+            return raws
+
+        data_worker.fetch_payloads = counted  # this consumer process only
 
         class Counting(FeedIterator):
             def _call(self, method, *args):
                 out = super()._call(method, *args)
                 if method == "get" and out.payloads is not None:
-                    sent["slice"] += ctx.serialize(out).total_bytes
-                    for raw in ray.get(out.payloads):  # the fetch below finds them local: no second move
-                        sent["payload"] += ctx.serialize(raw).total_bytes
-                        sent["stored"] += len(raw)
+                    sent["slice"] += ctx.serialize(out).total_bytes  # what the feed sent: keys, prompts, handles
                 return out
 
         it = Counting(feed, rank, world, attempt="bench")
@@ -301,8 +309,16 @@ def main() -> int:
     from data_pipeline import storage
 
     keys = FileBackedKeys()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             object_store_memory=3 * GIB, runtime_env={"env_vars": env})
+    for attempt in range(3):  # a loaded machine can make Ray's node startup time out
+        try:
+            ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=3 * GIB, runtime_env={"env_vars": env})
+            break
+        except Exception as e:  # noqa: BLE001
+            print(f"ray.init failed ({str(e)[:120]}); retrying", flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     rows_out = []
