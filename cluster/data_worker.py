@@ -2,28 +2,31 @@
 their output into the deterministic global order (DESIGN.md §1, §5).
 
 Shard visits are numbered from the start cursor (`data_pipeline.order.tasks`); worker w of W takes visits
-w, w+W, w+2W, ... and runs `ShardReader.read` on each, exactly what the in-process `PromptStream` runs, on a
-background thread that keeps at most `prefetch` finished shards queued (bounded memory). The pool asks the
-workers for visits in round-robin order, so `GlobalBatchStream` cuts the same batches from the same records
-as `PromptStream`: the order and the cursor do not depend on the number of workers either.
+w, w+W, w+2W, ... and streams each one in pieces (`ShardReader.pieces`, what the in-process `PromptStream`
+runs) on a background thread whose read-ahead is held under `data.max_memory_gb` (`data_pipeline.readahead`:
+it waits instead of growing). The pool asks the workers for pieces in visit order, so `GlobalBatchStream`
+cuts the same batches from the same records as `PromptStream`: the order and the cursor do not depend on the
+number of workers either.
+
+Embeddings never pass through the pool or the feed (issue 22): a worker puts each sample's embeddings, as
+stored (fp8 + scale, bf16), in Ray's object store and hands on a handle (`compact.Deferred`); the rank that
+gets the sample fetches it (`FeedIterator`), so the bytes cross Ray once, compact, and are converted to the
+compute dtype on the rank's device (trainer/rank_program.py `OnDevice`).
 
 The trainer receives `DataWorkerPool` (or a `RankBatches` over it) as a plain iterator with
 `state_dict()` / `load_state_dict()`; it never imports ray.
 """
 from __future__ import annotations
 
-import collections
-import queue
-import threading
 from typing import Any, Iterator, Optional
 
-from data_pipeline.order import Cursor, tasks
-from data_pipeline.reader import EncoderFactory, ReadOptions, ShardReader, ShardResult
+from data_pipeline.order import Cursor, ShardTask, tasks
+from data_pipeline.reader import PIECE_BYTES, EncoderFactory, ReadOptions, ShardReader, ShardResult
 from data_pipeline.stream import GlobalBatchStream
 
 
 class _Failure:
-    """An exception from the worker's read thread, handed to the driver at the visit where it happened."""
+    """An exception from the worker's read thread, handed to the driver at the piece where it happened."""
 
     def __init__(self, exc: BaseException):
         import traceback
@@ -39,71 +42,98 @@ class NotStarted(RuntimeError):
 
 
 class DataWorker:
-    """Reads this worker's share of shard visits ahead on a thread (a plain class; the pool wraps it in Ray)."""
+    """Streams this worker's share of shard visits ahead on a thread (a plain class; the pool wraps it in Ray).
+
+    `max_memory_gb`: this process's memory at `start()` plus its read-ahead stays under it (the reader waits
+    instead, see data_pipeline/readahead.py); `prefetch`: pieces queued at most. `defer`: put each sample's
+    embeddings in Ray's object store and queue handles (the pool's actors; a plain DataWorker keeps them)."""
 
     def __init__(self, shards: list[str], seed: int, options: ReadOptions, worker_index: int, num_workers: int,
-                 prefetch: int = 2, encoder_factory: Optional[EncoderFactory] = None):
+                 prefetch: int = 2, encoder_factory: Optional[EncoderFactory] = None, max_memory_gb: float = 1.0,
+                 defer: bool = False):
         # The encoder is built here, on the worker (its GPU in production), on the first shard it reads.
         self.reader = ShardReader(shards, seed, options, encoder_factory)
         self.worker_index, self.num_workers = worker_index, num_workers
-        self.prefetch = max(1, prefetch)
-        self._queue: queue.Queue = queue.Queue(self.prefetch)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self.prefetch, self.max_memory_gb, self.defer = max(1, prefetch), max_memory_gb, defer
+        self._ahead: Any = None
+        self._started = False
+        self._sent = 0  # bytes of pieces handed on (serialized), payloads apart
 
-    def start(self, epoch: int, shard_pos: int, sample_pos: int, first_visit: int = 0) -> int:
-        """(Re)start reading from a cursor; results of an earlier start are dropped. `first_visit` skips the
-        visits (numbered from the cursor) before it: a restarted actor resumes where the pool is (issue 7)."""
+    def start(self, epoch: int, shard_pos: int, sample_pos: int, first_visit: int = 0, first_pos: int = 0) -> int:
+        """(Re)start reading from a cursor; pieces of an earlier start are dropped. `first_visit` skips the
+        visits (numbered from the cursor) before it, `first_pos` the ordered positions of that visit before it:
+        a restarted actor resumes where the pool is (issue 7)."""
+        from data_pipeline.readahead import ReadAhead, budget, process_memory
+
         self._halt()
-        self._stop = threading.Event()
-        self._queue = queue.Queue(self.prefetch)
         r = self.reader
         todo = tasks(Cursor(epoch, shard_pos, sample_pos), r.seed, len(r.shards), r.options.shuffle_shards)
-        self._thread = threading.Thread(target=self._run, args=(todo, self._queue, self._stop, first_visit),
-                                        name=f"data-worker-{self.worker_index}", daemon=True)
-        self._thread.start()
+        baseline = process_memory()[1]
+        max_bytes, piece_bytes = budget(self.max_memory_gb, baseline, PIECE_BYTES)
+        self._ahead = ReadAhead(self._pieces(todo, first_visit, first_pos, piece_bytes), max_bytes, piece_bytes,
+                                self.prefetch, f"data-worker-{self.worker_index}",
+                                transform=self._defer if self.defer else None,
+                                rss_limit=int(self.max_memory_gb * (1 << 30)))
+        self._started = True
         return self.worker_index
 
-    def _run(self, todo: Iterator, out: queue.Queue, stop: threading.Event, first_visit: int = 0) -> None:
+    def _pieces(self, todo: Iterator[ShardTask], first_visit: int, first_pos: int,
+                piece_bytes: int) -> Iterator[ShardResult]:
         for task in todo:
             if task.index % self.num_workers != self.worker_index or task.index < first_visit:
                 continue
-            try:
-                item: Any = self.reader.read(task)
-            except BaseException as e:  # noqa: BLE001 - surfaced on the driver by next_result
-                item = _Failure(e)
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set() or isinstance(item, _Failure):
-                return
+            if task.index == first_visit and first_pos > task.start:
+                task = ShardTask(task.index, task.epoch, task.shard_pos, task.shard_index, first_pos)
+            yield from self.reader.pieces(task, piece_bytes=piece_bytes)
+
+    @staticmethod
+    def _defer(piece: ShardResult) -> ShardResult:
+        """Each record's embeddings -> its safetensors bytes in Ray's object store, a handle in their place."""
+        import ray
+
+        from data_pipeline.compact import Deferred, lengths, payload, signature
+        from data_pipeline.records import PromptRecord
+
+        for _, r in piece.items:
+            if isinstance(r, PromptRecord) and isinstance(r.embeddings, dict):
+                raw = payload(r.embeddings)
+                r.embeddings = Deferred(ray.put(raw), signature(r.embeddings), lengths(r.embeddings), len(raw))
+        return piece
 
     def next_result(self) -> ShardResult:
-        """The next shard visit assigned to this worker (blocks while it is being read)."""
-        if self._thread is None:
+        """The next piece of this worker's visits (blocks while it is being read)."""
+        from data_pipeline.readahead import ReadFailed
+
+        if not self._started:
             raise NotStarted("DataWorker.next_result before start()")
         while True:
             try:
-                item = self._queue.get(timeout=0.5)
+                piece = self._ahead.get(timeout=0.5)
                 break
-            except queue.Empty:
-                if self._thread is None or not self._thread.is_alive():
+            except TimeoutError:
+                if not self._ahead.alive:
                     raise RuntimeError(f"data worker {self.worker_index}: reader thread stopped") from None
-        if isinstance(item, _Failure):
-            raise RuntimeError(f"data worker {self.worker_index} failed: {item.summary}\n{item.text}")
-        return item
+            except ReadFailed as e:
+                f = _Failure(e.cause)
+                raise RuntimeError(f"data worker {self.worker_index} failed: {f.summary}\n{f.text}") from None
+        piece.telemetry = self.stats()
+        if self.defer:  # what this piece costs Ray besides the payloads it put: keys, prompts, handles
+            import ray
+
+            self._sent += ray._private.worker.global_worker.get_serialization_context().serialize(piece).total_bytes
+        return piece
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        return int(self._ahead.stats()["queued_pieces"]) if self._ahead is not None else 0
+
+    def stats(self) -> dict[str, float]:
+        """Memory (process RSS, its private part), read-ahead (bytes, pieces, samples) and time held back."""
+        return {**self._ahead.stats(), "sent_mb": self._sent / 2**20} if self._ahead is not None else {}
 
     def _halt(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self._ahead is not None:
+            self._ahead.stop(join_s=30)
+            self._ahead = None
 
 
 RESTART_WAIT_S = 900.0  # how long a restarted actor may take to come back (it rebuilds its reader / encoder)
@@ -114,7 +144,8 @@ class DataWorkerPool(GlobalBatchStream):
 
     `actor_options` go to `ray.remote(...).options(...)` (e.g. num_cpus, num_gpus, a placement-group
     scheduling strategy, `runtime_env` with NON-secret settings such as PIFLOW_S3_ENDPOINT; credentials
-    come from each node's environment or the AWS chain).
+    come from each node's environment or the AWS chain). The embeddings of its batches are fetched here
+    (`resolve_payloads`), unless a BatchFeed hands the handles on to the ranks.
     """
 
     MAX_RESTARTS = 3  # per worker actor: process deaths survived before the stream fails (issue 7)
@@ -122,7 +153,7 @@ class DataWorkerPool(GlobalBatchStream):
     def __init__(self, shards: list[str] | str, batch_size: int, seed: int = 0,
                  options: Optional[ReadOptions] = None, num_workers: int = 1, prefetch: int = 2,
                  encoder_factory: Optional[EncoderFactory] = None, actor_options: Optional[dict[str, Any]] = None,
-                 max_restarts: int = MAX_RESTARTS, timeout_s: float = 0.0):
+                 max_restarts: int = MAX_RESTARTS, timeout_s: float = 0.0, max_memory_gb: float = 1.0):
         import ray
 
         from data_pipeline.shards import resolve_shards
@@ -130,32 +161,40 @@ class DataWorkerPool(GlobalBatchStream):
         super().__init__(resolve_shards(shards), batch_size, seed, options or ReadOptions())
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        # issue 12: a shard visit that takes longer than `timeout_s` (0 = no limit) means a hung worker: it is
+        # issue 12: a piece that takes longer than `timeout_s` (0 = no limit) means a hung worker: it is
         # killed and restarted like a dead one
         self.max_restarts, self.timeout_s = max_restarts, timeout_s
-        # max_restarts (issue 7): Ray restarts a dead worker process; `_result` restarts its reading at the lost visit
+        self.resolve_payloads = True
+        # max_restarts (issue 7): Ray restarts a dead worker process; `_result` restarts its reading at the lost piece
         opts = {"num_cpus": 1, "max_restarts": max_restarts, **(actor_options or {})}
         actor = ray.remote(DataWorker).options(**opts)
-        self.workers = [actor.remote(self.shards, seed, self.options, w, num_workers, prefetch, encoder_factory)
-                        for w in range(num_workers)]
+        self.workers = [actor.remote(self.shards, seed, self.options, w, num_workers, prefetch, encoder_factory,
+                                     max_memory_gb, True) for w in range(num_workers)]
+        self._worker_stats: dict[int, dict[str, float]] = {}
 
     def _results(self, start: Cursor) -> Iterator[ShardResult]:
         import ray
 
         ray.get([w.start.remote(start.epoch, start.shard_pos, start.sample_pos) for w in self.workers])
         n = len(self.workers)
-        window: collections.deque = collections.deque()  # (visit, ref)
-        visit = 0
+        # one request in flight per worker (each worker reads ahead on its own); pieces come in visit order
+        pending = {w: self.workers[w].next_result.remote() for w in range(n)}
+        visit, got = 0, -1  # the visit being consumed, the last ordered position received of it
         while True:
-            while len(window) < n:  # one request in flight per worker; each worker reads ahead on its own
-                window.append((visit, self.workers[visit % n].next_result.remote()))
-                visit += 1
-            yield self._result(*window.popleft(), start)
+            w = visit % n
+            piece = self._result(visit, got, pending[w], start)
+            pending[w] = self.workers[w].next_result.remote()
+            self._worker_stats[w] = piece.telemetry or {}
+            got = max([got] + [p for p, _ in piece.items])
+            yield piece
+            if piece.final:
+                visit, got = visit + 1, -1
 
-    def _result(self, visit: int, ref: Any, start: Cursor) -> ShardResult:
-        """The result of shard visit `visit`. If its worker died (issue 7), Ray restarts the actor (its
-        max_restarts) and the worker starts reading again AT this visit: the stream has consumed exactly the
-        visits before it, and the worker's lost read-ahead is re-read, so no sample is lost or repeated."""
+    def _result(self, visit: int, got: int, ref: Any, start: Cursor) -> ShardResult:
+        """The next piece of shard visit `visit`, whose positions up to `got` were received. If its worker died
+        (issue 7), Ray restarts the actor (its max_restarts) and the worker starts reading again AT this visit,
+        from position `got + 1`: the stream has consumed exactly what came before, and the worker's lost
+        read-ahead is re-read, so no sample is lost or repeated."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -174,11 +213,31 @@ class DataWorkerPool(GlobalBatchStream):
                                        f"visit {visit} (from cursor {start}); giving up") from e
                 try:  # queued by Ray until the restarted actor is up
                     call_with_restart(worker, "start", start.epoch, start.shard_pos, start.sample_pos, visit,
-                                      timeout_s=RESTART_WAIT_S, retries=0, what=f"data worker {visit % len(self.workers)}")
+                                      got + 1, timeout_s=RESTART_WAIT_S, retries=0,
+                                      what=f"data worker {visit % len(self.workers)}")
                 except RuntimeError as e2:
                     raise RuntimeError(f"data worker {visit % len(self.workers)} could not be restarted after "
                                        f"dying at shard visit {visit}: {e2}") from e
                 ref = worker.next_result.remote()
+        raise AssertionError("unreachable")
+
+    def telemetry(self) -> dict[str, float]:
+        """Per worker, as of its last piece: memory, read-ahead, queue depth, time held back by its cap."""
+        keys = ("rss_gb", "private_gb", "readahead_mb", "queued_pieces", "queued_samples", "held_s")
+        return {f"data/worker{w}/{k}": s[k] for w, s in sorted(self._worker_stats.items()) for k in keys if k in s}
+
+    def __next__(self):
+        before = self.state_dict()
+        for attempt in range(self.max_restarts + 1):
+            batch = super().__next__()
+            if not self.resolve_payloads or batch.payloads is None:
+                return batch
+            try:
+                return batch.resolve(fetch_payloads)
+            except PayloadLost:
+                if attempt == self.max_restarts:
+                    raise
+                self.load_state_dict(before)  # a worker that held them died: read that batch again
         raise AssertionError("unreachable")
 
     def shutdown(self) -> None:
@@ -191,10 +250,26 @@ class DataWorkerPool(GlobalBatchStream):
     @classmethod
     def from_config(cls, data_cfg: Any, batch_size: int, seed: int,
                     encoder_factory: Optional[EncoderFactory] = None, **actor_options: Any) -> "DataWorkerPool":
-        """From the trainer's `DataConfig` (shards, workers, prefetch and the read options)."""
+        """From the trainer's `DataConfig` (shards, workers, prefetch, memory and the read options)."""
         return cls(data_cfg.shards, batch_size, seed, ReadOptions.from_config(data_cfg), data_cfg.workers,
                    data_cfg.prefetch, encoder_factory, actor_options or None,
-                   max_restarts=data_cfg.max_restarts, timeout_s=data_cfg.timeout_s)
+                   max_restarts=data_cfg.max_restarts, timeout_s=data_cfg.timeout_s,
+                   max_memory_gb=data_cfg.max_memory_gb)
+
+
+class PayloadLost(RuntimeError):
+    """A sample's embeddings are gone from Ray's object store (the DataWorker that put them died)."""
+
+
+def fetch_payloads(handles: list[Any], timeout_s: float = 0.0) -> list[Any]:
+    """The bytes behind DataWorker handles (`PromptBatch.resolve`); PayloadLost when their owner died."""
+    import ray
+    from ray.exceptions import ObjectLostError, OwnerDiedError
+
+    try:
+        return ray.get(list(handles), timeout=timeout_s or None)
+    except (ObjectLostError, OwnerDiedError) as e:
+        raise PayloadLost(f"prompt embeddings lost with their data worker ({type(e).__name__})") from e
 
 
 class StaleAttempt(RuntimeError):
@@ -214,6 +289,8 @@ class BatchFeed:
 
     def __init__(self, stream_factory: Any):
         self.stream = stream_factory()  # a DataWorkerPool or PromptStream, built on the actor
+        if hasattr(self.stream, "resolve_payloads"):
+            self.stream.resolve_payloads = False  # the ranks fetch the embeddings from the workers themselves
         self.initial = self.stream.state_dict()
         self.pulled = 0  # global batches taken from the stream
         self.cache: dict[int, tuple[Any, set[int]]] = {}
@@ -222,9 +299,10 @@ class BatchFeed:
         self.rewinds = 0
 
     def get(self, attempt: str, step: int, rank: int, world_size: int, layout: str = "strided",
-            state: Optional[dict[str, Any]] = None) -> Any:
+            state: Optional[dict[str, Any]] = None, refetch: bool = False) -> Any:
         """Rank `rank`'s slice of global batch `step`; `state` is the cursor after the batches it consumed
-        (None = the stream's start), i.e. where batch `step` begins."""
+        (None = the stream's start), i.e. where batch `step` begins. `refetch`: the embeddings of the slice
+        this rank got were lost with their DataWorker: read the batch again from `state`."""
         if int((state or self.initial)["batches"]) != step:
             raise ValueError(f"rank {rank} asked for step {step} with a cursor at batch {(state or {}).get('batches')}")
         if attempt in self.retired:
@@ -234,7 +312,7 @@ class BatchFeed:
                 self.retired.add(self.attempt)
             self.attempt = attempt
             self._rewind(state)
-        elif step < self.pulled and step not in self.cache:
+        elif refetch or (step < self.pulled and step not in self.cache):
             self._rewind(state)
         for s in [s for s in self.cache if s < step]:  # this rank is past them (it took them before a rewind)
             self._taken(s, rank)
@@ -261,7 +339,8 @@ class BatchFeed:
         return dict(self.initial)
 
     def metrics(self) -> dict[str, float]:
-        return self.stream.stats.metrics()
+        return {**self.stream.stats.metrics(), **self.stream.telemetry(),
+                "data/feed/cached_batches": float(len(self.cache))}
 
     def close(self) -> None:
         if hasattr(self.stream, "shutdown"):
@@ -355,6 +434,15 @@ class FeedIterator:
 
     def __next__(self) -> Any:
         batch = self._call("get", self.attempt, self.step, self.rank, self.world_size, self.layout, self._state)
+        for _ in range(self.retries + 1):
+            try:  # the embeddings come from the DataWorkers' object store, not through the feed
+                batch.resolve(lambda handles: fetch_payloads(handles, self.timeout_s))
+                break
+            except PayloadLost:
+                batch = self._call("get", self.attempt, self.step, self.rank, self.world_size, self.layout,
+                                   self._state, True)
+        else:
+            batch.resolve(lambda handles: fetch_payloads(handles, self.timeout_s))
         self.step += 1
         self._state = batch.cursor
         return batch

@@ -34,7 +34,9 @@ class PromptRecord:
     txt: str
     shard: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # negative_prompt / seed / size (validated) + extras
-    embeddings: Optional[dict[str, Any]] = None  # name -> torch.Tensor without batch dim (pre-encoded or encoded)
+    # name -> torch.Tensor without batch dim (pre-encoded: as stored, see data_pipeline/compact.py; or encoded),
+    # or a compact.Deferred (a DataWorker put them in Ray's object store)
+    embeddings: Optional[Any] = None
     truncated_from: int = 0  # original length in chars when the prompt was truncated, else 0
 
 
@@ -118,9 +120,9 @@ def load_embeddings(members: dict[str, bytes]) -> Optional[dict[str, Any]]:
     out: dict[str, Any] = {}
     for ext, raw in members.items():
         if ext.endswith(".safetensors") or ext == "safetensors":  # `piflow shards encode` (bf16/fp8, packed)
-            from data_pipeline.encoding.packing import from_bytes
+            from safetensors.torch import load  # kept as stored (data_pipeline/compact.py): no float32 here
 
-            out.update(from_bytes(raw))
+            out.update(load(raw))
         elif ext.endswith(".pth") or ext == "pth":
             import torch
 

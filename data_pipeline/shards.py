@@ -312,6 +312,8 @@ def encode_shards(src: str | list[str], out: str, encode: Callable[[list[str]], 
     import torch
     from tqdm import tqdm
 
+    from data_pipeline.encoding.packing import unpack
+
     urls = resolve_shards(src)
     storage.makedirs(out)
     report = InspectReport()
@@ -326,7 +328,7 @@ def encode_shards(src: str | list[str], out: str, encode: Callable[[list[str]], 
                 report.bad.append(item)
                 continue
             buf = io.BytesIO()
-            torch.save({k: v.contiguous() for k, v in item.embeddings.items()}, buf)
+            torch.save({k: v.contiguous() for k, v in unpack(item.embeddings).items()}, buf)
             sample = {"__key__": item.key, "txt": item.txt.encode("utf-8"), "emb.pth": buf.getvalue()}
             if item.meta:
                 sample["json"] = json.dumps(item.meta, ensure_ascii=False).encode("utf-8")

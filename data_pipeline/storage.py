@@ -248,6 +248,35 @@ def get_bytes(url: str, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETR
     return retry(lambda: fs.cat_file(_fs_path(url)), f"get {url}", attempts=attempts, base_delay=base_delay)
 
 
+class RangeReader:
+    """Byte ranges of one object (S3: a ranged GET each, never the whole object) or local file (pread).
+    No retries here: the shard reader classifies and retries (data_pipeline/reader.py)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._path = _fs_path(url)
+        self._fs = filesystem(url) if is_s3(url) else None
+        self._file = None if is_s3(url) else open(self._path, "rb")  # noqa: SIM115 - closed by close()
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes [start, end), fewer at the end of the object."""
+        if end <= start:
+            return b""
+        if self._file is not None:
+            return os.pread(self._file.fileno(), end - start, start)
+        return self._fs.cat_file(self._path, start=start, end=end)
+
+    def size(self) -> int:
+        if self._file is not None:
+            return os.fstat(self._file.fileno()).st_size
+        return int(self._fs.size(self._path))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def upload(local_path: str, url: str) -> None:
     """Copy a local file to `url` (large files: streamed, not held in memory)."""
     if is_s3(url):

@@ -1,22 +1,26 @@
 """Global prompt batches in the deterministic order, with an exact-resume cursor.
 
-`PromptStream` reads shards in-process (a thread prefetches the next shards); the Ray `DataWorker` pool in
-`cluster/data_worker.py` subclasses `GlobalBatchStream` and feeds the same `ShardResult`s from its actors, so
-both cut the same batches. Every rank sees the same global batch and keeps `batch.slice(rank, world)`
-(`RankBatches` wraps that), so the sequence of consumed samples never depends on the number of ranks, and
-a cursor saved by 2 ranks resumes 1 rank (or 8) exactly.
+`PromptStream` reads shards in-process (a thread reads ahead, bounded in bytes: data_pipeline/readahead.py);
+the Ray `DataWorker` pool in `cluster/data_worker.py` subclasses `GlobalBatchStream` and feeds the same
+`ShardResult` pieces from its actors, so both cut the same batches. Every rank sees the same global batch and
+keeps `batch.slice(rank, world)` (`RankBatches` wraps that), so the sequence of consumed samples never depends
+on the number of ranks, and a cursor saved by 2 ranks resumes 1 rank (or 8) exactly.
 
 The cursor counts what was handed out, not what was read ahead: `state_dict()` after batch n is the position
 just past batch n's last sample, plus the bad-record counters up to there.
+
+Embeddings stay in their stored dtype (`data_pipeline/compact.py`): a batch carries an `EmbeddingBatch`, or,
+from DataWorkers, `payloads`: handles to each sample's bytes in Ray's object store, which the consumer fetches
+(`PromptBatch.resolve`) so the bytes travel once, from the worker that read them to the rank that uses them.
 """
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import json
-from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Optional
 
+from data_pipeline.compact import Deferred, EmbeddingBatch, from_payload, signature, vote_key
 from data_pipeline.order import Cursor, ShardTask, fingerprint, tasks
 from data_pipeline.reader import EncoderFactory, ReadOptions, ShardReader, ShardResult
 from data_pipeline.records import BadRecord, DataStats, PromptRecord
@@ -30,8 +34,11 @@ class PromptBatch:
     keys: list[str]  # sample keys, global order
     prompts: list[str]
     meta: list[dict[str, Any]]  # per sample: negative_prompt / seed / size when the shard had them
-    embeddings: Optional[dict[str, Any]]  # name -> Tensor (B, ...) when encoded or pre-encoded
+    embeddings: Optional[EmbeddingBatch]  # when encoded or pre-encoded (None while `payloads` are not fetched)
     cursor: dict[str, Any]  # the stream's state_dict() right after this batch
+    payloads: Optional[list[Any]] = None  # per sample: a handle to its embeddings' bytes, not fetched yet
+    pad_to: dict[str, int] = field(default_factory=dict)  # the global batch's sequence lengths (ragged names)
+    telemetry: dict[str, float] = field(default_factory=dict)  # the readers' state when the batch was cut
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,48 +55,33 @@ class PromptBatch:
             idx = list(range(rank * per, (rank + 1) * per))
         else:
             raise ValueError(f"layout must be 'strided' or 'contiguous', got {layout!r}")
-        emb = None
-        if self.embeddings is not None:
-            import torch
-
-            index = torch.tensor(idx, dtype=torch.long)
-            emb = {k: v.index_select(0, index) for k, v in self.embeddings.items()}
         return PromptBatch([self.keys[i] for i in idx], [self.prompts[i] for i in idx],
-                           [self.meta[i] for i in idx], emb, self.cursor)
+                           [self.meta[i] for i in idx],
+                           self.embeddings.slice(idx) if self.embeddings is not None else None, self.cursor,
+                           [self.payloads[i] for i in idx] if self.payloads is not None else None,
+                           dict(self.pad_to), dict(self.telemetry))
+
+    def resolve(self, fetch: Callable[[list[Any]], list[Any]]) -> "PromptBatch":
+        """Fetch the payloads (`fetch(handles)` -> each sample's bytes) into `embeddings`, still compact."""
+        if self.payloads is not None:
+            self.embeddings = EmbeddingBatch.stack([from_payload(b) for b in fetch(self.payloads)], self.pad_to)
+            self.payloads = None
+        return self
 
 
-def _stack_embeddings(records: list[PromptRecord]) -> Optional[dict[str, Any]]:
+def _stack_embeddings(records: list[PromptRecord]) -> Optional[EmbeddingBatch]:
     have = [r.embeddings is not None for r in records]
     if not any(have):
         return None
     if not all(have):
         missing = [r.key for r in records if r.embeddings is None][:5]
         raise ValueError(f"batch mixes encoded and un-encoded prompts (no embeddings for keys {missing})")
-    import torch
-
-    names = sorted(records[0].embeddings)
-    out = {}
-    for name in names:
-        parts = []
-        for r in records:
-            if name not in r.embeddings:
-                raise ValueError(f"{r.shard} key={r.key!r}: embedding {name!r} missing (first sample has {names})")
-            parts.append(r.embeddings[name])
-        shapes = {tuple(p.shape) for p in parts}
-        if len(shapes) != 1:
-            # Sequence embeddings encoded in different calls (padded to each call's longest prompt, with a
-            # `*_mask` beside them): zero-pad dim 0 to the longest; zero is "masked out" for the masks too.
-            if len({(p.dim(), tuple(p.shape[1:])) for p in parts}) != 1 or parts[0].dim() == 0:
-                raise ValueError(f"embedding {name!r} has incompatible shapes in one batch: {sorted(shapes)[:4]}")
-            T = max(p.shape[0] for p in parts)
-            parts = [torch.cat([p, p.new_zeros((T - p.shape[0], *p.shape[1:]))]) for p in parts]
-        out[name] = torch.stack(parts)
-    return out
+    return EmbeddingBatch.stack([r.embeddings for r in records])
 
 
-def embedding_signature(embeddings: dict[str, Any]) -> dict[str, list[int]]:
+def embedding_signature(embeddings: Any) -> dict[str, list[int]]:
     """name -> [ndim, *shape[1:]]: what must agree for samples to stack (dim 0, a sequence, may differ)."""
-    return {name: [int(t.dim()), *(int(d) for d in t.shape[1:])] for name, t in sorted(embeddings.items())}
+    return signature(embeddings)
 
 
 class GlobalBatchStream:
@@ -140,16 +132,15 @@ class GlobalBatchStream:
         n_shards = len(self.shards)
         pending: list[PromptRecord] = []
         expected = 0
+        good = 0
         barren = 0  # consecutive shards without one good sample: a fully bad dataset must not spin forever
-        for result in self._results(start):
+        for result in self._results(start):  # the pieces of visit 0, then of visit 1, ...
             if result.task.index != expected:
                 raise RuntimeError(f"shard results out of order: got task {result.task.index}, expected {expected}")
-            expected += 1
             task = result.task
             if result.error is not None:
                 self.stats.add_skipped_shard(result.url, result.error)
             self._check_embeddings(result)
-            good = 0
             for pos, item in result.items:
                 if isinstance(item, BadRecord):
                     self.stats.add_bad(item)
@@ -164,7 +155,10 @@ class GlobalBatchStream:
                              else Cursor(task.epoch, task.shard_pos, 0).next_shard(n_shards))
                     yield self._make_batch(pending, after)
                     pending = []
-            barren = 0 if good else barren + 1
+            if not result.final:
+                continue
+            expected += 1
+            barren, good = (0 if good else barren + 1), 0
             if barren >= n_shards:
                 raise RuntimeError(f"{n_shards} shards in a row gave no valid prompt; data stats: "
                                    f"{self.stats.metrics()}; skipped shards: {self.stats.skipped_shards[:3]}")
@@ -172,25 +166,44 @@ class GlobalBatchStream:
     def _check_embeddings(self, result: ShardResult) -> None:
         """issue 12: a pre-encoded sample whose embeddings have other names or shapes than the stream's is
         a bad record (skipped, counted), not a batch that fails to stack on every restart. The stream's
-        signature is the most common one of the first shard with embeddings; it travels in the cursor, so
-        a resumed stream judges every later sample exactly as the uninterrupted one."""
-        sigs = {pos: embedding_signature(item.embeddings) for pos, item in result.items
+        signature is the most common one of the first shard with embeddings (counted over the whole visit from
+        its tar headers: `result.votes`, or over the piece for prompts encoded on the fly); it travels in the
+        cursor, so a resumed stream judges every later sample exactly as the uninterrupted one."""
+        sigs = {pos: signature(item.embeddings) for pos, item in result.items
                 if isinstance(item, PromptRecord) and item.embeddings is not None}
+        if self._schema is None:
+            counts = collections.Counter(result.votes or {})
+            if not counts:
+                counts = collections.Counter(vote_key(v) for v in sigs.values())
+            if counts:
+                self._schema = json.loads(max(sorted(counts), key=lambda k: counts[k]))
         if not sigs:
             return
-        if self._schema is None:
-            counts = collections.Counter(json.dumps(v, sort_keys=True) for v in sigs.values())
-            self._schema = json.loads(max(sorted(counts), key=lambda k: counts[k]))
         for i, (pos, item) in enumerate(result.items):
             if pos in sigs and sigs[pos] != self._schema:
                 result.items[i] = (pos, BadRecord(item.shard, item.key, "bad_embedding",
                                                   f"embeddings {sigs[pos]} (name: [dims, ...shape[1:]]) differ "
                                                   f"from the stream's {self._schema}"))
 
+    def telemetry(self) -> dict[str, float]:
+        """The readers' state (memory, queue depth, time held back), for the metrics of each batch."""
+        return {}
+
     def _make_batch(self, records: list[PromptRecord], after: Cursor) -> PromptBatch:
         self._batches += 1
+        deferred = [r.embeddings for r in records if isinstance(r.embeddings, Deferred)]
+        if deferred:
+            if len(deferred) != len(records):
+                raise ValueError("batch mixes fetched and deferred embeddings")
+            pad_to: dict[str, int] = {}
+            for d in deferred:
+                for name, n in d.lengths.items():
+                    pad_to[name] = max(pad_to.get(name, 0), n)
+            return PromptBatch([r.key for r in records], [r.txt for r in records], [r.meta for r in records],
+                               None, self._make_state(after), [d.handle for d in deferred], pad_to,
+                               self.telemetry())
         return PromptBatch([r.key for r in records], [r.txt for r in records], [r.meta for r in records],
-                           _stack_embeddings(records), self._make_state(after))
+                           _stack_embeddings(records), self._make_state(after), telemetry=self.telemetry())
 
     # --------------------------------------------------------------------------------- cursor
     def _make_state(self, c: Cursor) -> dict[str, Any]:
@@ -234,32 +247,41 @@ class GlobalBatchStream:
 
 
 class PromptStream(GlobalBatchStream):
-    """In-process reader: `prefetch` shards read ahead on a background thread."""
+    """In-process reader: pieces of shard visits read ahead on a background thread, at most `prefetch` pieces
+    and `max_memory_gb` of samples."""
 
     def __init__(self, shards: list[str] | str, batch_size: int, seed: int = 0,
                  options: Optional[ReadOptions] = None, encoder_factory: Optional[EncoderFactory] = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, max_memory_gb: float = 1.0):
         from data_pipeline.shards import resolve_shards
 
         super().__init__(resolve_shards(shards), batch_size, seed, options or ReadOptions())
         self.reader = ShardReader(self.shards, seed, self.options, encoder_factory)
-        self.prefetch = max(1, prefetch)
-        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.prefetch, self.max_memory_gb = max(1, prefetch), max_memory_gb
+        self._ahead: Any = None
 
     def _results(self, start: Cursor) -> Iterator[ShardResult]:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
-        pool = self._pool
-        todo = self.task_iter(start)
-        window: collections.deque = collections.deque()
+        from data_pipeline.reader import PIECE_BYTES
+        from data_pipeline.readahead import ReadAhead, ReadFailed, budget
+
+        max_bytes, piece_bytes = budget(self.max_memory_gb, 0, PIECE_BYTES)
+        pieces = (p for task in self.task_iter(start) for p in self.reader.pieces(task, piece_bytes=piece_bytes))
+        self._ahead = ahead = ReadAhead(pieces, max_bytes, piece_bytes, self.prefetch, "shard-read-ahead")
         while True:
-            while len(window) < self.prefetch:
-                window.append(pool.submit(self.reader.read, next(todo)))
-            yield window.popleft().result()
+            try:
+                yield ahead.get()
+            except ReadFailed as e:
+                raise e.cause from None
+
+    def telemetry(self) -> dict[str, float]:
+        if self._ahead is None:
+            return {}
+        return {f"data/reader/{k}": v for k, v in self._ahead.stats().items()}
 
     def _stop(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        if self._ahead is not None:
+            self._ahead.stop(join_s=0.0)  # a read in flight finishes on its own; its piece is dropped
+            self._ahead = None
 
 
 class RankBatches:

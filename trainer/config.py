@@ -225,7 +225,10 @@ class StudentGroupConfig:
 class DataConfig:
     shards: str = ""  # URL or brace pattern of prompt shards; "" = data-free without prompts (toy)
     workers: int = 1
-    prefetch: int = 4
+    prefetch: int = 4  # pieces of shard visits (up to 64 samples each) a reader queues ahead, within max_memory_gb
+    # issue 22: a DataWorker's memory (its process at start + the samples it read ahead, stored dtype) stays under
+    # this; the reader waits instead of growing (the in-process reader: its read-ahead alone)
+    max_memory_gb: float = 1.0
     max_prompt_chars: int = 2000
     overlong: Literal["truncate", "skip"] = "truncate"
     pre_encoded: bool = False
@@ -469,7 +472,7 @@ RANGES: dict[str, str] = {
     "teacher.max_batch": "[1, 1e6]", "teacher.batch_wait_ms": "[0, 5000]", "teacher.max_restarts": "[0, 1000]",
     "teacher.micro_batch": "[0, 1e6]",
     "teacher.timeout_s": "[0, 86400]",
-    "data.workers": "[1, 1024]", "data.prefetch": "[1, 1024]", "data.max_prompt_chars": "[0, 1e7]",
+    "data.workers": "[1, 1024]", "data.prefetch": "[1, 1024]", "data.max_memory_gb": "[0.05, 1024]", "data.max_prompt_chars": "[0, 1e7]",
     "data.read_attempts": "[1, 100]", "data.read_backoff_s": "[0, 60]", "data.encode_batch_size": "[1, 1e5]",
     "data.timeout_s": "[0, 86400]", "data.max_restarts": "[0, 1000]", "data.retry_window_s": "[0, 86400]",
     "eval.every": "[0, 1e9]", "eval.nfe": "[1, 1000]", "eval.num_samples": "[1, 1e5]", "eval.seed": f"[0, {SEED_MAX}]",

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from data_pipeline.compact import EmbeddingBatch
 from data_pipeline.records import LATENT_KEY
 from models.piid import DataSegments
 from models.timesteps import sample_segment_of
@@ -103,27 +104,38 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def cond_to(cond: Any, device: torch.device) -> Any:
-    """Conditioning (a dict of tensors, or None) moved to `device`, dtypes kept."""
+def cond_to(cond: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> Any:
+    """Conditioning moved to `device`: a dict of tensors keeps its dtypes; prompt embeddings as stored
+    (`data_pipeline.compact.EmbeddingBatch`: fp8 + scale, bf16, ragged) cross as they are and are dequantised,
+    cast to `dtype` and padded there (None: float32 for packed embeddings, as the reader gave before)."""
     if cond is None:
         return None
+    if isinstance(cond, EmbeddingBatch):
+        return cond.to(device, dtype)
     return {k: v.to(device) for k, v in cond.items()}
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The dtype prompt embeddings are converted to on the rank's device: the networks' (`model.dtype`)."""
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
 
 
 class OnDevice:
     """Batches (noise, cond[, DataSegments]) moved to the student's device as they are consumed; noise is drawn on the CPU
     from per-sample generators (the same numbers on any device), so the move happens here, once per step.
+    Prompt embeddings arrive in their stored dtype and become `cond_dtype` on the device (issue 22).
     Forwards `state_dict` / `load_state_dict` / `metrics` / `consumed` to the wrapped iterator."""
 
-    def __init__(self, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device):
-        self.batches, self.device = batches, device
+    def __init__(self, batches: Iterator[tuple[torch.Tensor, Any]], device: torch.device,
+                 cond_dtype: Optional[torch.dtype] = None):
+        self.batches, self.device, self.cond_dtype = batches, device, cond_dtype
 
     def __iter__(self) -> "OnDevice":
         return self
 
     def __next__(self) -> tuple:
         noise, cond, *data = next(self.batches)  # data-based pi-ID adds the samples' DataSegments
-        moved = (noise.to(self.device, torch.float32), cond_to(cond, self.device))
+        moved = (noise.to(self.device, torch.float32), cond_to(cond, self.device, self.cond_dtype))
         if data:
             (seg,) = data
             moved += (DataSegments(seg.x0.to(self.device), seg.tau_src, seg.segment),)
@@ -152,7 +164,8 @@ class PromptBatches:
     """(noise (B_rank,C,H,W), cond) per step from a rank's `PromptBatch` iterator (a `FeedIterator` over the
     launcher's data feed, or a `RankBatches`), with the stream's cursor as `state_dict()`.
 
-    cond is the batch's prompt embeddings (encoded on the data workers, sliced for this rank). The noise of a
+    cond is the batch's prompt embeddings (encoded on the data workers, sliced for this rank), still in their
+    stored dtype (`EmbeddingBatch`; `OnDevice` converts them on the device). The noise of a
     sample is drawn from its own generator seeded by (run.seed, global sample index), the index being
     batch number x global batch + position in the global batch: the same sample gets the same noise with
     any number of ranks and any layout. `consumed` lists the keys of every batch handed out.
@@ -169,6 +182,8 @@ class PromptBatches:
         self.latent_shape = tuple(latent_shape)
         self.consumed: list[list[str]] = []
         self._cursor: Optional[dict[str, Any]] = None
+        self._wait_s = 0.0  # how long this step waited for its batch (the feed, the fetch of its embeddings)
+        self._telemetry: dict[str, float] = {}
 
     def __iter__(self) -> "PromptBatches":
         return self
@@ -177,7 +192,12 @@ class PromptBatches:
         return global_positions(self.batch_size, self.info.rank, self.info.world_size, self.layout)
 
     def __next__(self) -> tuple[torch.Tensor, Any]:
+        import time
+
+        t0 = time.perf_counter()
         batch = next(self.source)
+        self._wait_s = time.perf_counter() - t0
+        self._telemetry = dict(getattr(batch, "telemetry", None) or {})
         if batch.embeddings is None:
             raise ValueError(f"prompt batch (keys {batch.keys[:3]}...) carries no embeddings: the data feed needs "
                              "an encoder (the launcher passes models.text_encoders.load_text_encoder) or "
@@ -190,8 +210,10 @@ class PromptBatches:
         noise = torch.stack([sample_noise(self.seed, first + p, self.latent_shape) for p in positions])
         self.consumed.append(list(batch.keys))
         self._cursor = batch.cursor
-        cond = dict(batch.embeddings)
-        latents = cond.pop(LATENT_KEY, None)  # (B_rank, C, H, W) or None
+        emb = batch.embeddings
+        latents = emb[LATENT_KEY].float() if LATENT_KEY in emb else None  # (B_rank, C, H, W) or None
+        cond = emb.without(LATENT_KEY) if isinstance(emb, EmbeddingBatch) else \
+            {k: v for k, v in emb.items() if k != LATENT_KEY}
         if self.data_free:
             return noise, cond or None  # (B_rank, C, H, W), {name: (B_rank, ...)}
         if latents is None:
@@ -211,14 +233,15 @@ class PromptBatches:
         self.source.load_state_dict(state)
 
     def metrics(self) -> dict[str, float]:
-        """The stream's cumulative counters (samples, bad records by reason, skipped shards) at the last batch."""
+        """The stream's cumulative counters (samples, bad records by reason, skipped shards) at the last batch,
+        this step's wait for its batch (`data/wait_s`) and the readers' memory and queue depth when it was cut."""
         from data_pipeline.records import DataStats
 
         if self._cursor is None:
             return {}
         stats = DataStats()
         stats.load_state_dict(self._cursor["stats"])
-        return stats.metrics()
+        return {**stats.metrics(), "data/wait_s": self._wait_s, **self._telemetry}
 
 
 def sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -354,7 +377,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
         logger = MetricsLogger(cfg, out, rank=info.rank, run_id=(state.wandb_run_id or None) if state else None,
                                resume_step=start, guard=guard)
         keys = KeyLog(cfg, out, info.rank, start, guard=guard) if prompt_batches is not None else None
-        clock = FirstStepClock(OnDevice(batches, setup.device), times)
+        clock = FirstStepClock(OnDevice(batches, setup.device, compute_dtype(cfg)), times)
 
         def checkpoint_hook(step: int, loss: Optional[float] = None) -> float:
             # the cursor just past the batches CONSUMED so far (the rank reads no batch ahead of the loop)

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from data_pipeline import storage
-from data_pipeline.encoding.packing import StoreDtype, to_bytes
+from data_pipeline.encoding.packing import StoreDtype, to_bytes, unpack
 from data_pipeline.order import ShardTask
 from data_pipeline.reader import Encoder, ReadOptions, ShardReader
 from data_pipeline.records import LATENT_KEY, BadRecord
@@ -47,7 +47,7 @@ class EncodeShardWorker:
             if isinstance(item, BadRecord):
                 bad.append(str(item))
                 continue
-            emb = dict(item.embeddings)
+            emb = unpack(dict(item.embeddings))  # an already packed source: re-packed from its dense form
             latent = emb.pop(LATENT_KEY, None)
             sample = {"__key__": item.key, "txt": item.txt.encode("utf-8"), "emb.safetensors": to_bytes(emb, self.dtype)}
             emb_bytes += len(sample["emb.safetensors"])
