@@ -72,14 +72,14 @@ def recipe_config(overrides: list[str]):
         *overrides])
 
 
-def build_rank_student(cfg, conf: dict, checkpointing: bool):
+def build_rank_student(cfg, conf: dict):
     """(student, teacher, engine) as `trainer.rank_program.build_rank` builds them for a shared-placement LoRA
     rank, with random weights of the transformer config `conf` (no weights file): the trunk is constructed under
     `deepspeed.zero.Init` (so directly in the run's dtype on the accelerator), the student (LoRA, GM head, norm_out)
     and the shared teacher are the family's, and the engine is the trainer's (bf16 policy, fp32 masters)."""
     from models.families import get_family
     from models.teacher import Teacher
-    from trainer.engine import build_engine, build_partitioned_student, enable_gradient_checkpointing
+    from trainer.engine import build_engine, build_partitioned_student
 
     single_process_group()
     family = get_family(cfg.model.family)
@@ -93,9 +93,7 @@ def build_rank_student(cfg, conf: dict, checkpointing: bool):
         return family.build_student(cfg, teacher=teacher, network=network)
 
     student = build_partitioned_student(cfg, trunk, None, family.output_modules, finish)
-    engine = build_engine(cfg, student)
-    if checkpointing:  # after the engine: its own switch-on fails on a trunk the student already set (issue 21.2)
-        enable_gradient_checkpointing(student)
+    engine = build_engine(cfg, student)  # the family's build_student turned checkpointing on when asked
     return student, teacher, engine
 
 
@@ -106,7 +104,7 @@ def build(args, device: torch.device):
 
     latent = args.resolution // 8
     overrides = [f"model.latent_size={latent}", f"model.max_sequence_length={args.text_tokens}",
-                 "model.gradient_checkpointing=false", f"train.batch_size={args.batch}",
+                 f"model.gradient_checkpointing={str(args.checkpointing).lower()}", f"train.batch_size={args.batch}",
                  f"train.precision={args.precision}", f"model.attention_backend={args.attention}",
                  f"train.compile={args.compile}"]
     if args.tiny:
@@ -115,9 +113,7 @@ def build(args, device: torch.device):
     family = get_family("flux")
     conf = family.tiny_config(cfg) if args.tiny else dict(FLUX_DEV_CONFIG, num_layers=args.double,
                                                              num_single_layers=args.single)
-    student, teacher, engine = build_rank_student(cfg, conf, args.checkpointing)
-    if cfg.model.gradient_checkpointing != args.checkpointing:
-        cfg.model.gradient_checkpointing = args.checkpointing  # what the table and the plan report
+    student, teacher, engine = build_rank_student(cfg, conf)
     return cfg, family, conf, student, teacher, engine
 
 

@@ -12,23 +12,14 @@ import torch
 
 from tests.trainer.bf16_workers import run_recipe
 from tests.trainer.ds_spawn import run_ranks
-from tests.trainer.test_bf16 import CONFIGS, _cfg
+from tests.recipes import recipe_path
+from tests.trainer.test_bf16 import _cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
 
 def _losses(summary: dict) -> list[float]:
     return [json.loads(line)["loss"] for line in open(summary["metrics_path"]) if '"loss"' in line]
-
-
-def _pretrained(family: str, tmp_path) -> str:
-    """The tiny teacher as a diffusers dir: a seeded tiny model built on the GPU (under zero.Init) would draw other
-    numbers than on the CPU, weights from a file are the same on both."""
-    from models.families import get_family
-
-    tiny = _cfg(family, "fp32", str(tmp_path / "unused"))
-    get_family(family).load_network(tiny).save_pretrained(str(tmp_path / family / "transformer"))
-    return str(tmp_path / family)
 
 
 def _one_rank(cfg, accelerator: str) -> dict:
@@ -44,15 +35,15 @@ def test_first_steps_on_cuda(family, tmp_path):
     from trainer.export import export_student
     from trainer.config import load_config
 
-    pretrained = _pretrained(family, tmp_path)
+    # the recipe's tiny model is read from a saved dir (tests/recipes.py): the same weights on both devices
     fp32 = {}
     for accelerator in ("cuda", "cpu"):
-        cfg = _cfg(family, "fp32", str(tmp_path / f"fp32_{accelerator}"), pretrained)
+        cfg = _cfg(family, "fp32", str(tmp_path / f"fp32_{accelerator}"))
         cfg.lora.dropout = 0.0  # LoRA dropout masks come from the device's RNG: not the same numbers on CPU and GPU
         cfg.eval.every = 0  # the tiny text encoders are not in the teacher dir
         fp32[accelerator] = _one_rank(cfg, accelerator)
     fp32_gpu, fp32_cpu = fp32["cuda"], fp32["cpu"]
-    bf16_gpu = _one_rank(_cfg(family, "bf16", str(tmp_path / "bf16_gpu"), pretrained), "cuda")
+    bf16_gpu = _one_rank(_cfg(family, "bf16", str(tmp_path / "bf16_gpu")), "cuda")
     for s in (fp32_gpu, fp32_cpu, bf16_gpu):
         assert s["steps"] == 5 and s["checkpoint_steps"] == [5]
     assert bf16_gpu["dtypes"] == {"params": ["bfloat16"], "master": ["float32"], "ema": ["float32"]}
@@ -68,7 +59,7 @@ def test_first_steps_on_cuda(family, tmp_path):
     # the bf16 run's export samples on the GPU like on the CPU
     export_student(str(tmp_path / "bf16_gpu"), tmp_path / "export")
     pipe = PiFlowPipeline.from_pretrained(str(tmp_path / "export"))
-    prompt = load_config(CONFIGS[family]).eval.prompts[0]
+    prompt = load_config(recipe_path(family)).eval.prompts[0]
     x_cpu = pipe(prompt, num_images=2, generator=torch.Generator().manual_seed(0))
     x_gpu = pipe.to("cuda")(prompt, num_images=2, generator=torch.Generator().manual_seed(0))
     assert x_gpu.device.type == "cuda" and bool(torch.isfinite(x_gpu).all())
