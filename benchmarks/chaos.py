@@ -133,6 +133,15 @@ def write_config(path: Path, output: str, shards: str, soak: Soak, max_failures:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def _cmd0(p) -> str:
+    import psutil
+
+    try:
+        return (p.cmdline() or [""])[0]
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        return ""
+
+
 class Driver:
     """`piflow train CONFIG` in its own process session (so a kill takes its embedded Ray with it)."""
 
@@ -155,16 +164,29 @@ class Driver:
         self.starts += 1
 
     def pids(self, title: str) -> list[int]:
+        """Processes titled `title*` of this driver: in its session, or below it in the process tree (a Ray
+        worker that left the session still descends from the driver's raylet)."""
+        return sorted(p.pid for p in self._procs() if _cmd0(p).startswith(title))
+
+    def titles(self) -> list[str]:
+        """The `ray::` process titles of this driver (for an error that says what was there instead)."""
+        return sorted({_cmd0(p) for p in self._procs() if _cmd0(p).startswith("ray::")})
+
+    def _procs(self) -> list:
         import psutil
 
-        out = []
+        found = {}
+        try:
+            found.update((c.pid, c) for c in psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.Error:
+            pass
         for p in psutil.process_iter(["pid"]):
             try:
-                if os.getsid(p.pid) == self.proc.pid and p.cmdline() and p.cmdline()[0].startswith(title):
-                    out.append(p.pid)
+                if os.getsid(p.pid) == self.proc.pid:
+                    found[p.pid] = p
             except (ProcessLookupError, PermissionError, psutil.Error):
                 continue
-        return sorted(out)
+        return list(found.values())
 
     def kill_session(self) -> None:
         from tests.cluster.loopback_ray import _kill_sessions
@@ -320,11 +342,12 @@ def run_chaos(soak: Soak, driver: Driver, output: str, timeout: float) -> None:
             driver.start()  # the same command again: it resumes from the newest valid checkpoint
         else:
             pids = []
-            while not pids and time.monotonic() < t_kill + 60:
+            while not pids and time.monotonic() < t_kill + 120:  # a restarting actor has no process for a while
                 pids = driver.pids(TITLES[fault.kind])
                 time.sleep(0.05)
             if not pids:
-                raise RuntimeError(f"no {TITLES[fault.kind]} process to kill at step {fault.killed_at_step}")
+                raise RuntimeError(f"no {TITLES[fault.kind]} process to kill at step {last_step(output)} after 120 s "
+                                   f"(the driver's Ray processes: {driver.titles()}); log: {driver.log}")
             fault.pid = random.Random(soak.seed + fault.at_step).choice(pids)
             fault.killed_at_step = last_step(output)
             try:

@@ -193,22 +193,6 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def _checkpointing_shim() -> None:
-    """Until issue 21 item 2's fix merges (w21-rehearse): the DeepSpeed engine counts only the blocks it switched
-    checkpointing on for itself and refuses a student whose blocks the family already switched on."""
-    import trainer.engine as engine
-
-    real = engine.enable_gradient_checkpointing
-    if getattr(real, "_shim", False):
-        return
-
-    def count(module) -> int:
-        return real(module) or sum(1 for m in module.modules() if getattr(m, "is_gradient_checkpointing", False))
-
-    count._shim = True
-    engine.enable_gradient_checkpointing = count
-
-
 # ------------------------------------------------------------------------------------------ one rank
 def rank_worker(jobs: list[dict], per_node: int) -> list[dict[str, Any]]:
     """Run each job (a config dict) on this rank, counting collectives; returns one record per job."""
@@ -219,7 +203,6 @@ def rank_worker(jobs: list[dict], per_node: int) -> list[dict[str, Any]]:
     os.environ.update(NODE_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
                       LOCAL_WORLD_SIZE=str(per_node))
     counter = CommCounter([r // per_node for r in range(world)]).install()
-    _checkpointing_shim()
     from cluster.student_group import cond_shapes_without_prompts
     from trainer import engine as engine_mod
     from trainer.config import config_from_dict

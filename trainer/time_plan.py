@@ -410,25 +410,25 @@ def format_time_plan(tp: TimePlan, cfg: Config) -> str:
         f"checked this), links at {LINK_EFFICIENCY:.0%} of NVLink {c.hardware.intra_gbs:g} / network "
         f"{c.hardware.inter_gbs:g} GB/s per GPU",
         "",
-        f"{'seconds per iteration':<34}" + "".join(f"{r.frozen + '/' + r.trainable:>24}" for r in tp.rows),
+        f"{'seconds per iteration':<34}" + "".join(f"{r.frozen + '/' + r.trainable:>26}" for r in tp.rows),
     ]
     for key in tp.rows[0].seconds:
-        lines.append(f"  {key:<32}" + "".join(f"{r.seconds[key]:>24.2f}" for r in tp.rows))
-    lines.append(f"  {'total, comm not overlapped':<32}" + "".join(f"{r.serial_s:>24.2f}" for r in tp.rows))
-    lines.append(f"  {'total, comm overlapped':<32}" + "".join(f"{r.overlapped_s:>24.2f}" for r in tp.rows))
+        lines.append(f"  {key:<32}" + "".join(f"{r.seconds[key]:>26.2f}" for r in tp.rows))
+    lines.append(f"  {'total, comm not overlapped':<32}" + "".join(f"{r.serial_s:>26.2f}" for r in tp.rows))
+    lines.append(f"  {'total, comm overlapped':<32}" + "".join(f"{r.overlapped_s:>26.2f}" for r in tp.rows))
     gb = lambda v: f"{v / 1e9:.1f}"  # noqa: E731
     lines.append(f"{'GB per iteration per GPU':<34}" + "".join(
-        f"{gb(r.bytes['gather_frozen']) + ' + ' + gb(r.bytes['gather_trainable']) + ' AG, ' + gb(r.bytes['reduce_scatter']) + ' RS':>24}"
+        f"{gb(r.bytes['gather_frozen']) + ' + ' + gb(r.bytes['gather_trainable']) + ' AG, ' + gb(r.bytes['reduce_scatter']) + ' RS':>26}"
         for r in tp.rows))
     lines.append(f"{'  of which across nodes (GB)':<34}" + "".join(
-        f"{gb(sum(v for k, v in r.bytes.items() if k.endswith('_cross_node'))):>24}" for r in tp.rows))
+        f"{gb(sum(v for k, v in r.bytes.items() if k.endswith('_cross_node'))):>26}" for r in tp.rows))
     lines.append(f"{'memory per GPU (GiB)':<34}" + "".join(
-        f"{f'{r.memory_gib:.1f} ' + ('fits' if r.fits else 'DOES NOT FIT'):>24}" for r in tp.rows))
+        f"{f'{r.memory_gib:.1f} ' + ('fits' if r.fits else 'DOES NOT FIT'):>26}" for r in tp.rows))
     gpus = c.gpus
     for label, fn in (("comm not overlapped", lambda r: r.serial_s), ("comm overlapped", lambda r: r.overlapped_s)):
         cells = [f"{fn(r) * cfg.train.iters / 3600:.1f} h = {fn(r) * cfg.train.iters * gpus / 3600:.0f} GPU-h"
                  for r in tp.rows]
-        lines.append(f"{f'{cfg.train.iters} iterations, {label}':<34}" + "".join(f"{x:>24}" for x in cells))
+        lines.append(f"{f'{cfg.train.iters} iterations, {label}':<34}" + "".join(f"{x:>26}" for x in cells))
     lines.append(f"train.frozen_weights={cfg.train.frozen_weights} takes: {tp.chosen}"
                  + ("" if cfg.lora.enabled else " (full fine-tune: no frozen base)"))
     lines.append("note: bytes count one gather per use, as DeepSpeed does without prefetch (benchmarks/comm_volume.py "
