@@ -149,7 +149,7 @@ def start_validation(cfg, teacher_servers: Optional[list]) -> Optional[dict]:
     and the validation prompts' conditioning, encoded once. Returns {"actor", "prompts", "cond"} or None."""
     import ray
 
-    from trainer.rollouts import validation_prompts
+    from trainer.evaluation.rollouts import validation_prompts
 
     if not cfg.eval.every:
         return None

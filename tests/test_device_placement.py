@@ -38,7 +38,7 @@ def _one_iteration(cfg, dev):
     from models.text_encoders import load_text_encoder
     from trainer import rank_program
     from trainer.loop import train_loop
-    from trainer.rollouts import RolloutHook
+    from trainer.evaluation.rollouts import RolloutHook
 
     rank_program.device_for = lambda info: dev  # the rank's accelerator (a fresh process: no restore needed)
     teacher = None

@@ -13,7 +13,7 @@ engine (`train.engine: deepspeed`):
     engine.slots() / engine.local_state() / engine.load_local_state(tensors, meta)
                              this rank's flat partition of every trained parameter (fp32 master, Adam moments)
                              and where it lies in the flattened full tensor: the checkpoint format
-                             (trainer/checkpoint.py) reshards from these, with no pickle and no DeepSpeed files
+                             (trainer/checkpoint/store.py) reshards from these, with no pickle and no DeepSpeed files
     engine.any_rank(flag)    True on every rank when `flag` is True on any rank
 
 The DeepSpeed engine adds the ZeRO-3 hooks: `partitioned_construction(cfg)` (build the student

@@ -2,7 +2,7 @@
 
 Everything is the FLUX family (packing, position ids, embedded guidance, CLIP + T5 conditioning), except
 that the "latents" are the 1-channel 8x8 images themselves (no VAE at this size) and the tiny architecture is
-the one the project trains its digits teacher with (`trainer/digits_teacher.py`).
+the one the project trains its digits teacher with (`trainer/teachers/digits.py`).
 """
 from __future__ import annotations
 

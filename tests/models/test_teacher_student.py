@@ -10,7 +10,7 @@ from models.heads import GMHead
 from models.piid import PiIDParams, data_free_iteration
 from models.policies import DXPolicy, GMPolicy
 from trainer.config import config_from_dict
-from trainer.planner import lora_parameter_count
+from trainer.planner.memory import lora_parameter_count
 
 C, S = 4, 8
 FLUX_LORA = ["proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",

@@ -123,7 +123,7 @@ def test_lora_export_writes_the_adapter_in_diffusers_naming_and_merges_exactly(t
     from safetensors.torch import load_file
 
     from models.pipeline import PiFlowStudent
-    from trainer.standalone_export import merged_transformer_state, write_standalone
+    from trainer.export.standalone import merged_transformer_state, write_standalone
 
     from tests.recipes import FP32, recipe_config
 

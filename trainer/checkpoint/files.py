@@ -1,4 +1,4 @@
-"""The files of one checkpoint and their checks (trainer/checkpoint.py moves and lists them).
+"""The files of one checkpoint and their checks (trainer/checkpoint/store.py moves and lists them).
 
 Per rank: `state.safetensors` (its flat partition of every trained parameter: fp32 master weights, Adam moments,
 EMA shadow; torch engine: also the untrained tensors), `state.json` (format, world size, step counters, and per
