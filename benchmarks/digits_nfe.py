@@ -66,9 +66,8 @@ def evaluate(cfg, exports: dict[tuple[int, float], Path], samples_per_digit: int
     """The 32-step teacher and every student ((trained NFE, boundary jitter) -> export) at its own NFE, the
     4-NFE ones also at 8, on the same noise."""
     from data_pipeline.digits import prompt_for
-    from models.families import get_family
+    from models.families import get_family, load_text_encoder
     from models.pipeline import PiFlowPipeline
-    from models.text_encoders import load_text_encoder
     from trainer.evaluation.digits import evaluate_digits, train_classifier
     from trainer.evaluation.generate import teacher_euler
 

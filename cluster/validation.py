@@ -54,7 +54,7 @@ class ValidationServer:
 
     def encode(self, prompts: list[str]) -> Optional[dict]:
         """Prompts -> conditioning dict on the CPU (for transport), or None for families without prompts."""
-        from models.text_encoders import load_text_encoder
+        from models.families import load_text_encoder
 
         if self.cfg.model.family == "toy2d":
             return None

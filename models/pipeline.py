@@ -200,7 +200,8 @@ class PiFlowPipeline(DiffusionPipeline):
         cfg = self.student.cfg
         if cfg.model.family == "toy2d":
             return None
-        from models.text_encoders import encoder_to, load_text_encoder
+        from models.families import load_text_encoder
+        from models.text_encoders import encoder_to
 
         if self._encoder is None:
             self._encoder, self._encoder_device = load_text_encoder(cfg), torch.device("cpu")

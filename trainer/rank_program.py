@@ -200,7 +200,7 @@ class PromptBatches:
         self._telemetry = dict(getattr(batch, "telemetry", None) or {})
         if batch.embeddings is None:
             raise ValueError(f"prompt batch (keys {batch.keys[:3]}...) carries no embeddings: the data feed needs "
-                             "an encoder (the launcher passes models.text_encoders.load_text_encoder) or "
+                             "an encoder (the launcher passes models.families.load_text_encoder) or "
                              "data.pre_encoded shards")
         positions = self.global_positions()
         if len(positions) != len(batch.keys):
@@ -304,7 +304,7 @@ def _validation_encoder(cfg: Config):
     """Prompts -> cond for the validation rollouts (None for families without prompts)."""
     if cfg.model.family in ("toy2d",):
         return None
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
     from trainer.weights import with_local_weights
 
     return load_text_encoder(with_local_weights(cfg))

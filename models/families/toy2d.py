@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.families.base import Cond, Config, Family
+from models.families.base import Family
+from models.types import Cond, Config
 from models.heads import DXHead, GMHead
 
 NUM_MODES = 8

@@ -17,8 +17,7 @@ def digits_cfg(tmp_path, *extra):
 
 
 def test_train_save_load_roundtrip(tmp_path):
-    from models.families import get_family
-    from models.text_encoders import load_text_encoder
+    from models.families import get_family, load_text_encoder
     from trainer.teachers.build import ensure_teacher
 
     cfg = digits_cfg(tmp_path)

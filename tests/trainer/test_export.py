@@ -117,7 +117,7 @@ def test_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_path):
     family = get_family("flux")
     torch.manual_seed(cfg.run.seed)
     student = family.build_student(cfg, teacher=None)
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
 
     prompts = ["a red cat", "a handwritten seven"]
     cond = load_text_encoder(cfg)(prompts)
