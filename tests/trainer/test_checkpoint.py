@@ -21,7 +21,7 @@ from trainer.checkpoint import store as ckpt
 from trainer.checkpoint.store import CheckpointError, CheckpointManager, latest_valid, retained_steps
 from trainer.config import config_from_dict
 from trainer.ema import PowerEMA
-from trainer.engine import TorchEngine
+from trainer.torch_engine import TorchEngine
 from trainer.checkpoint.resume import ResumeError, prepare_output, resume_state, save_state
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from models.sampling import sample
 from trainer.checkpoint.store import CheckpointManager
 from trainer.config import config_from_dict
 from trainer.ema import PowerEMA
-from trainer.engine import TorchEngine
+from trainer.torch_engine import TorchEngine
 from trainer.checkpoint.resume import save_state
 
 ROOT = Path(__file__).resolve().parents[2]

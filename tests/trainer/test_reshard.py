@@ -166,7 +166,7 @@ def test_a_resharding_rank_downloads_only_the_old_ranks_it_needs(runs, tmp_path)
 
     from trainer.checkpoint.store import CheckpointManager, latest_valid
     from trainer.checkpoint.files import STATE_FILE, STATE_META, rank_dirname
-    from trainer.engine import Slot
+    from trainer.torch_engine import Slot
 
     info = latest_valid(str(runs["ds4"]), "sha256")
     two = latest_valid(str(runs["ds2"]), "sha256")

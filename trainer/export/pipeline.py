@@ -56,7 +56,7 @@ def consolidate(info: CheckpointInfo, kind: str = "ema") -> dict[str, torch.Tens
     """Full fp32 tensors of one kind ("ema", "master", "exp_avg", "exp_avg_sq") by parameter name."""
     import tempfile
 
-    from trainer.engine import Slot
+    from trainer.torch_engine import Slot
 
     world = int(info.manifest["world_size"])
     with tempfile.TemporaryDirectory(prefix="piflow-export-") as tmp:
