@@ -261,7 +261,7 @@ def consumed(output: str, world: int = 2) -> dict[int, list[str]]:
 def corrupted_checkpoints(output: str) -> list[str]:
     """Every checkpoint with a MANIFEST.json whose files do not all match it (sha256); [] when all verify."""
     from data_pipeline import storage
-    from trainer.checkpoint import checkpoints_url, list_steps, read_manifest, step_dirname, verify
+    from trainer.checkpoint.store import checkpoints_url, list_steps, read_manifest, step_dirname, verify
 
     bad = []
     for step in list_steps(output):
@@ -285,7 +285,7 @@ def corrupted_checkpoints(output: str) -> list[str]:
 def checkpoint_in_progress(output: str) -> bool:
     """Whether the newest checkpoint directory has files but no MANIFEST.json yet (its upload is under way)."""
     from data_pipeline import storage
-    from trainer.checkpoint import MANIFEST, checkpoints_url, list_steps, step_dirname
+    from trainer.checkpoint.store import MANIFEST, checkpoints_url, list_steps, step_dirname
 
     steps = list_steps(output)
     return bool(steps) and not storage.exists(storage.join(checkpoints_url(output), step_dirname(steps[-1]),

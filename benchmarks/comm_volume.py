@@ -13,7 +13,7 @@ the parameters DeepSpeed gathers in that call, and into collectives whose group 
     .venv/bin/python benchmarks/comm_volume.py --tiny --out /tmp/cv.json   # the suite's quick run
 
 Prints a table and writes benchmarks/results/comm_volume.json (the bars of issue 23 included), and the planner's
-prediction of the same bytes (`trainer.time_plan.comm_bytes`) beside each measurement.
+prediction of the same bytes (`trainer.planner.time_plan.comm_bytes`) beside each measurement.
 """
 from __future__ import annotations
 
@@ -324,9 +324,9 @@ PLANNED_KEYS = ("gather_frozen", "gather_trainable", "reduce_scatter", "gather_f
 
 
 def with_plan(rows: list[dict], iters: int, workdir: Path) -> None:
-    """The planner's prediction of each row's per-iteration bytes (trainer/time_plan.py), beside the measurement."""
+    """The planner's prediction of each row's per-iteration bytes (trainer/planner/time_plan.py), beside the measurement."""
     from trainer.config import load_config
-    from trainer.time_plan import comm_bytes, trace_passes
+    from trainer.planner.time_plan import comm_bytes, trace_passes
 
     traced = None
     for r in rows:

@@ -53,6 +53,7 @@ def _rank_program(rank: int, world: int, port: int, tree: str, out: str, iters: 
     torch.set_num_threads(1)
     import trainer.engine as engine_mod
     import trainer.loop as loop
+    import trainer.torch_engine as torch_engine_mod
     from models.families import get_family
     from trainer.config import load_config
     from trainer.rank_program import run_rank
@@ -85,7 +86,7 @@ def _rank_program(rank: int, world: int, port: int, tree: str, out: str, iters: 
             setattr(dist, name, counted(name, getattr(dist, name)))
     per_step = []  # collective counters after each optimiser step
     forwards, backwards = [0], [0]
-    for cls in (engine_mod.DeepSpeedEngine, engine_mod.TorchEngine):
+    for cls in (engine_mod.DeepSpeedEngine, torch_engine_mod.TorchEngine):
         step, bwd = cls.step, cls.backward
 
         def step_counted(self, *a, _step=step, **kw):

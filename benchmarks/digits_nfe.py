@@ -43,7 +43,7 @@ def train_student(config: str, nfe: int, out: Path, overrides: list[str], retrai
     from cluster.demo import build_prompt_shards
     from cluster.launch import launch_training
     from trainer.config import load_config
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
 
     name = f"gm{nfe}_jitter{jitter:g}" if jitter else f"gm{nfe}"
     export_dir = out / name / "export"
@@ -66,10 +66,9 @@ def evaluate(cfg, exports: dict[tuple[int, float], Path], samples_per_digit: int
     """The 32-step teacher and every student ((trained NFE, boundary jitter) -> export) at its own NFE, the
     4-NFE ones also at 8, on the same noise."""
     from data_pipeline.digits import prompt_for
-    from models.families import get_family
+    from models.families import get_family, load_text_encoder
     from models.pipeline import PiFlowPipeline
-    from models.text_encoders import load_text_encoder
-    from trainer.digits_eval import evaluate_digits, train_classifier
+    from trainer.evaluation.digits import evaluate_digits, train_classifier
     from trainer.evaluation.generate import teacher_euler
 
     clf, _ = train_classifier(seed=0)

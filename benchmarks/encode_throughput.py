@@ -116,7 +116,7 @@ def main() -> int:
                 os.makedirs(out)
                 rep, _ = run_pool(cfg, urls[:2], out, 1, dtype)
                 sizes[dtype] = sum(int(d["emb_bytes"]) for d in rep.done) / rep.samples
-            from models.text_encoders import load_text_encoder
+            from models.families import load_text_encoder
 
             enc = load_text_encoder(cfg)(["a photo of a red cat"] * 8)
             sizes["before"] = sum(before_bytes({k: v[i].clone() for k, v in enc.items()}) for i in range(8)) / 8

@@ -154,7 +154,7 @@ def policy_loss(policy) -> torch.Tensor:
 
 def planned_gib(cfg, conf, family) -> dict:
     """`piflow plan` for this reduced-depth model on one GPU (the LoRA row the config uses)."""
-    from trainer.planner import make_plan
+    from trainer.planner.memory import make_plan
 
     cls = type(family)  # get_family may hand out new instances: swap the class attribute the planner reads
     saved = cls.public_config

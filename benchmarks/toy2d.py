@@ -28,8 +28,8 @@ import torch
 from models.families.toy2d import NUM_MODES, ToyMixture, euler_sample
 from trainer.config import load_config
 from trainer.local_run import build_family
-from trainer.teachers import build_teacher
-from trainer.toy2d_eval import (bars, distill, evaluate, floor_row, format_table, student_sampler, teacher_sets,
+from trainer.teachers.build import build_teacher
+from trainer.evaluation.toy2d import (bars, distill, evaluate, floor_row, format_table, student_sampler, teacher_sets,
                                 teacher_sets_cache, train_shortcut, with_overrides, write_json)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,8 +39,8 @@ from models.timesteps import step_grid, warp
 from trainer.config import load_config
 from trainer.local_run import build_family
 from trainer.loop import piid_params
-from trainer.teachers import build_teacher
-from trainer.toy2d_eval import (distill, evaluate, student_sampler, teacher_sets, teacher_sets_cache,
+from trainer.teachers.build import build_teacher
+from trainer.evaluation.toy2d import (distill, evaluate, student_sampler, teacher_sets, teacher_sets_cache,
                                 with_overrides)
 
 SIGMA_BINS = (0.0, 0.02, 0.1, 0.3, 1.0001)
@@ -221,7 +221,7 @@ def init_study(args, base, teacher, probe) -> int:
 
 
 def merge_into_toy2d(path: Path, rows: list[dict], floor: float, meta: dict) -> None:
-    from trainer.toy2d_eval import MethodResult, bars
+    from trainer.evaluation.toy2d import MethodResult, bars
 
     results = {}
     for r in rows:

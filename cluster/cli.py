@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from trainer.config import ConfigError
-    from trainer.lease import LeaseHeld, LeaseLost
+    from trainer.checkpoint.lease import LeaseHeld, LeaseLost
 
     try:
         return int(args.func(args) or 0)

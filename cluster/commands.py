@@ -35,7 +35,7 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from trainer.config import load_config
-        from trainer.teachers import ensure_teacher
+        from trainer.teachers.build import ensure_teacher
 
         cfg = load_config(args.config, args.overrides)
         path = ensure_teacher(cfg, force=args.force)
@@ -81,7 +81,7 @@ def _add_toy_demo(sub: argparse._SubParsersAction) -> None:
         import torch
 
         from trainer.config import load_config
-        from trainer.toy2d_eval import run_demo
+        from trainer.evaluation.toy2d import run_demo
 
         config = args.config or str(Path(__file__).resolve().parents[1] / "configs" / "toy2d.yaml")
         # Shorter than the benchmark: fits 10 minutes on 2 cores including the teacher's training.
@@ -156,7 +156,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from trainer.config import ConfigError, load_config
-        from trainer.planner import format_plan, make_plan
+        from trainer.planner.memory import format_plan, make_plan
 
         cfg = load_config(args.config, args.overrides)
         if args.gpus or args.gpu_mem:  # the memory plan on a GPU count (no node shape, no time plan)
@@ -164,7 +164,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                 raise ConfigError("piflow plan: --gpus and --gpu-mem go together (or use --cluster)")
             print(format_plan(make_plan(cfg, args.gpus, args.gpu_mem), cfg))
             return 0
-        from trainer.time_plan import DEFAULT_MFU, format_time_plan, make_time_plan, parse_cluster
+        from trainer.planner.time_plan import DEFAULT_MFU, format_time_plan, make_time_plan, parse_cluster
 
         cluster = parse_cluster(args.cluster, cfg)
         print(format_plan(make_plan(cfg, cluster.gpus, cluster.gpu_mem_gib, cluster.gpus_per_node), cfg))
@@ -176,7 +176,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# ---- export and sample (issue 6: trainer/export.py, models/pipeline.py)
+# ---- export and sample (issue 6: trainer/export/pipeline.py, models/pipeline.py)
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's EMA student as a diffusers-format directory")
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
@@ -189,7 +189,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "(token from the HF chain: HF_TOKEN or `huggingface-cli login`)")
 
     def run(args: argparse.Namespace) -> int:
-        from trainer.export import export_student, export_summary
+        from trainer.export.pipeline import export_student, export_summary
 
         need_input(args.source, "RUN_OR_CHECKPOINT")
         export_student(args.source, args.out, self_contained=args.self_contained)
@@ -234,7 +234,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         with tempfile.TemporaryDirectory(prefix="piflow-sample-") as tmp:
             source = args.source
             if not storage.exists(storage.join(source, "model_index.json")):
-                from trainer.export import export_student
+                from trainer.export.pipeline import export_student
 
                 export_student(source, tmp)  # a run or checkpoint, local or s3://
                 source = tmp
@@ -246,7 +246,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(batch)]
         latents = pipe(prompt=args.prompt or None, num_inference_steps=args.nfe or None, generator=generators,
                        num_images=args.num, output_type="latent")
-        from trainer.rollouts import animation, preview_png
+        from trainer.evaluation.rollouts import animation, preview_png
 
         images = None
         if pipe.vae() is not None:  # decoded on the device too
@@ -462,7 +462,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
         from models.converters.dit_fm import ConvertError
         from models.converters.released import ReleasedLayoutError
         from trainer.config import load_config
-        from trainer.import_released import import_released
+        from trainer.export.import_released import import_released
 
         cfg = load_config(args.config, args.overrides)
         try:

@@ -486,7 +486,7 @@ class DataFeed:
 
 def start_data_feed(cfg: Any, worker_options: Optional[dict[str, Any]] = None) -> DataFeed:
     """The run's global prompt stream (DESIGN.md §5): `data.workers` DataWorker actors read `data.shards` and
-    encode the prompts with the config's text encoders (`models.text_encoders.load_text_encoder`, built on
+    encode the prompts with the config's text encoders (`models.families.load_text_encoder`, built on
     each worker) unless `data.pre_encoded`; one BatchFeed actor cuts global batches of `train.batch_size`
     from them and serves each rank its slice. `worker_options` are the DataWorkers' actor options
     (`cluster.orchestrator.data_placement(cfg)`: their placement group)."""
@@ -515,7 +515,7 @@ def start_data_feed(cfg: Any, worker_options: Optional[dict[str, Any]] = None) -
 
 def _node_text_encoder(cfg: Any):
     """The text encoders, loaded on the data worker's node (hub ids / s3:// dirs resolved into its own cache)."""
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
     from trainer.weights import with_local_weights
 
     return load_text_encoder(with_local_weights(cfg))

@@ -114,13 +114,13 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
         out = Path(cfg.run.output).parent
     phases = Phases()
 
-    from trainer.teachers import ensure_teacher
+    from trainer.teachers.build import ensure_teacher
 
     teacher_dir = phases.run("teacher (committed, or trained once)", ensure_teacher, cfg)
     print(f"teacher: {teacher_dir}")
 
     from cluster.launch import launch_training
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
 
     export_dir, data_export_dir = out / "export", out / "export_data"
     if "data-free" in students:
@@ -148,7 +148,7 @@ def run_demo(config: str | None = None, overrides: list[str] | tuple[str, ...] =
 
     import torch
 
-    from trainer.digits_eval import evaluate_demo
+    from trainer.evaluation.digits import evaluate_demo
 
     # One intra-op thread: with torch's default (2 on 2 cores) the evaluation spent 4.6x the CPU seconds and
     # 4.6-5x the wall time of one thread on the loaded 2-core machine (578 s vs 110-125 s, docs/demo.md).

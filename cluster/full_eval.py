@@ -124,7 +124,7 @@ class FullEvalWatcher:
         """Collect a finished evaluation; start one on the newest due checkpoint when none runs."""
         import ray
 
-        from trainer.checkpoint import latest_valid, list_steps
+        from trainer.checkpoint.store import latest_valid, list_steps
 
         if self._running is not None:
             ready, _ = ray.wait([self._running[1]], timeout=0)

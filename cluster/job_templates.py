@@ -144,7 +144,7 @@ def scratch_gb(cfg, shape: Shape) -> int:
     4 for fp32 teachers, + the family's text encoders and VAE) + this node's checkpoint staging (its ranks'
     fp32 weights, Adam moments and EMA of the trained parameters: one save staged, a resharding load of up to
     two old ranks each), +25%, rounded up to 10 GB."""
-    from trainer.planner import count_model
+    from trainer.planner.memory import count_model
 
     counts = count_model(cfg)
     width = 2 if cfg.model.dtype == "bfloat16" else 4

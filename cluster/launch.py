@@ -11,7 +11,7 @@ from trainer.config import Config, ConfigError
 def launch_training(cfg: Config, config_path: str | None = None) -> None:
     """Preflight (cluster/preflight.py: config, output URL and a storage round trip, shards, teacher weights,
     resume world size; before anything is deleted or started), then the output's single-writer lease
-    (trainer/lease.py) for the whole run, then the run itself."""
+    (trainer/checkpoint/lease.py) for the whole run, then the run itself."""
     engine, workers = cfg.train.engine, cfg.cluster.student.workers
     if engine == "torch" and workers != 1:
         raise ConfigError(f"{config_path or '<config>'}: key 'cluster.student.workers': train.engine: torch "
@@ -19,7 +19,7 @@ def launch_training(cfg: Config, config_path: str | None = None) -> None:
     if engine not in ("torch", "deepspeed"):  # the config's Literal makes this unreachable
         raise ConfigError(f"{config_path or '<config>'}: key 'train.engine': unknown engine {engine!r}")
     from cluster.preflight import preflight
-    from trainer.lease import Lease, new_run_id
+    from trainer.checkpoint.lease import Lease, new_run_id
 
     preflight(cfg, config_path)
     run_id = new_run_id(cfg.run.name)
@@ -53,7 +53,7 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
 
     import dataclasses
 
-    from trainer import resume
+    from trainer.checkpoint import resume
 
     from cluster.capacity import check as check_capacity
 

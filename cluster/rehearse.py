@@ -13,7 +13,7 @@ its `model.pretrained` hub id resolves to a tiny model of the same family in a t
    killed attempt's losses (resume exact);
 4. `piflow export` and `piflow sample`;
 5. one table: every changed key (recipe -> rehearsal), losses finite, resume exact, step time, and the
-   recipe's full-scale `piflow plan` (trainer/planner.py) on the node shape it states.
+   recipe's full-scale `piflow plan` (trainer/planner/memory.py) on the node shape it states.
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ class RankKiller(threading.Thread):
 
     def _ready(self) -> bool:
         from data_pipeline import storage
-        from trainer.checkpoint import latest_valid
+        from trainer.checkpoint.store import latest_valid
         from trainer.metrics import read_metrics
 
         try:

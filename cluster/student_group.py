@@ -49,7 +49,7 @@ def _worker(config: dict) -> None:
     from trainer.loop import NonFiniteError
     from trainer.rank_program import run_rank
     from data_pipeline import storage
-    from trainer.lease import check_holder
+    from trainer.checkpoint.lease import check_holder
     from trainer.scratch import scratch_root
 
     cfg = config_from_dict(config["cfg"], source="<student group>")
@@ -164,7 +164,7 @@ def run_student_group(cfg: Config, servers: Optional[list], cond_shapes: Optiona
 
     `feed`: the BatchFeed actor of the prompt data (`cluster.data_worker.start_data_feed`) when `data.shards`
     is set; otherwise `cond_shapes` sizes the random conditioning of data-free batches. `run_id`: the holder of
-    the output's lease (trainer/lease.py); the ranks check it before they write. Restarts: see the module
+    the output's lease (trainer/checkpoint/lease.py); the ranks check it before they write. Restarts: see the module
     docstring."""
     import time
 
@@ -348,7 +348,7 @@ class StudentGroupFailed(RuntimeError):
 
 
 def _last_good(cfg: Config, then: str = "run the same command again to resume from it") -> str:
-    from trainer.checkpoint import latest_valid
+    from trainer.checkpoint.store import latest_valid
 
     try:
         newest = latest_valid(cfg.run.output)

@@ -54,7 +54,7 @@ class ValidationServer:
 
     def encode(self, prompts: list[str]) -> Optional[dict]:
         """Prompts -> conditioning dict on the CPU (for transport), or None for families without prompts."""
-        from models.text_encoders import load_text_encoder
+        from models.families import load_text_encoder
 
         if self.cfg.model.family == "toy2d":
             return None
@@ -149,7 +149,7 @@ def start_validation(cfg, teacher_servers: Optional[list]) -> Optional[dict]:
     and the validation prompts' conditioning, encoded once. Returns {"actor", "prompts", "cond"} or None."""
     import ray
 
-    from trainer.rollouts import validation_prompts
+    from trainer.evaluation.rollouts import validation_prompts
 
     if not cfg.eval.every:
         return None

@@ -3,7 +3,7 @@
 
 One class for every family, parameterised by the family adapter (`models.families.get_family`), which knows
 how to build the student, encode prompts and decode latents. An export directory (written by
-`trainer/export.py`, or by `pipe.save_pretrained`) holds:
+`trainer/export/pipeline.py`, or by `pipe.save_pretrained`) holds:
 
     model_index.json                      {"_class_name": "PiFlowPipeline", "student": ["models.pipeline", "PiFlowStudent"]}
     student/config.json                   the run's config (model, policy, distill, lora, ...) and the export kind
@@ -174,7 +174,7 @@ class PiFlowPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "PiFlowPipeline":
         """This project's reader of an export: `student/` only. model_index.json may describe the standalone
-        diffusers pipeline shipped beside it (trainer/export.py), which this class does not need."""
+        diffusers pipeline shipped beside it (trainer/export/pipeline.py), which this class does not need."""
         return cls(student=PiFlowStudent.from_pretrained(pretrained_model_name_or_path, subfolder="student",
                                                          **kwargs))
 
@@ -200,7 +200,8 @@ class PiFlowPipeline(DiffusionPipeline):
         cfg = self.student.cfg
         if cfg.model.family == "toy2d":
             return None
-        from models.text_encoders import encoder_to, load_text_encoder
+        from models.families import load_text_encoder
+        from models.text_encoders import encoder_to
 
         if self._encoder is None:
             self._encoder, self._encoder_device = load_text_encoder(cfg), torch.device("cpu")

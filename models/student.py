@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_dtype
+from models.types import Cond, Config, OutputTap, network_dtype
 from models.heads import DXHead, GMHead
 
 
@@ -39,9 +39,10 @@ class TransformerStudent(nn.Module):
     """forward(x_src (B,C,H,W), sigma_src (B,), cond) -> policy parameters as tensors:
       GM: (means (B,K,C,H,W) u-space, logweights (B,K,1,H,W) log-softmaxed, logstd (B,))
       DX: (u_grid (B,N,C,H,W),)  u-space, converted to x0 by `policy_from_outputs`
-    `make_policy` = forward + policy construction (float32)."""
+    `make_policy` = forward + policy construction (float32). `family` is the `TransformerFamily` that builds it
+    (models/families/base.py; not imported here: the families import this module, not the other way)."""
 
-    def __init__(self, family: TransformerFamily, cfg: Config, transformer: nn.Module,
+    def __init__(self, family, cfg: Config, transformer: nn.Module,
                  taps: dict[str, OutputTap], head: nn.Module, tail: nn.ModuleDict, teacher_tail: nn.ModuleDict):
         super().__init__()
         self.family = family
@@ -135,9 +136,9 @@ class TransformerStudent(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def build_transformer_student(family: TransformerFamily, cfg: Config, teacher=None,
+def build_transformer_student(family, cfg: Config, teacher=None,
                               network: nn.Module | None = None) -> TransformerStudent:
-    """The student for `cfg`. `teacher` (a models.teacher.Teacher) supplies the base weights: shared with it in
+    """The student for `cfg`, built by `family` (a TransformerFamily). `teacher` (a models.teacher.Teacher) supplies the base weights: shared with it in
     LoRA `shared` placement (the teacher is rebound to this trunk with adapters disabled), copied otherwise.
     Without a teacher (separate placement on a student rank) the base is loaded from the config."""
     shared = cfg.teacher.placement == "shared"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.families.base import Cond, Config, Family, VelocityFn
+from models.types import Cond, Config, VelocityFn
 
 
 
@@ -35,9 +35,10 @@ class Teacher(nn.Module):
 
     `velocity_fn` is the unguided single forward; by default the family's forward of `network`. A student in
     LoRA `shared` placement rebinds it to its own trunk with the adapters disabled (models/student.py).
+    `family` is the models.families `Family` that builds it (not imported here: the families import this module).
     """
 
-    def __init__(self, family: Family, cfg: Config, network: nn.Module | None):
+    def __init__(self, family, cfg: Config, network: nn.Module | None):
         super().__init__()
         self.family = family
         self.cfg = cfg

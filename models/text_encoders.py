@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.families.base import Config
+from models.types import Config
 
 
 Encoded = dict[str, torch.Tensor]
@@ -196,8 +196,10 @@ def encode_class_labels(prompts: list[str]) -> Encoded:
     return {"class_labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def load_text_encoder(cfg: Config) -> Callable[[list[str]], Encoded]:
-    """The prompt encoder of `cfg.model.family`, loaded once; call it with a list of prompts."""
+def builtin_text_encoder(cfg: Config) -> Callable[[list[str]], Encoded]:
+    """The prompt encoder of a built-in family (`cfg.model.family`: flux, digits, qwen_image, dit), loaded once;
+    call it with a list of prompts. Callers use `models.families.load_text_encoder`, which asks the family
+    (`Family.load_text_encoder` lands here; a family added by recipe overrides it)."""
     family = cfg.model.family
     if family in ("flux", "digits"):
         from transformers import CLIPTextModel, T5EncoderModel
@@ -213,6 +215,4 @@ def load_text_encoder(cfg: Config) -> Callable[[list[str]], Encoded]:
         return QwenImageTextEncoder(c["text_encoder"], c["tokenizer"], cfg.model.max_sequence_length)
     if family == "dit":
         return encode_class_labels
-    from models.families import get_family
-
-    return get_family(family).load_text_encoder(cfg)  # families added by recipe own their encoder
+    raise ValueError(f"model.family={family!r}: no prompt encoder")

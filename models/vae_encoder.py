@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from models.families.base import Config
+from models.types import Config
 
 
 def tiny_vae(family: str, latent_channels: int, seed: int = 0):

@@ -35,10 +35,10 @@ def _one_iteration(cfg, dev):
     (record, the rollout's final latents (CPU), the student's device)."""
     from cluster.student_group import cond_shapes_without_prompts
     from cluster.teacher_server import TeacherServer
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
     from trainer import rank_program
     from trainer.loop import train_loop
-    from trainer.rollouts import RolloutHook
+    from trainer.evaluation.rollouts import RolloutHook
 
     rank_program.device_for = lambda info: dev  # the rank's accelerator (a fresh process: no restore needed)
     teacher = None

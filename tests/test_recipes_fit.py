@@ -46,7 +46,7 @@ def _get(cfg, key):
 
 @pytest.mark.parametrize("family", sorted(RECIPES))
 def test_the_recipe_fits_the_node_shape_it_states(family):
-    from trainer.planner import make_plan
+    from trainer.planner.memory import make_plan
 
     cfg = load_config(recipe_path(family))
     c, s, t = cfg.cluster, cfg.cluster.student, cfg.teacher

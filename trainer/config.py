@@ -37,7 +37,7 @@ class RunConfig:
     # `log_flush_steps` steps (1..100000) or `log_flush_s` seconds (> 0), and at every checkpoint
     log_flush_steps: int = 20
     log_flush_s: float = 30.0
-    # the single-writer lease on run.output (trainer/lease.py): renewed every `lease_heartbeat_s` (> 0);
+    # the single-writer lease on run.output (trainer/checkpoint/lease.py): renewed every `lease_heartbeat_s` (> 0);
     # a lease older than 3 heartbeats is stale and may be taken over
     lease_heartbeat_s: float = 30.0
 
@@ -168,7 +168,7 @@ class TrainConfig:
     # issue 23 (docs/performance.md): where a LoRA run's frozen base lives under train.engine=deepspeed.
     # replicate: a plain copy on every GPU (never gathered); shard_in_node: ZeRO-3 partitioned over the GPUs of
     # one node (gathers stay on NVLink); shard: partitioned over all ranks; auto: the first of these that the
-    # memory plan says fits (trainer/planner.py)
+    # memory plan says fits (trainer/planner/memory.py)
     frozen_weights: Literal["auto", "replicate", "shard_in_node", "shard"] = "auto"
     # issue 23: the trainable weights (LoRA, head, norm) gathered once after each optimizer step and kept, their
     # gradients accumulated locally and reduce-scattered once per step (per_step: costs a full bf16 copy of the

@@ -55,12 +55,12 @@ def _gpu_memory_gib(cfg: Config) -> float | None:
 def engine_layout(cfg: Config) -> Layout:
     """Resolve `train.frozen_weights` / `train.trainable_comm` for this process group (collective on first use).
 
-    Rank 0 plans the model (`trainer.planner.runtime_layout`: `auto` takes the first layout that fits the GPU)
+    Rank 0 plans the model (`trainer.planner.memory.runtime_layout`: `auto` takes the first layout that fits the GPU)
     and broadcasts its choice, so every rank takes the same one even where their devices differ."""
     import torch.distributed as dist
 
     from trainer.distributed import collective_device
-    from trainer.planner import FROZEN_PLACEMENTS, TRAINABLE_COMM, runtime_layout
+    from trainer.planner.memory import FROZEN_PLACEMENTS, TRAINABLE_COMM, runtime_layout
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     key = (cfg.hash(), world)

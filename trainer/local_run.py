@@ -17,7 +17,7 @@ from trainer.ema import PowerEMA
 from trainer.engine import build_engine
 from trainer.loop import train_loop
 from trainer.metrics import MetricsLogger
-from trainer.teachers import build_teacher
+from trainer.teachers.build import build_teacher
 
 
 @dataclass
@@ -95,10 +95,10 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
               eval_hook: Optional[Callable[[int], dict]] = None,
               guard: Optional[Callable[[], None]] = None) -> LocalRun:
     """The whole run in this process; run.output local or `s3://`. `guard()`: the output lease's check
-    (trainer/lease.py), called before logs and checkpoints are written."""
+    (trainer/checkpoint/lease.py), called before logs and checkpoints are written."""
     if cfg.train.engine != "torch" or cfg.cluster.student.workers != 1:
         raise ConfigError("in-process training needs train.engine: torch and cluster.student.workers: 1")
-    from trainer import resume
+    from trainer.checkpoint import resume
 
     torch.manual_seed(cfg.run.seed)
     family = build_family(cfg)
@@ -124,8 +124,8 @@ def run_local(cfg: Config, progress: bool = True, checkpoints: bool = True,
 
     logger = MetricsLogger(cfg, out, run_id=(state.wandb_run_id or None) if state else None,
                            resume_step=state.step if state else 0, guard=guard)  # a fresh run drops stale steps
-    if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/rollouts.py, issue 6)
-        from trainer.rollouts import RolloutHook, chain_hooks
+    if cfg.eval.every:  # validation rollouts to run.output/rollouts/step_N and wandb (trainer/evaluation/rollouts.py, issue 6)
+        from trainer.evaluation.rollouts import RolloutHook, chain_hooks
 
         rollouts = RolloutHook(cfg, family, student, logger=logger)
         eval_hook = chain_hooks(eval_hook, rollouts)

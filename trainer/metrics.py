@@ -84,7 +84,7 @@ class MetricsLogger:
             tqdm.write(" | ".join(parts), file=self.stream)  # keeps an active progress bar intact
 
     def log_image(self, step: int, key: str, png: bytes) -> None:
-        """A PNG (e.g. a validation rollout's preview grid, trainer/rollouts.py) to wandb as an image.
+        """A PNG (e.g. a validation rollout's preview grid, trainer/evaluation/rollouts.py) to wandb as an image.
         metrics.jsonl holds numbers only: the PNG itself lives under run.output/rollouts/."""
         if self.rank != 0 or self._wandb_run is None:
             return

@@ -5,7 +5,7 @@ EMA, then run `train_loop` with the teacher it is given. No ray here: the teache
 the student's own LoRA base with the adapters off), the prompt batches as an iterator factory.
 
 `run_rank` is the whole run of one rank, as `trainer/local_run.py` is for one process: fresh start or exact
-resume (`trainer/resume.py`: engine shards, EMA shard, RNGs, data cursor), batches from the prompt feed
+resume (`trainer/checkpoint/resume.py`: engine shards, EMA shard, RNGs, data cursor), batches from the prompt feed
 (noise a function of the global sample index) or data-free synthetic ones, a checkpoint every
 `train.ckpt_every` steps, validation rollouts every `eval.every` steps (all ranks sample, rank 0 writes),
 metrics with the loss averaged over ranks, and a per-rank log of the consumed sample keys.
@@ -84,7 +84,7 @@ def build_rank(cfg: Config, remote_teacher: Any = None) -> RankSetup:
         if weights_dir is not None else _build_without_file(cfg, build_trunk, family, finish)
     if cfg.model.init_student:  # continue distilling an exported or imported student (before ZeRO wraps it)
         from trainer.engine import load_partitioned
-        from trainer.import_released import init_student_tensors
+        from trainer.export.import_released import init_student_tensors
 
         load_partitioned(student, init_student_tensors(cfg, student), strict=False)
     device = device_for(info)
@@ -200,7 +200,7 @@ class PromptBatches:
         self._telemetry = dict(getattr(batch, "telemetry", None) or {})
         if batch.embeddings is None:
             raise ValueError(f"prompt batch (keys {batch.keys[:3]}...) carries no embeddings: the data feed needs "
-                             "an encoder (the launcher passes models.text_encoders.load_text_encoder) or "
+                             "an encoder (the launcher passes models.families.load_text_encoder) or "
                              "data.pre_encoded shards")
         positions = self.global_positions()
         if len(positions) != len(batch.keys):
@@ -304,7 +304,7 @@ def _validation_encoder(cfg: Config):
     """Prompts -> cond for the validation rollouts (None for families without prompts)."""
     if cfg.model.family in ("toy2d",):
         return None
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
     from trainer.weights import with_local_weights
 
     return load_text_encoder(with_local_weights(cfg))
@@ -320,7 +320,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     `load_state_dict` (cluster/ builds it over the data feed; the trainer never sees ray); without it
     (`data.shards` empty) data-free batches with random conditioning of `cond_shapes`. Every rank writes its
     checkpoint part; rank 0 logs metrics (loss averaged over ranks), rollouts and the manifest. `guard()`
-    (the single-writer lease's check, trainer/lease.py) runs before every write of logs and checkpoints.
+    (the single-writer lease's check, trainer/checkpoint/lease.py) runs before every write of logs and checkpoints.
     `validation` (cluster/validation.py's `RemoteValidation`: `encode(prompts)`, `decode(x0)`) serves the
     validation prompts' conditioning, encoded once on the teacher group, and decodes rank 0's rollouts with the
     VAE there; without it this rank encodes the prompts itself and previews show latent channels.
@@ -329,10 +329,10 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
 
     import torch.distributed as dist
 
-    from trainer import resume
+    from trainer.checkpoint import resume
     from trainer.loop import train_loop
     from trainer.metrics import MetricsLogger
-    from trainer.rollouts import RolloutHook
+    from trainer.evaluation.rollouts import RolloutHook
     from trainer.timing import FirstStepClock, PhaseTimes
 
     t_init = time.perf_counter()

@@ -25,7 +25,7 @@ def encode_worker(cfg: Any, dtype: str):
 
     from data_pipeline.encoding.job import EncodeShardWorker
     from data_pipeline.reader import ReadOptions
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
 
     encoder = load_text_encoder(cfg)
     if torch.cuda.is_available():  # the actor's GPU (Ray sets CUDA_VISIBLE_DEVICES); outputs come back on the CPU

@@ -56,7 +56,7 @@ def resolve_export(source: str, out_root: Path) -> str:
     """An export dir as is; a run or checkpoint is exported (EMA) to out_root/export first."""
     if (Path(source) / "model_index.json").exists():
         return source
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
 
     export_dir = out_root / "export"
     export_student(source, export_dir)
@@ -184,7 +184,7 @@ def eval_checkpoint(cfg_dict: dict, ckpt_url: str, step: int) -> dict:
 
     from data_pipeline import storage
     from trainer.config import config_from_dict
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
     from trainer.scratch import run_scratch
 
     cfg = config_from_dict(cfg_dict, source="<full eval>")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from typing import Callable
+
 from models.families.base import Family
+from models.types import Cond, Config
 
 FAMILIES: dict[str, str] = {
     "flux": "models.families.flux:FluxFamily",
@@ -27,4 +30,10 @@ def get_family(name: str) -> Family:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["FAMILIES", "Family", "get_family"]
+def load_text_encoder(cfg: Config) -> Callable[[list[str]], Cond]:
+    """The prompt encoder of `cfg.model.family` (`Family.load_text_encoder`), loaded once; call it with a list of
+    prompts."""
+    return get_family(cfg.model.family).load_text_encoder(cfg)
+
+
+__all__ = ["FAMILIES", "Family", "get_family", "load_text_encoder"]

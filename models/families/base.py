@@ -13,15 +13,12 @@ abstract (see "Adding a teacher" in the README).
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-
-Cond = dict[str, torch.Tensor]
-# The run config (trainer.config.Config); models/ never imports the trainer, so it is only named here.
-Config = Any
+from models.types import Cond, Config, OutputTap
 
 
 class Family(abc.ABC):
@@ -49,9 +46,7 @@ class Family(abc.ABC):
 
     def encode_prompts(self, cfg: Config, prompts: list[str]) -> Cond:
         """Prompts -> conditioning dict (loads the encoders each call; data workers keep `load_text_encoder`)."""
-        from models.text_encoders import load_text_encoder
-
-        return load_text_encoder(cfg)(prompts)
+        return self.load_text_encoder(cfg)(prompts)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> the network's token layout. Identity for families that take images."""
@@ -71,9 +66,11 @@ class Family(abc.ABC):
         return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
 
     def load_text_encoder(self, cfg: Config) -> Callable[[list[str]], Cond]:
-        """The prompt encoder `prompts -> cond` (models.text_encoders holds those of the built-in families;
-        a new family overrides this in its own file)."""
-        raise ValueError(f"model.family={self.name!r}: no prompt encoder")
+        """The prompt encoder `prompts -> cond`: models.text_encoders holds those of the built-in families
+        (FLUX, digits, Qwen-Image, DiT; an error for others); a new family overrides this in its own file."""
+        from models.text_encoders import builtin_text_encoder
+
+        return builtin_text_encoder(cfg)
 
     def load_vae(self, cfg: Config):
         """The base model's VAE (`model.pretrained`/vae), or None (tiny models, no `vae` folder)."""
@@ -92,30 +89,6 @@ class Family(abc.ABC):
         """Policy latents (B, C, H, W) -> images (B, 3, H', W') in [-1, 1], or clips (B, 3, F, H', W') for video
         families (which need `cfg` for the frame count)."""
         raise NotImplementedError(f"family {self.name!r} does not decode latents")
-
-
-# ------------------------------------------------------------------------------------------------- taps
-class OutputTap(nn.Module):
-    """Stands in for an output module the student removed from the trunk: records the call's inputs and
-    returns zeros of the shape the rest of the forward expects (the transformer's own output is discarded)."""
-
-    def __init__(self, out_features: int | None):
-        super().__init__()
-        self.out_features = out_features
-        self.captured: tuple[torch.Tensor, ...] | None = None
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        self.captured = args
-        x = args[0]
-        if self.out_features is None:
-            return x
-        return x.new_zeros(*x.shape[:-1], self.out_features)
-
-    def pop(self) -> tuple[torch.Tensor, ...]:
-        if self.captured is None:
-            raise RuntimeError("OutputTap: the trunk forward did not reach the removed output layer")
-        out, self.captured = self.captured, None
-        return out
 
 
 def _get_module(root: nn.Module, name: str) -> nn.Module:
@@ -283,23 +256,6 @@ def weights_dtype(cfg: Config) -> torch.dtype:
     if getattr(train, "precision", "fp32") == "bf16":
         return torch.bfloat16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-
-
-def network_device(network: nn.Module) -> torch.device:
-    """Where the network's weights live: its inputs are made or moved there."""
-    for p in network.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def network_dtype(network: nn.Module) -> torch.dtype:
-    for p in network.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return torch.float32
-
-
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------- attention and compilation

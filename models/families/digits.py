@@ -2,14 +2,14 @@
 
 Everything is the FLUX family (packing, position ids, embedded guidance, CLIP + T5 conditioning), except
 that the "latents" are the 1-channel 8x8 images themselves (no VAE at this size) and the tiny architecture is
-the one the project trains its digits teacher with (`trainer/digits_teacher.py`).
+the one the project trains its digits teacher with (`trainer/teachers/digits.py`).
 """
 from __future__ import annotations
 
 import torch
 
-from models.families.base import Config
 from models.families.flux import FluxFamily
+from models.types import Config
 
 # The digits teacher's transformer (in_channels = 4 x 1 channel, packed 2x2); text width 32 = tiny CLIP/T5.
 DIGITS_ARCH = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,

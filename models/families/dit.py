@@ -23,7 +23,8 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from models.families.base import Cond, Config, OutputTap, TransformerFamily, network_device, network_dtype, weights_dtype
+from models.families.base import TransformerFamily, weights_dtype
+from models.types import Cond, Config, OutputTap, network_device, network_dtype
 from models.families.dit_fm import FlowDiTTransformer2DModel
 
 

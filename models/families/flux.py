@@ -14,7 +14,8 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 
-from models.families.base import Cond, Config, TransformerFamily, network_device, network_dtype
+from models.families.base import TransformerFamily
+from models.types import Cond, Config, network_device, network_dtype
 
 
 # The public FLUX.1-dev transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json).

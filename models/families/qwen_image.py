@@ -18,7 +18,8 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from torch import nn
 from torch.nn import functional as F
 
-from models.families.base import Cond, Config, TransformerFamily, network_device, network_dtype
+from models.families.base import TransformerFamily
+from models.types import Cond, Config, network_device, network_dtype
 from models.families.flux import pack_2x2, unpack_2x2
 
 
@@ -76,7 +77,7 @@ class QwenImageFamily(TransformerFamily):
     def uncond(self, cfg: Config, cond: Cond) -> Cond | None:
         if "negative_prompt_embeds" not in cond:
             raise KeyError("Qwen-Image CFG needs cond['negative_prompt_embeds'] (the empty-prompt embeddings); "
-                           "encode prompts with models.text_encoders.load_text_encoder")
+                           "encode prompts with models.families.load_text_encoder")
         neg = cond["negative_prompt_embeds"]
         B = cond["prompt_embeds"].shape[0]
         if neg.shape[0] == 1 and B > 1:  # one shared empty-prompt embedding

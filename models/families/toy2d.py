@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.families.base import Cond, Config, Family
+from models.families.base import Family
+from models.types import Cond, Config
 from models.heads import DXHead, GMHead
 
 NUM_MODES = 8
@@ -251,7 +252,7 @@ class ToyShortcutStudent(nn.Module):
 # ------------------------------------------------------------------------------------------------ family
 class Toy2DFamily(Family):
     """The toy as a model family. Its teacher network is trained and cached by the trainer
-    (`trainer.teachers.load_teacher`) and handed in here; models/ does not train or locate it."""
+    (`trainer.teachers.build.load_teacher`) and handed in here; models/ does not train or locate it."""
 
     name = "toy2d"
 
@@ -260,13 +261,13 @@ class Toy2DFamily(Family):
 
     def build_teacher(self, cfg: Config, network: ToyVelocityNet | None = None):
         """The frozen teacher around `network`, or around the safetensors file named by model.pretrained
-        (the path `trainer.teachers.ensure_teacher` returns)."""
+        (the path `trainer.teachers.build.ensure_teacher` returns)."""
         from models.teacher import Teacher
 
         if network is None:
             if not cfg.model.pretrained:
                 raise ValueError("toy2d: build_teacher needs the trained network or model.pretrained = the cached "
-                                 "teacher file (trainer.teachers.build_teacher(cfg, family) does both)")
+                                 "teacher file (trainer.teachers.build.build_teacher(cfg, family) does both)")
             from safetensors.torch import load_file
 
             network = ToyVelocityNet(cfg.model.hidden_dim, cfg.model.num_layers)

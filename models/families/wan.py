@@ -27,7 +27,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from torch import nn
 from torch.nn import functional as F
 
-from models.families.base import Cond, Config, OutputTap, TransformerFamily
+from models.families.base import TransformerFamily
+from models.types import Cond, Config, OutputTap
 
 # The released transformer (Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json): 40 blocks, 40 heads x 128.
 WAN_T2V_14B_CONFIG = dict(

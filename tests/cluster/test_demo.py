@@ -37,8 +37,8 @@ def doubles(monkeypatch):
     """Test doubles for the expensive phases: they record what they were given and write an export marker."""
     seen = {"trained": [], "evaluated": None}
     import cluster.launch
-    import trainer.digits_eval
-    import trainer.export
+    import trainer.evaluation.digits
+    import trainer.export.pipeline
 
     def fake_launch(cfg, config_path=None):
         seen["trained"].append(("data-free" if cfg.distill.data_free else "data-based", cfg.run.output))
@@ -54,8 +54,8 @@ def doubles(monkeypatch):
         return {"rows": [], "bars": {"ok": True}, "table": "| table |", "outputs": {}}
 
     monkeypatch.setattr(cluster.launch, "launch_training", fake_launch)
-    monkeypatch.setattr(trainer.export, "export_student", fake_export)
-    monkeypatch.setattr(trainer.digits_eval, "evaluate_demo", fake_evaluate)
+    monkeypatch.setattr(trainer.export.pipeline, "export_student", fake_export)
+    monkeypatch.setattr(trainer.evaluation.digits, "evaluate_demo", fake_evaluate)
     monkeypatch.setattr(demo, "build_latent_shards", lambda cfg, out: str(out / "latents"))
     return seen
 

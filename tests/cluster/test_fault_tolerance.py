@@ -246,7 +246,7 @@ def test_a_killed_student_worker_resumes_from_the_newest_checkpoint(teacher_dir,
 @pytest.mark.timeout(480)
 def test_when_every_restart_dies_the_run_stops_clearly_and_keeps_its_checkpoint(teacher_dir, ray_local, tmp_path):
     from cluster.student_group import StudentGroupFailed
-    from trainer.checkpoint import latest_valid, verify
+    from trainer.checkpoint.store import latest_valid, verify
 
     import shutil
 
@@ -274,7 +274,7 @@ def test_when_every_restart_dies_the_run_stops_clearly_and_keeps_its_checkpoint(
 @pytest.mark.timeout(480)
 def test_a_deterministic_nonfinite_stop_is_not_retried(teacher_dir, ray_local, tmp_path, monkeypatch):
     from cluster.student_group import StudentGroupFailed
-    from trainer.checkpoint import latest_valid, list_steps
+    from trainer.checkpoint.store import latest_valid, list_steps
 
     out = tmp_path / "run"
     # the teacher answers NaN at steps 3 and 4 of every attempt (keyed by step: a restart would meet them

@@ -59,7 +59,7 @@ def test_full_eval_runs_beside_training_on_due_checkpoints(tmp_path, s3_server, 
     losses = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
     assert not any(k.startswith("eval_job/") for r in read_metrics(out / "metrics.jsonl") for k in r)
-    from trainer.checkpoint import latest_valid
+    from trainer.checkpoint.store import latest_valid
 
     assert latest_valid(str(out), "sha256").step == 4 and latest_valid(str(out), "sha256", below=4).step == 2
     # a failing evaluation (its prompt file is missing) is reported with its cause and raises nothing

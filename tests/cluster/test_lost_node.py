@@ -101,7 +101,7 @@ def test_the_run_continues_on_the_nodes_it_has(nodes, tmp_path):
     summary = json.loads((out / "rank_summaries" / "rank_0.json").read_text())
     assert summary["steps"] == ITERS and summary["start_step"] >= 2 and "/checkpoints/step_" in summary["resumed_from"]
     assert not (out / "rank_summaries" / "rank_1.json").exists()  # the finishing group had one rank
-    from trainer.checkpoint import latest_valid
+    from trainer.checkpoint.store import latest_valid
 
     newest = latest_valid(str(out))
     assert newest.step == ITERS and newest.manifest["world_size"] == 1

@@ -69,7 +69,7 @@ def test_two_ranks_on_two_nodes_train_checkpoint_and_finish(two_nodes, tmp_path)
         assert s["steps"] == 4
         assert s["full_numel"] / 2 <= s["local_numel"] <= s["full_numel"] / 2 + 100  # ZeRO-3 across nodes
 
-    from trainer.checkpoint import latest_valid, list_steps, rank_dirname
+    from trainer.checkpoint.store import latest_valid, list_steps, rank_dirname
 
     assert list_steps(str(out)) == [2, 4]  # train.ckpt_every=2, both kept (ckpt_keep_last=2)
     newest = latest_valid(str(out))

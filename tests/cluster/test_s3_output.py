@@ -58,7 +58,7 @@ def test_in_process_run_resume_export_and_sample_on_s3(s3_server, tmp_path):
     assert [r["step"] for r in read_metrics(storage.join(out, "metrics.jsonl"))] == list(range(1, 9))
     assert yaml.safe_load(storage.get_bytes(storage.join(out, "config.yaml")))["run"]["output"] == out
     assert not storage.exists(storage.join(out, "LEASE.json"))  # released at the end
-    from trainer.checkpoint import list_steps
+    from trainer.checkpoint.store import list_steps
 
     assert list_steps(out) == [4, 8]
     assert list(cwd.iterdir()) == []  # nothing written where the command ran

@@ -47,7 +47,7 @@ def _config(tmp_path: Path, cluster) -> Path:
 
 def test_encode_job_two_workers_resumes_after_kill9_byte_for_byte(tmp_path, cluster):
     from data_pipeline.encoding.job import EncodeShardWorker
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
     from trainer.config import load_config
 
     words = "a the red blue green cat dog small large photo painting of with in on".split()

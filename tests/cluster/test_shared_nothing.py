@@ -158,7 +158,7 @@ def test_worker_node_lost_mid_run_resumes_from_object_storage(nodes, tmp_path):
         assert steps == list(range(1, ITERS + 1)), (r, steps)
     for step in (4,):
         assert storage.get_bytes(storage.join(out, "rollouts", f"step_{step:08d}", "preview.png"))[:4] == b"\x89PNG"
-    from trainer.checkpoint import latest_valid
+    from trainer.checkpoint.store import latest_valid
 
     assert latest_valid(out).step == ITERS
     summaries = [json.loads(storage.get_bytes(storage.join(out, "rank_summaries", f"rank_{r}.json"))) for r in (0, 1)]

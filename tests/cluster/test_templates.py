@@ -191,7 +191,7 @@ def test_the_kuberay_manifest_runs_as_rendered():
     from cluster.job_templates import Shape, scratch_gb
     from cluster.submit import SECRET_EXCLUDES  # noqa: F401 (the Dockerfile's context is checked below)
     from trainer.config import load_config
-    from trainer.planner import count_model
+    from trainer.planner.memory import count_model
 
     docs = list(yaml.safe_load_all(render("kuberay", TemplateParams(
         config=FLUX, overrides=[*FLUX_16, *SHAPE], image="registry.example/piflow:1", secret="flux-creds"))))

@@ -156,7 +156,7 @@ def reference_run(setup):
 def test_two_rank_run_trains_checkpoints_rollouts_and_consumes_the_global_order(setup, reference_run):
     from data_pipeline.reader import ReadOptions
     from data_pipeline.stream import PromptStream
-    from trainer.checkpoint import latest_valid
+    from trainer.checkpoint.store import latest_valid
     from trainer.config import load_config
 
     _, prefix, urls = setup

@@ -22,7 +22,7 @@ def test_prompts_encoded_once_and_rollouts_decoded_with_captions(tmp_path, monke
     from models.families import get_family
     from models.pipeline import PiFlowStudent
     from trainer.metrics import MetricsLogger
-    from trainer.rollouts import RolloutHook, rollout_url
+    from trainer.evaluation.rollouts import RolloutHook, rollout_url
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -62,7 +62,7 @@ def test_video_rollouts_are_decoded_to_clips_and_previewed(tmp_path):
     from cluster.validation import ValidationServer
     from models.families import get_family
     from models.pipeline import PiFlowStudent
-    from trainer.rollouts import RolloutHook, rollout_url
+    from trainer.evaluation.rollouts import RolloutHook, rollout_url
 
     cfg = recipe_config("wan", *FP32, "eval.num_samples=2", output=str(tmp_path / "run"))
     server = ValidationServer(cfg.to_dict())

@@ -12,7 +12,7 @@ from data_pipeline.encoding.job import EncodeShardWorker
 from data_pipeline.encoding.packing import FP8_MAX, from_bytes, pack, to_bytes
 from data_pipeline.reader import ReadOptions
 from data_pipeline.stream import PromptStream
-from models.text_encoders import load_text_encoder
+from models.families import load_text_encoder
 from tests.data_pipeline.helpers import write_shards
 from trainer.config import config_from_dict
 

@@ -125,7 +125,7 @@ def test_converted_reference_checkpoint_gives_the_reference_velocity(tmp_path):
 
 def test_the_planner_counts_the_fm_dit_xl2():
     from trainer.config import load_config
-    from trainer.planner import count_model
+    from trainer.planner.memory import count_model
 
     counts = count_model(load_config(Path(__file__).resolve().parents[2] / "configs" / "dit_imagenet_gm_k32_1nfe.yaml"))
     d, L = 1152, 28

@@ -6,8 +6,7 @@ import torch
 from diffusers import AutoencoderKL, DiTPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from models.families import get_family
-from models.text_encoders import load_text_encoder
+from models.families import get_family, load_text_encoder
 from trainer.config import config_from_dict
 
 C, S = 4, 8

@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from models.families import get_family
+from models.families import get_family, load_text_encoder
 from models.families.flux import latent_image_ids, pack_2x2, unpack_2x2
-from models.text_encoders import load_text_encoder, save_tiny_text_encoders, tiny_text_encoders
+from models.text_encoders import save_tiny_text_encoders, tiny_text_encoders
 from trainer.config import config_from_dict
 
 C, S = 4, 8  # latent channels, latent size

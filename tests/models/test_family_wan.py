@@ -15,7 +15,7 @@ from models.families import get_family
 from models.heads import GMHead
 from models.piid import PiIDParams, data_free_iteration
 from trainer.config import config_from_dict, load_config
-from trainer.planner import count_model, lora_parameter_count
+from trainer.planner.memory import count_model, lora_parameter_count
 
 ROOT = Path(__file__).resolve().parents[2]
 C, T, S = 4, 3, 8  # latent channels, latent frames, frame size
@@ -241,7 +241,7 @@ def test_recipe_trains_exports_and_samples_a_clip(tmp_path):
               if '"loss"' in line]
     assert len(losses) == 4 and all(0 < v < float("inf") for v in losses)
 
-    from trainer.export import export_student, export_summary
+    from trainer.export.pipeline import export_student, export_summary
 
     out = tmp_path / "export"
     export_student(str(tmp_path / "run"), out)

@@ -10,7 +10,7 @@ from models.heads import GMHead
 from models.piid import PiIDParams, data_free_iteration
 from models.policies import DXPolicy, GMPolicy
 from trainer.config import config_from_dict
-from trainer.planner import lora_parameter_count
+from trainer.planner.memory import lora_parameter_count
 
 C, S = 4, 8
 FLUX_LORA = ["proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -192,7 +192,7 @@ def test_twenty_piid_steps_reduce_the_loss(family):
 def test_recipes_build_encode_and_train_one_iteration(family):
     """Each production recipe (its rehearsal config: the tiny same-family model loaded from its directory):
     teacher, student, prompt encoding and one data-free pi-ID iteration, end to end."""
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
     from tests.recipes import recipe_config
 
     cfg = recipe_config(family)

@@ -10,12 +10,12 @@ def ds_checkpoint_run(output: str, teacher_path: str) -> dict:
     import torch.distributed as dist
 
     from tests.trainer.engine_workers import _batch, make_cfg, student_and_teacher
-    from trainer.checkpoint import CheckpointInfo, CheckpointManager, read_manifest, step_dirname
+    from trainer.checkpoint.store import CheckpointInfo, CheckpointManager, read_manifest, step_dirname
     from trainer.config import config_from_dict
     from trainer.distributed import rank_info
     from trainer.ema import PowerEMA
     from trainer.engine import build_engine
-    from trainer.resume import resume_state, save_state
+    from trainer.checkpoint.resume import resume_state, save_state
 
     cfg = config_from_dict({**make_cfg(2), "run": {"output": output}})
     student, teacher = student_and_teacher(cfg, teacher_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tests.trainer.tiny_flux import C, H, W, TinyFlux, make_cond
-from trainer.checkpoint import RankStates, read_rank_state, write_rank_state
+from trainer.checkpoint.store import RankStates, read_rank_state, write_rank_state
 from trainer.config import config_from_dict
 from trainer.distributed import global_noise, local_slice, rank_info
 from trainer.ema import PowerEMA, power_ema_beta

@@ -67,7 +67,7 @@ def rank_runs(jobs: list) -> list:
     import shutil
     from pathlib import Path
 
-    from trainer.checkpoint import step_dirname
+    from trainer.checkpoint.store import step_dirname
     from trainer.distributed import rank_info
 
     out = []

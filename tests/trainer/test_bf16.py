@@ -37,7 +37,7 @@ def _losses(summary: dict) -> list[float]:
 @pytest.mark.parametrize("family", ["flux", "qwen_image", "dit"])
 def test_bf16_zero3_run_matches_fp32_and_exports(family, tmp_path):
     from models.pipeline import PiFlowPipeline
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
 
     torch.set_num_threads(1)
     runs = {}

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from data_pipeline import storage
-from trainer import checkpoint as ckpt
-from trainer.checkpoint import CheckpointError, CheckpointManager, latest_valid, retained_steps
+from trainer.checkpoint import store as ckpt
+from trainer.checkpoint.store import CheckpointError, CheckpointManager, latest_valid, retained_steps
 from trainer.config import config_from_dict
 from trainer.ema import PowerEMA
-from trainer.engine import TorchEngine
-from trainer.resume import ResumeError, prepare_output, resume_state, save_state
+from trainer.torch_engine import TorchEngine
+from trainer.checkpoint.resume import ResumeError, prepare_output, resume_state, save_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -293,7 +293,7 @@ KILLED_UPLOAD_CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, {root!r})
 from data_pipeline import storage
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.store import CheckpointManager
 from tests.trainer.test_checkpoint import make_cfg, make_state
 cfg = make_cfg({output!r})
 module, engine, ema = make_state(cfg)
@@ -445,7 +445,7 @@ def test_zero3_two_ranks_checkpoint_resume_and_ema_consolidation(tmp_path):
     from tests.trainer.checkpoint_workers import ds_checkpoint_run
     from tests.trainer.ds_spawn import run_ranks
     from tests.trainer.tiny_flux import TinyFlux
-    from trainer.export import consolidate_ema
+    from trainer.export.pipeline import consolidate_ema
 
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.safetensors"
@@ -490,7 +490,7 @@ def edit_manifest(ckpt_dir: Path, change) -> None:
 
 
 def test_manifest_path_outside_the_checkpoint_is_rejected(tmp_path, caplog):
-    from trainer.export import resolve_checkpoint
+    from trainer.export.pipeline import resolve_checkpoint
 
     cfg, root = two_checkpoints(tmp_path)
 

@@ -62,7 +62,7 @@ def test_each_rank_holds_its_planned_share_of_the_frozen_base(measured):
 
 
 def test_the_planner_predicts_the_measured_bytes(measured):
-    """`piflow plan`'s bytes (trainer/time_plan.py) for the same config equal the measured ones: every layout
+    """`piflow plan`'s bytes (trainer/planner/time_plan.py) for the same config equal the measured ones: every layout
     without prefetch, and the replicated base (nothing of it is gathered, prefetch or not)."""
     keys = ("gather_frozen", "gather_trainable", "reduce_scatter", "gather_frozen_cross_node")
     compared = 0

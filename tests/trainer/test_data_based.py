@@ -13,9 +13,8 @@ import torch
 
 from data_pipeline.reader import ReadOptions
 from data_pipeline.stream import PromptStream, RankBatches
-from models.families import get_family
+from models.families import get_family, load_text_encoder
 from models.piid import DataSegments, data_iteration
-from models.text_encoders import load_text_encoder
 from models.timesteps import sample_segment_of, warp
 from tests.data_pipeline.helpers import tar_bytes
 from tests.recipes import FP32, IN_PROCESS, recipe_config, recipe_path

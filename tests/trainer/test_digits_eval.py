@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from data_pipeline.digits import label_for, load_digits_split, prompt_for
-from trainer.digits_eval import evaluate_digits, frechet_distance, mean_pairwise_distance, train_classifier
+from trainer.evaluation.digits import evaluate_digits, frechet_distance, mean_pairwise_distance, train_classifier
 
 
 def test_split_is_disjoint_stratified_and_scaled():
@@ -57,7 +57,7 @@ def test_demo_grids_label_every_row_with_its_method(tmp_path):
 
     from cluster.demo import DEFAULT_CONFIG
     from trainer.config import load_config
-    from trainer.digits_eval import REAL_ROW, evaluate_demo
+    from trainer.evaluation.digits import REAL_ROW, evaluate_demo
 
     cfg = load_config(DEFAULT_CONFIG)
     report = evaluate_demo(cfg, None, tmp_path, samples_per_digit=2)  # the teacher rows only (no export needed)

@@ -17,9 +17,8 @@ def digits_cfg(tmp_path, *extra):
 
 
 def test_train_save_load_roundtrip(tmp_path):
-    from models.families import get_family
-    from models.text_encoders import load_text_encoder
-    from trainer.teachers import ensure_teacher
+    from models.families import get_family, load_text_encoder
+    from trainer.teachers.build import ensure_teacher
 
     cfg = digits_cfg(tmp_path)
     path = ensure_teacher(cfg, progress=False)
@@ -54,7 +53,7 @@ def test_train_save_load_roundtrip(tmp_path):
 
 
 def test_digits_teacher_needs_a_directory():
-    from trainer.teachers import ensure_teacher
+    from trainer.teachers.build import ensure_teacher
 
     cfg = load_config(DEMO, ["model.pretrained="])
     with pytest.raises(ConfigError, match="model.pretrained"):

@@ -13,11 +13,11 @@ import torch
 
 from models.families import get_family
 from models.sampling import sample
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint.store import CheckpointManager
 from trainer.config import config_from_dict
 from trainer.ema import PowerEMA
-from trainer.engine import TorchEngine
-from trainer.resume import save_state
+from trainer.torch_engine import TorchEngine
+from trainer.checkpoint.resume import save_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_toy_full_export_matches_training_sampler_in_a_fresh_process(tmp_path):
                             capture_output=True, text=True, cwd=str(ROOT), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "PiFlowPipeline"
-    from trainer.export import export_summary
+    from trainer.export.pipeline import export_summary
 
     meta = export_summary(out)
     assert meta["kind"] == "full" and meta["family"] == "toy2d" and json.loads(meta["policy"])["type"] == "gm"
@@ -117,7 +117,7 @@ def test_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_path):
     family = get_family("flux")
     torch.manual_seed(cfg.run.seed)
     student = family.build_student(cfg, teacher=None)
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
 
     prompts = ["a red cat", "a handwritten seven"]
     cond = load_text_encoder(cfg)(prompts)
@@ -127,7 +127,7 @@ def test_flux_lora_export_matches_training_sampler_in_a_fresh_process(tmp_path):
         return student.make_policy(x, torch.full((2,), 0.8), cond).means.pow(2).mean()
 
     ema = train_and_checkpoint(cfg, student, 3, loss)
-    from trainer.export import export_student, export_summary
+    from trainer.export.pipeline import export_student, export_summary
 
     out = tmp_path / "export"
     export_student(str(tmp_path / "run"), out)

@@ -14,7 +14,7 @@ from trainer.config import config_from_dict
 
 def _export(tmp_path, precision: str):
     from models.pipeline import PiFlowStudent
-    from trainer.standalone_export import write_standalone
+    from trainer.export.standalone import write_standalone
 
     dtype = "bfloat16" if precision == "bf16" else "float32"
     cfg = config_from_dict(tiny_cfg("flux", run={"output": str(tmp_path / "run")}, train={"precision": precision},

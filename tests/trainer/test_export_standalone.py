@@ -61,7 +61,7 @@ def digits_run(tmp_path, steps=2):
     cfg = config_from_dict(data)
     torch.manual_seed(cfg.run.seed)
     student = get_family("digits").build_student(cfg, teacher=None)
-    from models.text_encoders import load_text_encoder
+    from models.families import load_text_encoder
 
     cond = load_text_encoder(cfg)(PROMPTS)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -123,7 +123,7 @@ def test_lora_export_writes_the_adapter_in_diffusers_naming_and_merges_exactly(t
     from safetensors.torch import load_file
 
     from models.pipeline import PiFlowStudent
-    from trainer.standalone_export import merged_transformer_state, write_standalone
+    from trainer.export.standalone import merged_transformer_state, write_standalone
 
     from tests.recipes import FP32, recipe_config
 

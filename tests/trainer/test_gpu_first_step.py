@@ -32,7 +32,7 @@ def _one_rank(cfg, accelerator: str) -> dict:
 @pytest.mark.parametrize("family", ["flux", "qwen_image", "dit"])
 def test_first_steps_on_cuda(family, tmp_path):
     from models.pipeline import PiFlowPipeline
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
     from trainer.config import load_config
 
     # the recipe's tiny model is read from a saved dir (tests/recipes.py): the same weights on both devices

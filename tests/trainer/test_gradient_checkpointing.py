@@ -36,7 +36,8 @@ def _loss_and_grads(student, cfg):
 
 
 def test_checkpointing_is_on_once_and_the_engine_verifies_it(monkeypatch):
-    from trainer.engine import build_engine, checkpointed_models
+    from trainer.engine import build_engine
+    from trainer.torch_engine import checkpointed_models
 
     cfg = recipe_config("flux", "train.engine=torch", "cluster.student.workers=1", "train.precision=fp32",
                         "model.dtype=float32")

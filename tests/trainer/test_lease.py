@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from data_pipeline import storage
-from trainer.lease import Lease, LeaseHeld, LeaseLost, check_holder, lease_url, read_lease
+from trainer.checkpoint.lease import Lease, LeaseHeld, LeaseLost, check_holder, lease_url, read_lease
 from trainer.record_log import RecordLog, segments
 
 

@@ -10,7 +10,7 @@ from tests.trainer.toy_helpers import one_thread, tiny_toy_config, toy_teacher_c
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine
 from trainer.local_run import build_family, noise_batches, run_local
-from trainer.teachers import build_teacher
+from trainer.teachers.build import build_teacher
 from trainer.loop import piid_params, train_loop
 from trainer.metrics import read_metrics
 

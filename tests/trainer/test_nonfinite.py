@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from tests.trainer.toy_helpers import one_thread, tiny_toy_config, toy_teacher_cache  # noqa: F401 (fixtures)
-from trainer import checkpoint as ckpt
-from trainer.checkpoint import CheckpointManager, latest_valid, read_manifest, step_dirname
+from trainer.checkpoint import store as ckpt
+from trainer.checkpoint.store import CheckpointManager, latest_valid, read_manifest, step_dirname
 from trainer.ema import PowerEMA
 from trainer.engine import build_engine
 from trainer.fault_injection import NaNTeacher
 from trainer.local_run import build_family, noise_batches
 from trainer.loop import NonFiniteError, train_loop
 from trainer.metrics import MetricsLogger, read_metrics
-from trainer.resume import save_state
-from trainer.teachers import build_teacher
+from trainer.checkpoint.resume import save_state
+from trainer.teachers.build import build_teacher
 
 
 def toy_run(tmp_path, cache, bad: set[int], *overrides: str, keep_last: int = 10):
@@ -134,7 +134,7 @@ def test_zero3_one_rank_nan_teacher_every_rank_skips(tmp_path):
     from tests.trainer.ds_spawn import run_ranks
     from tests.trainer.engine_workers import flux_cfg
     from tests.trainer.rank_workers import rank_run
-    from trainer.export import consolidate
+    from trainer.export.pipeline import consolidate
 
     teacher = save_tiny_teacher(tmp_path / "teacher")
     out = tmp_path / "run"

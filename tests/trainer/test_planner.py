@@ -8,7 +8,7 @@ import pytest
 
 from cluster.cli import main
 from trainer.config import ConfigError, load_config
-from trainer.planner import BYTES, GiB, OVERHEAD_GIB, count_model, make_plan
+from trainer.planner.memory import BYTES, GiB, OVERHEAD_GIB, count_model, make_plan
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLUX = CONFIGS / "flux_dev_gm_k8_4nfe.yaml"

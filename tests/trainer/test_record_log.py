@@ -108,7 +108,7 @@ def test_a_checkpoint_commits_only_after_its_steps_record_is_on_storage(prefix, 
     """The 300-step chaos soak lost step 40's record: the loop checkpointed step S before logging it, S's
     segment was PUT after the (async) checkpoint committed, and the driver was killed in between; the resume
     from S then never logged S again. Now every record up to S is on storage when S's checkpoint is saved."""
-    import trainer.resume as resume
+    import trainer.checkpoint.resume as resume
     from tests.trainer.toy_helpers import tiny_toy_config
     from trainer.local_run import run_local
 

@@ -55,7 +55,7 @@ def rehearsal_cfg(family: str, pretrained: str, out: str):
 def planned_bytes_per_rank(cfg, world: int) -> dict[str, float]:
     """`piflow plan`'s per-GPU parameter, gradient, optimiser and EMA bytes for this config (the dir's arch) in
     the layout the ranks take (CPU ranks: `auto` = the replicated base, trainables kept whole)."""
-    from trainer.planner import BYTES, frozen_group_size, make_plan, runtime_layout
+    from trainer.planner.memory import BYTES, frozen_group_size, make_plan, runtime_layout
 
     plan = make_plan(cfg, gpus=world + (0 if cfg.teacher.placement == "shared" else 1), gpu_mem_gib=80)
     assert plan.student_gpus == world
@@ -75,7 +75,7 @@ def planned_bytes_per_rank(cfg, world: int) -> dict[str, float]:
 def test_real_width_rehearsal(family, tmp_path):
     from models.pipeline import PiFlowStudent
     from models.sampling import sample
-    from trainer.export import export_student
+    from trainer.export.pipeline import export_student
 
     torch.set_num_threads(1)
     pretrained = real_width_dir(family, tmp_path / "base")

@@ -73,8 +73,7 @@ def test_the_tiny_model_resolves_offline_under_the_hub_id(tmp_path, monkeypatch)
     import torch
 
     from cluster.preflight import check_teacher
-    from models.families import get_family
-    from models.text_encoders import load_text_encoder
+    from models.families import get_family, load_text_encoder
     from trainer.rehearsal.snapshot import revision, write_hub_snapshot
     from trainer.weights import resolve_hub_id, with_local_weights
 
@@ -94,7 +93,7 @@ def test_the_tiny_model_resolves_offline_under_the_hub_id(tmp_path, monkeypatch)
     assert encoded["prompt_embeds"].shape == (2, 16, 32) and encoded["pooled_prompt_embeds"].shape == (2, 32)
     # by hub id, as `piflow shards encode` and `piflow sample` load them: in a fresh process, since
     # huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE once, at its import
-    code = ("import sys; from trainer.config import config_from_dict; from models.text_encoders import "
+    code = ("import sys; from trainer.config import config_from_dict; from models.families import "
             "load_text_encoder; import yaml; cfg = config_from_dict(yaml.safe_load(sys.stdin.read())); "
             "e = load_text_encoder(cfg)(['a red cat', 'a photo of a red fox in the snow']); "
             "print(tuple(e['prompt_embeds'].shape), float(e['prompt_embeds'].double().sum()))")

@@ -22,8 +22,8 @@ import torch
 from tests.trainer.ds_spawn import _entry, _free_port, run_ranks
 from tests.trainer.engine_workers import flux_cfg
 from tests.trainer.rank_workers import rank_run, rank_runs
-from trainer.checkpoint import latest_valid, step_dirname
-from trainer.export import consolidate
+from trainer.checkpoint.store import latest_valid, step_dirname
+from trainer.export.pipeline import consolidate
 from trainer.metrics import read_metrics
 
 pytestmark = [pytest.mark.distributed]
@@ -164,9 +164,9 @@ def test_a_resharding_rank_downloads_only_the_old_ranks_it_needs(runs, tmp_path)
     import json
     import os
 
-    from trainer.checkpoint import CheckpointManager, latest_valid
-    from trainer.checkpoint_files import STATE_FILE, STATE_META, rank_dirname
-    from trainer.engine import Slot
+    from trainer.checkpoint.store import CheckpointManager, latest_valid
+    from trainer.checkpoint.files import STATE_FILE, STATE_META, rank_dirname
+    from trainer.torch_engine import Slot
 
     info = latest_valid(str(runs["ds4"]), "sha256")
     two = latest_valid(str(runs["ds2"]), "sha256")

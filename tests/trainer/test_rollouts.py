@@ -15,7 +15,7 @@ from PIL import Image
 from models.families.toy2d import Toy2DFamily, ToyVelocityNet
 from models.sampling import sample
 from trainer.config import config_from_dict
-from trainer.rollouts import RolloutHook, validation_noise
+from trainer.evaluation.rollouts import RolloutHook, validation_noise
 
 
 def toy_cfg(output, **eval_cfg):
@@ -79,7 +79,7 @@ def test_validation_noise_is_per_sample_seeded():
 
 
 def test_preview_of_decoded_images_is_a_grid(tmp_path):
-    from trainer.rollouts import preview_png
+    from trainer.evaluation.rollouts import preview_png
 
     images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
     png = preview_png(torch.zeros(5, 4, 4, 4), images)

@@ -10,9 +10,9 @@ from collections import namedtuple
 import pytest
 
 from tests.trainer.test_checkpoint import make_state
-from trainer.checkpoint import latest_valid, staging_bytes_estimate
+from trainer.checkpoint.store import latest_valid, staging_bytes_estimate
 from trainer.config import config_from_dict
-from trainer.resume import make_manager, save_state
+from trainer.checkpoint.resume import make_manager, save_state
 from trainer.scratch import ScratchSpaceError
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.toy_helpers import one_thread, tiny_toy_config  # noqa: F401 (fixture)
-from trainer import teachers
+from trainer.teachers import build as teachers
 from trainer.config import ConfigError
 
 

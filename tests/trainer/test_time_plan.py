@@ -1,4 +1,4 @@
-"""The time planner (trainer/time_plan.py): FLOPs counted on the meta device against the FLUX block arithmetic,
+"""The time planner (trainer/planner/time_plan.py): FLOPs counted on the meta device against the FLUX block arithmetic,
 depth scaling against a direct count, the planned bytes of each layout, the cluster spec and `piflow plan`."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from cluster.cli import main
 from trainer.config import ConfigError, load_config
-from trainer.time_plan import HARDWARE, _pass_flops, comm_bytes, count_flops, parse_cluster, trace_passes
+from trainer.planner.time_plan import HARDWARE, _pass_flops, comm_bytes, count_flops, parse_cluster, trace_passes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FLUX = CONFIGS / "flux_dev_gm_k8_4nfe.yaml"

@@ -7,7 +7,7 @@ import torch
 from benchmarks.digits_nfe import bars as digits_bars, elastic_ratios
 from benchmarks.toy2d import merge_json
 from models.families.toy2d import ToyVelocityNet
-from trainer.toy2d_eval import MethodResult, bars, teacher_sets
+from trainer.evaluation.toy2d import MethodResult, bars, teacher_sets
 
 
 def _teacher():

@@ -1,1 +1,1 @@
-"""Evaluation jobs: generate with a student and its teacher, score FID, CLIP score, diversity, IS, precision/recall."""
+"""Evaluation: scoring jobs (FID, CLIP score, diversity, IS, precision/recall), validation rollouts, the digits and 2-D toy benches."""

@@ -1,6 +1,6 @@
 """Feature networks of `piflow eval`, chosen by family: images in [-1, 1] -> features (N, d).
 
-- digits: the digit classifier of trainer/digits_eval.py (trained on real digits in seconds) gives the feature
+- digits: the digit classifier of trainer/evaluation/digits.py (trained on real digits in seconds) gives the feature
   space (FID, diversity) and the prompt alignment (accuracy of the named digit).
 - text-to-image (flux, qwen_image): a transformers CLIPModel (`--clip`: a hub id or dir, resolved like a teacher)
   gives image features (FID, diversity) and the CLIP score.
@@ -33,7 +33,7 @@ def _prep(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 class DigitsFeatures(nn.Module):
     def __init__(self, seed: int = 0):
         super().__init__()
-        from trainer.digits_eval import train_classifier
+        from trainer.evaluation.digits import train_classifier
 
         self.clf, self.clf_accuracy = train_classifier(seed=seed)
 

@@ -37,7 +37,7 @@ class Report:
 # ------------------------------------------------------------------------------------------------ plan
 def full_scale_plan(recipe: Config) -> list[str]:
     """`piflow plan` of the recipe as written, on the node shape it states (its public function)."""
-    from trainer.planner import format_plan, make_plan
+    from trainer.planner.memory import format_plan, make_plan
 
     c = recipe.cluster
     gpus = c.nodes * c.gpus_per_node

@@ -3,7 +3,7 @@
 
 Consolidation needs no live engine and no DeepSpeed: every rank's `state.safetensors` holds its EMA partition
 of each trained parameter and `state.json` where that partition lies in the flattened tensor
-(trainer/checkpoint.py), so the full tensor is read back as one "partition" covering all of it. The untrained tensors
+(trainer/checkpoint/store.py), so the full tensor is read back as one "partition" covering all of it. The untrained tensors
 (the frozen base under LoRA) are the base model's: the student is rebuilt from the checkpoint's config (its
 `model.pretrained` reference, or the seeded tiny model), then the EMA tensors are copied in.
 """
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from data_pipeline import storage
-from trainer.checkpoint import (MANIFEST, STATE_FILE, STATE_META, CheckpointError, CheckpointInfo, RankStates,
+from trainer.checkpoint.store import (MANIFEST, STATE_FILE, STATE_META, CheckpointError, CheckpointInfo, RankStates,
                                 latest_valid, rank_dirname, read_manifest, sha256_file, verify)
 from trainer.config import Config, config_from_dict
 
@@ -56,7 +56,7 @@ def consolidate(info: CheckpointInfo, kind: str = "ema") -> dict[str, torch.Tens
     """Full fp32 tensors of one kind ("ema", "master", "exp_avg", "exp_avg_sq") by parameter name."""
     import tempfile
 
-    from trainer.engine import Slot
+    from trainer.torch_engine import Slot
 
     world = int(info.manifest["world_size"])
     with tempfile.TemporaryDirectory(prefix="piflow-export-") as tmp:
@@ -84,7 +84,7 @@ def consolidate(info: CheckpointInfo, kind: str = "ema") -> dict[str, torch.Tens
 
 def export_student(run_or_checkpoint: str, out_dir: str | Path, self_contained: bool = False):
     """Write the EMA student of a checkpoint as a diffusers-format directory: `student/` (this project's format)
-    and, for the families it covers, the standalone diffusers pipeline (trainer/standalone_export.py); local or
+    and, for the families it covers, the standalone diffusers pipeline (trainer/export/standalone.py); local or
     on object storage (`s3://`: written to a temp dir, then uploaded with model_index.json last, so a
     half-uploaded export does not load). Returns the PiFlowPipeline."""
     if storage.is_s3(str(out_dir)):
@@ -125,7 +125,7 @@ def export_student(run_or_checkpoint: str, out_dir: str | Path, self_contained: 
         model.register_to_config(transformer_config=dict(transformer.config))
     pipe = PiFlowPipeline.from_student(model.eval())  # sampling mode: no LoRA dropout in the returned pipe
     pipe.save_pretrained(str(out_dir))
-    from trainer.standalone_export import write_standalone
+    from trainer.export.standalone import write_standalone
 
     write_standalone(model, cfg, out_dir, info.step, self_contained=self_contained)
     log.info("exported %s (step %d, %s) to %s", info.url, info.step, kind, out_dir)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from data_pipeline import storage
-from trainer.checkpoint import (CheckpointError, CheckpointInfo, CheckpointManager, capture_rng, checkpoints_url,
+from trainer.checkpoint.store import (CheckpointError, CheckpointInfo, CheckpointManager, capture_rng, checkpoints_url,
                                 latest_valid, list_steps, restore_rng, step_dirname)
 from trainer.config import Config
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
-from trainer.checkpoint_files import (CLIENT_FILE, FORMAT_VERSION, STATE_FILE, STATE_META,  # noqa: F401 (re-exported)
+from trainer.checkpoint.files import (CLIENT_FILE, FORMAT_VERSION, STATE_FILE, STATE_META,  # noqa: F401 (re-exported)
                                       CheckpointError, RankStates, check_files, check_manifest, check_rel,
                                       rank_dirname, read_rank_state, write_rank_state)
 
@@ -561,5 +561,5 @@ class CheckpointManager:
             shutil.rmtree(os.path.join(self.staging, "load"), ignore_errors=True)
 
     def load(self, info: CheckpointInfo, engine, ema=None, module: Optional[torch.nn.Module] = None) -> dict:
-        """`fetch` + `apply` (no fallback: see `trainer.resume.resume_state`)."""
+        """`fetch` + `apply` (no fallback: see `trainer.checkpoint.resume.resume_state`)."""
         return self.apply(self.fetch(info), engine, ema)

@@ -37,7 +37,7 @@ def import_released(kind: str, source: str | Path, cfg: Config, out_dir: str | P
     """Build the student of `cfg` with the released tensors and write it as an export dir. Returns the model."""
     from models.converters import released
     from models.pipeline import PiFlowPipeline, PiFlowStudent
-    from trainer.standalone_export import write_standalone
+    from trainer.export.standalone import write_standalone
 
     if cfg.model.family not in KINDS[kind]:
         raise ConfigError(f"piflow import {kind}: the config's model.family is {cfg.model.family!r}, expected "

@@ -22,7 +22,7 @@ from trainer.config import Config, ConfigError
 def teacher_spec(cfg: Config) -> dict:
     """What determines the teacher's weights (the cache key is a hash of this)."""
     if cfg.model.family == "digits":
-        from trainer.digits_teacher import digits_teacher_spec
+        from trainer.teachers.digits import digits_teacher_spec
 
         return digits_teacher_spec(cfg)
     if cfg.model.family == "toy2d":
@@ -84,7 +84,7 @@ def _ensure_digits_teacher(cfg: Config, force: bool, progress: bool) -> Path:
             raise ConfigError(f"model.pretrained: the teacher at {path} was trained with a different spec "
                               f"({', '.join(changed)} differ); retrain it with `piflow teacher CONFIG --force`")
         return path
-    from trainer.digits_teacher import train_digits_teacher
+    from trainer.teachers.digits import train_digits_teacher
 
     # Training seeds and draws from the global RNG: fork it (see below).
     with torch.random.fork_rng(devices=[]):

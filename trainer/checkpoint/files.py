@@ -1,4 +1,4 @@
-"""The files of one checkpoint and their checks (trainer/checkpoint.py moves and lists them).
+"""The files of one checkpoint and their checks (trainer/checkpoint/store.py moves and lists them).
 
 Per rank: `state.safetensors` (its flat partition of every trained parameter: fp32 master weights, Adam moments,
 EMA shadow; torch engine: also the untrained tensors), `state.json` (format, world size, step counters, and per
@@ -71,7 +71,7 @@ class RankStates:
     def __init__(self, dirs: dict[int, str], where: str):
         from safetensors import safe_open
 
-        from trainer.engine import Slot
+        from trainer.torch_engine import Slot
 
         self.where = where
         self.meta: dict[int, dict[str, Any]] = {}
@@ -140,7 +140,7 @@ def read_rank_state(engine, ema, states: RankStates) -> None:
     if missing or extra:
         raise CheckpointError(f"{states.where}: trained parameters differ from this model's: only in the model "
                               f"{sorted(missing)[:5]}, only in the checkpoint {sorted(extra)[:5]}")
-    from trainer.engine import ADAM_STATES
+    from trainer.torch_engine import ADAM_STATES
 
     tensors = {f"{kind}/{s.name}": states.partition(kind, s) for s in slots for kind in ("master",) + ADAM_STATES}
     engine.load_local_state(tensors, states.counters, frozen=states.frozen())

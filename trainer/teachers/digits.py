@@ -38,8 +38,8 @@ def train_digits_teacher(cfg: Config, out_dir: str | Path, progress: bool = True
     """Train and save the digits teacher to `out_dir` (replaced atomically). Returns the directory."""
     from diffusers import FluxTransformer2DModel
 
-    from models.families import get_family
-    from models.text_encoders import load_text_encoder, save_tiny_text_encoders
+    from models.families import get_family, load_text_encoder
+    from models.text_encoders import save_tiny_text_encoders
     from models.timesteps import warp
 
     out_dir = Path(out_dir)

@@ -35,7 +35,7 @@ LICENCES = {
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": ("apache-2.0", "Apache 2.0 (inherited from Wan 2.1)"),
 }
 DIT_VAE = "stabilityai/sd-vae-ft-ema"
-SOURCE = Path(__file__).resolve().parents[1] / "models" / "standalone"
+SOURCE = Path(__file__).resolve().parents[2] / "models" / "standalone"
 
 
 def merged_transformer_state(student) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, ConfigError
-from trainer.planner import FROZEN_PLACEMENTS, build_meta_network, frozen_group_size
+from trainer.planner.memory import FROZEN_PLACEMENTS, build_meta_network, frozen_group_size
 
 
 @dataclass(frozen=True)
@@ -350,7 +350,7 @@ class TimePlan:
 def make_time_plan(cfg: Config, cluster: Cluster, mfu: float = DEFAULT_MFU) -> TimePlan:
     """Seconds per iteration on `cluster` for each frozen-weight placement (shared placement: every GPU is a
     student rank; separate placement: the teacher GPUs are taken first, as `piflow plan` counts them)."""
-    from trainer.planner import count_model, make_plan, student_row
+    from trainer.planner.memory import count_model, make_plan, student_row
 
     if not 0 < mfu <= 1:
         raise ConfigError(f"piflow plan: --mfu {mfu} is outside (0, 1]")

@@ -110,9 +110,8 @@ def evaluate_demo(cfg, export_dir, out_dir, samples_per_digit: int = 100, seed: 
 
     from data_pipeline import storage
     from data_pipeline.digits import DIGIT_WORDS, prompt_for
-    from models.families import get_family
+    from models.families import get_family, load_text_encoder
     from models.pipeline import PiFlowPipeline
-    from models.text_encoders import load_text_encoder
     from trainer.evaluation.generate import teacher_euler
 
     out_dir = Path(out_dir)

@@ -91,7 +91,7 @@ def teacher_sets(teacher, num_samples: int, floor_pairs: int, seed: int = 10_000
 
 def teacher_sets_cache(cfg: Config, num_samples: int, floor_pairs: int, seed: int = 10_000) -> Path:
     """Where `teacher_sets` keeps the sets of the cached toy teacher of `cfg`."""
-    from trainer.teachers import teacher_path
+    from trainer.teachers.build import teacher_path
 
     path = teacher_path(cfg)
     return path.with_name(f"{path.stem}.sets-{REFERENCE_STEPS}step-{num_samples}x{1 + 2 * floor_pairs}-s{seed}.safetensors")
@@ -239,7 +239,7 @@ def run_demo(cfg: Config, out_dir: Path, samples: int = 4096, seeds: int = 3, fl
     (teacher 256 steps | teacher Euler 4 | GM student 4 NFE) in out_dir. Returns the GM-4 bars."""
     from models.families.toy2d import NUM_MODES, ToyMixture, euler_sample, to_image
     from trainer.local_run import build_family
-    from trainer.teachers import build_teacher
+    from trainer.teachers.build import build_teacher
 
     t_start = time.perf_counter()
     family = build_family(cfg)

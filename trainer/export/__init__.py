@@ -1,0 +1,1 @@
+"""Export and import: a checkpoint as a diffusers-format directory (with its standalone code), released students in."""
