@@ -20,7 +20,8 @@ from cluster.job_templates import TemplateError, TemplateParams, fill, job_name,
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml")  # the recipe; GPU_RUN sizes it for these shapes
 GPU_RUN = ["train.engine=deepspeed", "cluster.student.workers=4", "cluster.student.gpus_per_worker=1",
-           "teacher.placement=separate", "teacher.replicas=2", "teacher.gpus_per_replica=1", "train.batch_size=8"]
+           "teacher.placement=separate", "teacher.replicas=2", "teacher.gpus_per_replica=1", "train.batch_size=8",
+           "cluster.student.cpus_per_worker=4", "data.workers=2"]
 
 
 def _sbatch(**kw) -> str:
@@ -83,7 +84,7 @@ def test_rayjob_manifest_has_the_required_keys(tmp_path):
 
 
 def test_too_few_gpus_is_refused_with_the_arithmetic():
-    with pytest.raises(TemplateError, match=r"4 student ranks x \{GPU 1, CPU 1\} \+ 2 teacher replicas x "
+    with pytest.raises(TemplateError, match=r"4 student ranks x \{GPU 1, CPU 4\} \+ 2 teacher replicas x "
                                             r"\{GPU 1, CPU 1\}.*missing GPU 2; an override that fits: "):
         _sbatch(nodes=2, gpus_per_node=2)
 
@@ -110,7 +111,7 @@ def test_cli_renders_with_overrides_after_options(tmp_path, capsys):
     assert main(["template", "kuberay", RECIPE, "--nodes", "1", "--gpus-per-node", "0", "--image", "r/p:1",
                  "--mem-per-node", "8G", "cluster.student.workers=1", "cluster.student.gpus_per_worker=1"]) == 2
     assert "missing GPU" in capsys.readouterr().err
-    assert main(["template", "kuberay", RECIPE, "--nodes", "1"]) == 2
+    assert main(["template", "kuberay", RECIPE, "--nodes", "2"]) == 2  # the recipe's shape, but no image
     assert "--image is required" in capsys.readouterr().err
 
 
@@ -125,7 +126,9 @@ def test_config_outside_the_workdir_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------- issue 21: shapes
 FLUX = str(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml")
-FLUX_16 = ["cluster.student.workers=16", "eval.validation_gpus=0"]  # 2 nodes x 8 GPUs, 8 CPUs per rank
+# 2 nodes x 8 GPUs, 8 CPUs per rank, the recipe's node shape cleared (as in a recipe that states none)
+FLUX_16 = ["cluster.student.workers=16", "eval.validation_gpus=0", "cluster.cpus_per_node=0",
+           "cluster.memory_gb_per_node=0"]
 SHAPE = ["cluster.nodes=2", "cluster.gpus_per_node=8", "cluster.cpus_per_node=96", "cluster.memory_gb_per_node=1000"]
 
 
@@ -296,3 +299,16 @@ def test_rendered_sbatch_runs_a_ray_head_and_the_submitted_run(tmp_path):
     assert "piflow: job toy2d-4242 SUCCEEDED" in out
     assert "done: 2 steps" in out
     assert env["PIFLOW_RAY_START_ARGS"] and "RAY_AUTH_TOKEN=" not in out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*_gm_*.yaml")))
+def test_every_production_recipe_renders_on_the_node_shape_it_states(recipe):
+    """A recipe states its cluster (cluster.nodes x cluster.gpus_per_node, CPUs, memory): rendered with no shape
+    options, the SLURM script and the KubeRay manifest must hold every actor the run asks for (it failed: the
+    validation actor's GPU made FLUX, Qwen-Image and Wan ask for one GPU more than their nodes have)."""
+    from trainer.config import load_config
+
+    cfg = load_config(ROOT / "configs" / recipe)
+    d = _directives(render("slurm", TemplateParams(config=str(ROOT / "configs" / recipe), workdir=str(ROOT))))
+    assert d["nodes"] == str(cfg.cluster.nodes) and d["gpus-per-node"] == str(cfg.cluster.gpus_per_node)
+    assert "RayJob" in render("kuberay", TemplateParams(config=str(ROOT / "configs" / recipe), image="r/p:1"))
