@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+
 from data_pipeline.reader import ReadOptions
 from data_pipeline.stream import PromptStream, RankBatches
 from models.families import get_family, load_text_encoder
@@ -22,7 +23,7 @@ from trainer.config import load_config
 from trainer.distributed import RankInfo
 from trainer.engine import build_engine
 from trainer.loop import piid_params, train_loop
-from trainer.rank_program import PromptBatches
+from trainer.rank_program import PromptBatches, cond_to
 
 SHAPE = (4, 8, 8)
 
@@ -56,14 +57,17 @@ def _cfg(shards: str, iters: int = 6):
     # a training-behaviour test: lr and schedule short enough to see the loss fall in 6 steps
     return recipe_config("dit", *IN_PROCESS, *FP32, "distill.data_free=false", f"data.shards={shards}",
                          f"train.iters={iters}", "distill.nfe=2", "train.batch_size=4", "optim.lr=5e-4",
-                         "optim.warmup_iters=1", "optim.grad_clip_start=2", "ema.start=1")
+                         "optim.warmup_iters=1", "optim.grad_clip_start=2", "ema.start=1",
+                         "train.micro_batch_size=0")  # one forward per step: the test counts them
 
 
 def _batches(cfg, urls):
     stream = PromptStream(urls, cfg.train.batch_size, seed=cfg.run.seed,
                           options=ReadOptions(shuffle_shards=False, shuffle_within_shard=False),
                           encoder_factory=lambda: load_text_encoder(cfg))
-    return PromptBatches(cfg, RankBatches(stream, 0, 1), RankInfo(0, 1, 0), SHAPE)
+    # the embeddings arrive as stored (EmbeddingBatch); a rank's OnDevice converts them, as cond_to does here
+    for noise, cond, *rest in PromptBatches(cfg, RankBatches(stream, 0, 1), RankInfo(0, 1, 0), SHAPE):
+        yield (noise, cond_to(cond, torch.device("cpu")), *rest)
 
 
 def test_data_based_training_run_on_latent_shards(tmp_path):
