@@ -1,10 +1,10 @@
-# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Entry points for a fresh machine: `make demo` (the main job), `make test` (the commit tier), `make test-all`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-data toy2d-bench toy2d-dx-bench digits-nfe-bench teacher clean
+.PHONY: install test test-all demo demo-data toy2d-bench toy2d-dx-bench digits-nfe-bench teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,11 +14,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+# `make test`: the tier to run before every commit (<= 10 min on a quiet 2-core machine): unit, integration and
+# one end-to-end run of each kind. `make test-all`: every tier (soaks, real SLURM, rehearsals), what CI runs.
+# docs/testing.md says what is in which tier and why.
+FAST := not slow and not soak and not slurm and not gpu
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not distributed and not ray" $(PYTEST_ARGS)
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -m "$(FAST)" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 # `make demo`: the data-free student (<= 10 min on a quiet 2-core machine, docs/demo.md); `make demo-data` then
 # trains the data-based student too and shows both beside the teacher.

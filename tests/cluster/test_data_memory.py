@@ -69,6 +69,7 @@ def _wait(cond, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_worker_holds_back_while_its_consumer_stalls(tmp_path, ray_local):
     import ray
 

@@ -81,6 +81,7 @@ def teacher_dir(tmp_path_factory):
     return save_tiny_teacher(tmp_path_factory.mktemp("flux_teacher"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_killed_teacher_is_restarted_and_the_in_flight_request_retried(teacher_dir, ray_local):
     from cluster.orchestrator import start_teacher_group

@@ -21,7 +21,7 @@ from data_pipeline.stream import PromptStream
 from tests.cluster.test_data_worker import OPTS, ByteEncoder
 from tests.data_pipeline.helpers import write_shards
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
 SIZES = [5, 7, 3, 6, 4]  # 25 prompts; batches of 4 cross an epoch boundary after 6 steps
 
 

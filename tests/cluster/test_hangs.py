@@ -18,7 +18,7 @@ import torch
 from tests.cluster.test_fault_tolerance import _teacher_cfg, actor_pid, teacher_dir  # noqa: F401 - fixture
 from tests.data_pipeline.helpers import write_shards
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
 
 
 def test_a_hung_teacher_replica_is_restarted_and_the_request_retried(teacher_dir, ray_local):  # noqa: F811

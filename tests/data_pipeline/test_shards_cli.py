@@ -37,6 +37,7 @@ def _tar(members):
     return buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_encode_with_the_configs_tiny_text_encoder(tmp_path, capsys, ray_local):
     src = tmp_path / "p.txt"

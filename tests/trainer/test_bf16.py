@@ -17,7 +17,7 @@ from tests.trainer.ds_spawn import run_ranks
 from tests.recipes import recipe_config, recipe_path
 from trainer.config import load_config
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
 
 
 def _cfg(family: str, precision: str, out: str):

@@ -12,7 +12,7 @@ import pytest
 from tests.trainer.ds_spawn import run_ranks
 from tests.trainer.speed_workers import one_step, tiny_cfg
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("placement", ["shared", "separate"])

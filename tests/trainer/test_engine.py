@@ -125,6 +125,7 @@ def flux_teacher_dir(tmp_path_factory) -> str:
     return save_tiny_teacher(tmp_path_factory.mktemp("flux_teacher"))
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_piid_loss_trajectory_two_ranks_equals_one_rank(flux_teacher_dir):
@@ -145,6 +146,7 @@ def test_piid_loss_trajectory_two_ranks_equals_one_rank(flux_teacher_dir):
     assert len(set(two[0]["loss"])) == PIID_STEPS  # the weights move: every step's loss differs
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_weight_layouts_train_the_same_trajectory(flux_teacher_dir):

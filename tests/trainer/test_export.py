@@ -63,6 +63,7 @@ def reference_latents(student, ema, cond, num: int, nfe: int, cfg) -> torch.Tens
                       d.total_substeps)
 
 
+@pytest.mark.slow
 def test_toy_full_export_matches_training_sampler_in_a_fresh_process(tmp_path):
     from models.families.toy2d import ToyVelocityNet
 

@@ -55,6 +55,7 @@ def test_four_sample_micro_batches_of_an_eight_sample_step_equal_the_unsplit_ste
     _same_step(split, whole)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_micro_batches_under_zero3_equal_the_unsplit_step():
     from tests.trainer.ds_spawn import run_ranks

@@ -125,6 +125,7 @@ def test_checkpoint_of_non_finite_weights_is_refused(tmp_path, toy_teacher_cache
     assert ckpt.list_steps(cfg.run.output) == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_zero3_one_rank_nan_teacher_every_rank_skips(tmp_path):
