@@ -26,7 +26,7 @@ from trainer.checkpoint.store import latest_valid, step_dirname
 from trainer.export.pipeline import consolidate
 from trainer.metrics import read_metrics
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # the resharding matrix: its runs fixture trains 1, 2 and 4 ranks (make test-all)
 TOL = 1e-5
 
 
