@@ -27,7 +27,7 @@ def tiny_flux(tmp_path, depth: tuple[int, int] = (1, 1), extra: tuple[str, ...] 
         get_family("flux").transformer_class(**kwargs).save_config(str(root / "transformer"))
     return load_config(FLUX, [f"model.pretrained={root}", "model.tiny=false", "model.latent_size=8",
                               "model.max_sequence_length=8", "lora.rank=4", "lora.alpha=4.0",
-                              "policy.logstd_inner_dim=16", "train.batch_size=4", "cluster.student.workers=4",
+                              "policy.logstd_inner_dim=16", "train.batch_size=4", "train.micro_batch_size=0", "cluster.student.workers=4",
                               *extra])
 
 
@@ -104,7 +104,7 @@ def test_plan_command_prints_the_time_plan_per_placement(tmp_path, capsys):
     tiny = tiny_flux(tmp_path, extra=("train.iters=100",))
     assert main(["plan", str(cfg_path), f"model.pretrained={tiny.model.pretrained}", "model.tiny=false",
                  "model.latent_size=8", "model.max_sequence_length=8", "lora.rank=4", "policy.logstd_inner_dim=16",
-                 "train.batch_size=4", "cluster.student.workers=4", "train.iters=100", "--cluster", "2x2xA100",
+                 "train.batch_size=4", "train.micro_batch_size=0", "cluster.student.workers=4", "train.iters=100", "--cluster", "2x2xA100",
                  "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "replicate/per_step" in out and "shard_in_node/per_step" in out and "shard/per_step" in out
