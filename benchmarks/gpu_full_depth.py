@@ -55,6 +55,13 @@ ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_effic
 
 
 # ------------------------------------------------------------------------------------------ attention probe
+
+def frozen_buffers(student, engine) -> list:
+    """The frozen weights the engine keeps as plain buffers (`train.frozen_weights: replicate`): parameters of
+    the model, not of the optimizer."""
+    names = set(getattr(engine, "frozen_buffers", None) or ())
+    return [b for n, b in student.named_buffers() if n in names]
+
 def probe_attention(backend: str, batch: int, tokens: int, heads: int, head_dim: int) -> dict:
     """One attention call through diffusers' dispatcher with `backend` (run in a child process)."""
     from diffusers.models.attention_dispatch import (AttentionBackendName, _check_attention_backend_requirements,
@@ -137,20 +144,19 @@ def build_stage(args, ctx: dict) -> dict:
 
     family = get_family("flux")
     overrides = [f"model.latent_size={args.resolution // 8}", f"model.max_sequence_length={args.text_tokens}",
-                 "model.gradient_checkpointing=false", f"train.batch_size={args.batch}",
+                 "model.gradient_checkpointing=true", f"train.batch_size={args.batch}",
                  f"train.precision={args.precision}", f"model.attention_backend={args.attention}", *args.set]
     if args.tiny:
         overrides += ["lora.rank=4", "lora.alpha=4.0", "policy.logstd_inner_dim=16", "model.latent_channels=4"]
     cfg = recipe_config(overrides)
     conf = family.tiny_config(cfg) if args.tiny else dict(FLUX_DEV_CONFIG)
     t0 = time.perf_counter()
-    student, teacher, engine = build_rank_student(cfg, conf, checkpointing=True)
+    student, teacher, engine = build_rank_student(cfg, conf)  # the family turns checkpointing on, as the recipe
     sync(ctx["device"])
-    cfg.model.gradient_checkpointing = True
     ctx.update(cfg=cfg, family=family, conf=conf, student=student, teacher=teacher, engine=engine)
     numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731 (ZeRO-3: full sizes)
     out = {"seconds": time.perf_counter() - t0, "blocks": {"double": conf["num_layers"],
-           "single": conf["num_single_layers"]}, "parameters": numel(student.parameters()),
+           "single": conf["num_single_layers"]}, "parameters": numel(student.parameters()) + numel(frozen_buffers(student, engine)),
            "trainable_parameters": numel(engine.params), "lora_rank": cfg.lora.rank, "K": cfg.policy.num_components,
            "checkpointing": True, "precision": cfg.train.precision, "attention": cfg.model.attention_backend}
     if ctx["device"].type == "cuda":
