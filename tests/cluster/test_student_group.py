@@ -15,7 +15,7 @@ from tests.cluster.flux_fixtures import COND_SHAPES, save_tiny_teacher
 from tests.trainer.engine_workers import flux_cfg
 from trainer.config import config_from_dict
 
-pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.distributed, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
