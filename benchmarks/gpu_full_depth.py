@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_step import (DATASHEET_BF16_TFLOPS, build_rank_student, conditioning,  # noqa: E402
+from benchmarks.gpu_step import (DATASHEET_BF16_TFLOPS, build_rank_student, conditioning, frozen_buffers,  # noqa: E402
                                  default_out, matmul_tflops, policy_loss, recipe_config, timed)
 
 STAGES = ("matmul", "attention", "build", "teacher", "student", "iteration", "compiled")
@@ -55,12 +55,6 @@ ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_effic
 
 
 # ------------------------------------------------------------------------------------------ attention probe
-
-def frozen_buffers(student, engine) -> list:
-    """The frozen weights the engine keeps as plain buffers (`train.frozen_weights: replicate`): parameters of
-    the model, not of the optimizer."""
-    names = set(getattr(engine, "frozen_buffers", None) or ())
-    return [b for n, b in student.named_buffers() if n in names]
 
 def probe_attention(backend: str, batch: int, tokens: int, heads: int, head_dim: int) -> dict:
     """One attention call through diffusers' dispatcher with `backend` (run in a child process)."""

@@ -49,7 +49,7 @@ def launch_distributed(cfg: Config, run_id: str = "") -> list[dict]:
 
     from cluster.orchestrator import connect, data_placement, start_teacher_group
     from cluster.student_group import cond_shapes_without_prompts, run_student_group
-    from trainer.timing import PhaseTimes
+    from trainer.metrics import PhaseTimes
 
     import dataclasses
 

@@ -333,7 +333,7 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
     from trainer.loop import train_loop
     from trainer.metrics import MetricsLogger
     from trainer.evaluation.rollouts import RolloutHook
-    from trainer.timing import FirstStepClock, PhaseTimes
+    from trainer.metrics import FirstStepClock, PhaseTimes
 
     t_init = time.perf_counter()
     setup = build_rank(cfg, remote_teacher)

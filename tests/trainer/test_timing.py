@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from trainer.timing import FirstStepClock, PhaseTimes
+from trainer.metrics import FirstStepClock, PhaseTimes
 
 
 def test_phases_print_as_they_end_and_format_in_startup_order():
