@@ -9,7 +9,8 @@ through the real rank program (`trainer.rank_program.run_rank`) on 2 gloo ranks,
 and the TeacherServer are left out (each rank queries a local copy of the teacher, timed apart from the student).
 Per step, after `--warmup` steps, it reports rank 0's CPU seconds (this thread's `time.thread_time`, which
 another process's load does not inflate the way it inflates wall time) of the student forwards, the backwards and
-the whole step; the number of student forwards and backwards; the collectives (calls and bytes by kind); and,
+the whole step; the number of student forwards and backwards; the collectives (calls and bytes by kind); every
+step's loss (with several trees or repeats, the largest relative difference to the first row); and,
 from one plain (non-ZeRO) student, its trainable parameter count and the FLOPs of one forward + backward
 (`torch.utils.flop_counter.FlopCounterMode`). Writes benchmarks/results/demo_step.json and prints a table.
 """
@@ -140,6 +141,7 @@ def plain_student_counts(tree: str) -> dict:
         out = student(x, sigma, cond)
         sum(o.float().sum() for o in out).backward()
     return {"trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+            "trainable_tensors": sum(1 for p in student.parameters() if p.requires_grad),
             "all_params": sum(p.numel() for p in student.parameters()),
             "fwd_bwd_flops_per_16": int(counter.get_total_flops())}
 
@@ -191,6 +193,7 @@ def _measure_here(tree: str, iters: int, warmup: int, engine: str, tmp: str) -> 
                                "backward": med("time/backward"), "optimizer": med("time/optimizer"),
                                "rest": med("time/rollout_other") + med("time/teacher_wait")},
             "wall_per_step_s": (b["wall"] - a["wall"]) / iters,
+            "losses": [r["loss"] for r in recs],  # every step's (mean over ranks): equal across trees = same math
             "forwards_per_step": (b["forwards"] - a["forwards"]) / iters,
             "backwards_per_step": (b["backwards"] - a["backwards"]) / iters,
             "collectives_per_step": {k: {"calls": v[0], "bytes": v[1]} for k, v in per.items()},
@@ -234,6 +237,10 @@ def main(argv=None) -> int:
         print(f"| {Path(r['tree']).name} | {c['step']:.3f} | {c['student_fwd']:.3f} | {c['backward']:.3f} | "
               f"{r['forwards_per_step']:.0f}/{r['backwards_per_step']:.0f} | {ag['calls']:.0f} | "
               f"{ag['bytes'] / 1e6:.2f} | {r['trainable_params']} | {r['fwd_bwd_flops_per_16'] / 1e6:.1f} |")
+    for r in rows[1:]:
+        diff = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(r["losses"], rows[0]["losses"]))
+        print(f"{Path(r['tree']).name} [{r['repeat']}] vs {Path(rows[0]['tree']).name} [0]: max relative loss "
+              f"difference over {len(r['losses'])} steps {diff:.2e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "argv": sys.argv[1:]}, indent=1))
     print(f"\nwrote {args.out}")

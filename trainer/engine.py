@@ -319,6 +319,7 @@ class DeepSpeedEngine:
         self.per_step = self.layout.trainable == "per_step"
         if self.per_step:
             self._keep_trainables_gathered()
+            self._unhook_gathered_modules()
         self._set_lr()
 
     # ---- where the weights live (issue 23, docs/performance.md)
@@ -360,6 +361,32 @@ class DeepSpeedEngine:
         persistent.extend(p for p in self.params if all(p is not q for q in persistent))
         self.params[0].all_gather(self.params)
         self.optimizer._coalesce_grad_reduction = True
+
+    def _unhook_gathered_modules(self) -> None:
+        """per_step: a module whose parameters are all trainables (kept gathered) or buffers needs none of ZeRO-3's
+        per-module hooks (fetch before forward and backward, release after, their bookkeeping): they cost a rank
+        more CPU than the demo's whole forward and backward (benchmarks/demo_step.py). Remove them, as DeepSpeed's
+        own `unwrap_model_for_generation` does for a gathered model; modules holding partitioned frozen weights
+        keep theirs. Gradient reduction hangs on the parameters, not on these hooks."""
+        whole: set[int] = set()
+
+        def visit(m: torch.nn.Module) -> None:
+            if all(p.requires_grad for p in m.parameters()):
+                whole.update(id(d) for sub in m.modules() for d in (sub._forward_pre_hooks, sub._forward_hooks))
+            else:
+                for child in m.children():
+                    visit(child)
+
+        visit(self._ds.module)
+        offload = self.optimizer.parameter_offload
+        for kind in ("forward_hooks", "backward_hooks"):
+            kept = []
+            for handle in getattr(offload, kind):
+                if id(handle.hooks_dict_ref()) in whole:
+                    handle.remove()
+                else:
+                    kept.append(handle)
+            setattr(offload, kind, kept)
 
     def refresh_gathered(self) -> None:
         """After a write to the trainables' partitions (EMA swap, checkpoint load), re-gather the copies kept
