@@ -121,7 +121,7 @@ def test_missing_hub_id_names_the_id_and_the_cache(capsys, config, tmp_path, mon
 
 
 def test_resume_on_another_world_size_passes_preflight(config, bucket):
-    """Checkpoints reshard on load (trainer/checkpoint/store.py, tests/trainer/test_reshard.py): a 2-rank checkpoint
+    """Checkpoints reshard on load (trainer/checkpoint/store.py, tests/trainer/checkpoint/test_reshard.py): a 2-rank checkpoint
     resumed on 1 rank is no longer refused before the run starts."""
     from cluster.preflight import preflight
     from trainer.config import load_config

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from data_pipeline import storage
-from tests.trainer.test_resume import TINY
+from tests.trainer.checkpoint.test_resume import TINY
 from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

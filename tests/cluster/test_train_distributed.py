@@ -200,7 +200,7 @@ def test_two_rank_run_trains_checkpoints_rollouts_and_consumes_the_global_order(
     assert f"done: {ITERS} steps on {WORLD} ranks" in text
 
 
-@pytest.mark.slow  # the commit tier resumes in tests/trainer/test_checkpoint.py
+@pytest.mark.slow  # the commit tier resumes in tests/trainer/checkpoint/test_checkpoint.py
 def test_kill9_then_resume_matches_the_uninterrupted_run(setup, reference_run):
     root, prefix, _ = setup
     ref_out, _, _ = reference_run

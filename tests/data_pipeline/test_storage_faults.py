@@ -77,7 +77,7 @@ def test_credential_errors_stop_at_once_and_are_not_bad_shards(proxy, kind, code
 
 
 def test_a_failed_rollout_upload_never_reaches_training(proxy):
-    from tests.trainer.test_rollouts import toy_cfg, toy_student
+    from tests.trainer.evaluation.test_rollouts import toy_cfg, toy_student
     from models.families.toy2d import Toy2DFamily
     from trainer.evaluation.rollouts import RolloutHook, RolloutUploader
 

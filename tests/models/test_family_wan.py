@@ -258,7 +258,7 @@ def test_recipe_trains_exports_and_samples_a_clip(tmp_path):
     got = torch.load(tmp_path / "clip.pt", weights_only=True)
     assert got.shape == (1, Cw, F * H, W) and torch.allclose(got, expected, atol=1e-6)
     # the export stands alone: diffusers only, this project blocked, same latents as this project's pipeline
-    from tests.trainer.test_export_standalone import run_diffusers_only
+    from tests.trainer.export.test_export_standalone import run_diffusers_only
 
     gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
     expected = pipe(prompt=["a red cat"], num_images=2, num_inference_steps=4, generator=gens, output_type="latent")

@@ -9,7 +9,7 @@ from collections import namedtuple
 
 import pytest
 
-from tests.trainer.test_checkpoint import make_state
+from tests.trainer.checkpoint.test_checkpoint import make_state
 from trainer.checkpoint.store import latest_valid, staging_bytes_estimate
 from trainer.config import config_from_dict
 from trainer.checkpoint.resume import make_manager, save_state

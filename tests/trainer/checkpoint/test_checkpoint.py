@@ -24,7 +24,7 @@ from trainer.ema import PowerEMA
 from trainer.torch_engine import TorchEngine
 from trainer.checkpoint.resume import ResumeError, prepare_output, resume_state, save_state
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def make_cfg(output, **train):
@@ -294,7 +294,7 @@ import sys, time, torch
 sys.path.insert(0, {root!r})
 from data_pipeline import storage
 from trainer.checkpoint.store import CheckpointManager
-from tests.trainer.test_checkpoint import make_cfg, make_state
+from tests.trainer.checkpoint.test_checkpoint import make_cfg, make_state
 cfg = make_cfg({output!r})
 module, engine, ema = make_state(cfg)
 manager = CheckpointManager(cfg.run.output, keep_last=1)

@@ -9,7 +9,7 @@ import torch
 from trainer.config import ConfigError, load_config
 
 OVERRIDES = ["model.teacher_iters=3", "model.teacher_batch_size=8"]
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "digits_demo.yaml"
+DEMO = Path(__file__).resolve().parents[3] / "configs" / "digits_demo.yaml"
 
 
 def digits_cfg(tmp_path, *extra):

@@ -12,7 +12,7 @@ from cluster.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.planner.time_plan import HARDWARE, _pass_flops, comm_bytes, count_flops, parse_cluster, trace_passes
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 FLUX = CONFIGS / "flux_dev_gm_k8_4nfe.yaml"
 
 

@@ -10,7 +10,7 @@ from cluster.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.planner.memory import BYTES, GiB, OVERHEAD_GIB, count_model, make_plan
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 FLUX = CONFIGS / "flux_dev_gm_k8_4nfe.yaml"
 QWEN = CONFIGS / "qwen_image_gm_k8_4nfe.yaml"
 DIT = CONFIGS / "dit_imagenet_gm_k32_1nfe.yaml"

@@ -17,7 +17,7 @@ import yaml
 
 from models.families import get_family
 from trainer.config import config_from_dict
-from tests.trainer.test_export import ROOT, train_and_checkpoint
+from tests.trainer.export.test_export import ROOT, train_and_checkpoint
 
 PROMPTS = ["a handwritten seven", "a handwritten three"]
 

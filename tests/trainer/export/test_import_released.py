@@ -156,7 +156,7 @@ def test_gm_dit_import_permutes_patch_first_rows_to_component_first(tmp_path):
     assert main(["sample", str(out), "--prompt", "207", "--nfe", "1", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.pt").exists() and torch.isfinite(torch.load(tmp_path / "s.pt", weights_only=True)).all()
     # and with diffusers alone (the FM-DiT class ships inside the export)
-    from tests.trainer.test_export_standalone import run_diffusers_only
+    from tests.trainer.export.test_export_standalone import run_diffusers_only
 
     index = json.loads((out / "model_index.json").read_text())
     assert index["transformer"] == ["dit_fm", "FlowDiTTransformer2DModel"]
@@ -209,7 +209,7 @@ def test_an_imported_student_starts_a_continued_distillation(tmp_path, capsys):
 def test_imported_pi_qwen_samples_with_diffusers_alone(tmp_path):
     """A released pi-Qwen-Image adapter, imported, loads with diffusers alone and samples the latents this
     project's pipeline samples for the same generators."""
-    from tests.trainer.test_export_standalone import run_diffusers_only
+    from tests.trainer.export.test_export_standalone import run_diffusers_only
 
     recipe = recipe_yaml("qwen_image", tmp_path / "recipe.yaml", *FP32)  # float32: the two samplers agree to 1e-4
     save_file(released_adapter("pi-qwen", load_config(recipe).lora.target_modules), str(tmp_path / "q.safetensors"))

@@ -19,7 +19,7 @@ from trainer.ema import PowerEMA
 from trainer.torch_engine import TorchEngine
 from trainer.checkpoint.resume import save_state
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 LOAD_AND_SAMPLE = r"""
 import sys, torch
