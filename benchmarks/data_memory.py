@@ -10,8 +10,9 @@ recipe's per-GPU batch), fetch its embeddings and convert them to bf16 (what `On
 as fast as they can, then stalled for `--stall-s` (the workers fill their read-ahead and wait), then fast again.
 A thread samples every process's RSS. Bars (issue 22):
 - peak RSS of each DataWorker and each consumer <= 2 GiB, and within 20% across the shard sizes;
-- samples/s delivered to each consumer >= 10x the recipe's per-rank consumption: 2 prompts per `--step-s`
-  (35 s, the fast end of the FLUX recipe's 35-70 s per iteration);
+- samples/s delivered to each consumer >= 10x the recipe's per-rank consumption: its prompts per GPU per
+  iteration over its seconds per iteration, both from `piflow plan` of configs/flux_dev_gm_k8_4nfe.yaml on the node
+  shape it states (the placement `auto` picks; `--step-s` overrides the seconds);
 - bytes moved through Ray per sample (payload + handles, all hops) <= 1.1x the sample's stored bytes.
 
 The shards are written once per dtype under `--data-dir` (one 4,000-sample tar; the 250 and 1,000-sample shards
@@ -274,7 +275,8 @@ def main() -> int:
     ap.add_argument("--dtypes", default="fp8,bf16")
     ap.add_argument("--samples", type=int, default=400, help="samples each consumer takes per configuration")
     ap.add_argument("--stall-s", type=float, default=20.0, help="consumers stall this long halfway")
-    ap.add_argument("--step-s", type=float, default=35.0, help="FLUX recipe seconds per iteration (2 prompts/GPU)")
+    ap.add_argument("--step-s", type=float, default=0.0,
+                    help="FLUX recipe seconds per iteration (default: the planned one, `piflow plan`)")
     ap.add_argument("--max-memory-gb", type=float, default=1.0, help="data.max_memory_gb of each DataWorker")
     ap.add_argument("--prefetch", type=int, default=4, help="data.prefetch (pieces)")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "piflow-data-memory"))
@@ -360,10 +362,11 @@ def main() -> int:
         if args.tiny or not args.keep_data:
             if args.tiny:
                 shutil.rmtree(args.data_dir, ignore_errors=True)
-    per_rank = 2 / args.step_s
+    per_rank, consumption = planned_consumption(args.step_s)
     bars = check_bars(rows_out, per_rank, dtypes)
     report = {"config": {k: v for k, v in vars(args).items()}, "sample": {"t5": [rows, width], "pooled": pooled},
-              "per_rank_consumption_samples_per_s": per_rank, "rows": rows_out, "bars": bars,
+              "per_rank_consumption_samples_per_s": per_rank, "consumption": consumption, "rows": rows_out,
+              "bars": bars,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "load_avg": os.getloadavg()}}
     print_table(rows_out, per_rank, bars)
@@ -384,6 +387,22 @@ def spread(rows: list[dict], dtypes: list[str], key: str) -> float:
             vals = [max(v for k, v in r[key].items() if k.startswith(role)) for r in rows if r["dtype"] == dtype]
             worst = max(worst, max(vals) / min(vals) - 1)
     return worst
+
+
+def planned_consumption(step_s: float = 0.0) -> tuple[float, dict]:
+    """Samples/s one FLUX rank consumes: prompts per GPU per iteration / seconds per iteration, from the time plan
+    of the recipe on the node shape it states (`step_s` > 0 replaces the planned seconds)."""
+    from trainer.config import load_config
+    from trainer.planner.time_plan import make_time_plan, parse_cluster
+
+    cfg = load_config(ROOT / "configs" / "flux_dev_gm_k8_4nfe.yaml")
+    shape = f"{cfg.cluster.nodes}x{cfg.cluster.gpus_per_node}xH100"
+    plan = make_time_plan(cfg, parse_cluster(shape, cfg))
+    planned = next(r for r in plan.rows if r.frozen == plan.chosen).serial_s
+    prompts = cfg.train.batch_size / plan.student_gpus
+    seconds = step_s or planned
+    return prompts / seconds, {"cluster": shape, "prompts_per_gpu": prompts, "planned_step_s": planned,
+                               "step_s": seconds}
 
 
 def check_bars(rows: list[dict], per_rank: float, dtypes: list[str]) -> dict:
@@ -418,7 +437,8 @@ def print_table(rows: list[dict], per_rank: float, bars: dict) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(format_row(r))
-    print(f"\nper-rank consumption of the FLUX recipe: {per_rank:.4f} samples/s (2 prompts per GPU per step)")
+    print(f"\nper-rank consumption of the FLUX recipe: {per_rank:.4f} samples/s (planned prompts per GPU per "
+          f"iteration over planned seconds per iteration)")
     for name, b in bars.items():
         verdict = ("OK" if b["ok"] else "FAIL") if b.get("gate", True) else ("ok" if b["ok"] else "over (not a gate)")
         print(f"  {name}: {b['value']:.3f} {verdict}")

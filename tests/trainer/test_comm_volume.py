@@ -41,9 +41,12 @@ def test_replicated_base_is_never_gathered_and_total_is_within_3x_the_trainables
 
 
 def test_replicate_trains_like_shard(measured):
+    """In float32 (the bf16 rows round the two layouts' gradient sums differently: benchmarks/comm_volume.py)."""
     bars = measured["bars"]["4"]
     assert bars["losses_pass"] and bars["replicate_vs_shard_loss_diff"] <= 1e-5
-    assert len(_row(measured, "replicate")["losses"]) == 2
+    fp32 = [r for r in measured["rows"] if r["precision"] == "fp32"]
+    assert sorted(r["frozen_weights"] for r in fp32) == ["replicate", "shard"]
+    assert all(len(r["losses"]) == 2 for r in fp32) and fp32[0]["losses"] != _row(measured, "replicate")["losses"]
 
 
 def test_node_sharded_base_never_crosses_nodes(measured):
@@ -70,7 +73,7 @@ def test_the_planner_predicts_the_measured_bytes(measured):
         if r["prefetch_blocks"] == 0 or r["frozen_weights"] == "replicate":
             assert {k: r["planned"][k] for k in keys} == {k: r["per_iteration"].get(k, 0.0) for k in keys}
             compared += 1
-    assert compared == 2 and measured["bars"]["4"]["planner_pass"]
+    assert compared == 3 and measured["bars"]["4"]["planner_pass"]  # bf16: 2 rows; fp32 (the loss check): 1
 
 
 def test_building_the_student_broadcasts_no_frozen_weight(measured):
