@@ -64,6 +64,18 @@ def _text_components(cfg: Config) -> dict[str, object]:
     return {}  # dit: class ids, no text encoder
 
 
+def _cast_as_loaded(network: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to `dtype` the way `from_pretrained(torch_dtype=dtype)` leaves a released model: the class's
+    `_keep_in_fp32_modules` (Wan: rope, time embedder, norms, scale-shift table) stay float32, matched as
+    diffusers matches them (a name component of the tensor). Casting tensor by tensor also keeps ModelMixin.to's
+    warning about those modules out of the rehearsal's output."""
+    keep = tuple(getattr(network, "_keep_in_fp32_modules", None) or ())
+    for name, t in [*network.named_parameters(), *network.named_buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return network
+
+
 def write_model_dir(cfg: Config, root: str | Path) -> Path:
     """The tiny same-family model of `cfg` as a diffusers-format directory under `root`."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -76,7 +88,7 @@ def write_model_dir(cfg: Config, root: str | Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
         network = family.transformer_class(**family.tiny_config(cfg))
-    network.to(dtype).save_pretrained(str(root / (cfg.model.subfolder or "transformer")))
+    _cast_as_loaded(network, dtype).save_pretrained(str(root / (cfg.model.subfolder or "transformer")))
     components = _text_components(cfg)
     for name, component in components.items():
         component.save_pretrained(str(root / name))

@@ -113,3 +113,23 @@ def test_the_tiny_model_resolves_offline_under_the_hub_id(tmp_path, monkeypatch)
     with torch.no_grad():
         image = get_family("flux").decode(vae, torch.zeros(1, 16, 8, 8))
     assert image.shape == (1, 3, 64, 64)  # the real VAE's 8x compression
+
+
+def test_the_tiny_model_is_stored_as_a_released_one_loads(tmp_path, capfd):
+    """Wan keeps rope, time embedder, norms and the scale-shift table in float32 when loaded in bf16
+    (`_keep_in_fp32_modules`): the tiny snapshot is stored that way, the rest in the recipe's bf16, without
+    diffusers' warning about casting those modules (ModelMixin.to)."""
+    import torch
+    from safetensors import safe_open
+
+    from trainer.rehearsal.snapshot import write_model_dir
+
+    _, cfg, _ = shrink(ROOT / RECIPES["wan"], _ctx(tmp_path))
+    root = write_model_dir(cfg, tmp_path / "wan")
+    assert "should be kept in float32" not in capfd.readouterr().err
+    keep = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    with safe_open(str(next((root / "transformer").glob("*.safetensors"))), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    kept = {k for k in dtypes if any(m in k.split(".") for m in keep)}
+    assert kept and {dtypes[k] for k in kept} == {torch.float32}
+    assert {dtypes[k] for k in dtypes if k not in kept} == {torch.bfloat16}
