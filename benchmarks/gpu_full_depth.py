@@ -43,8 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_step import (DATASHEET_BF16_TFLOPS, build_rank_student, conditioning, frozen_buffers,  # noqa: E402
-                                 default_out, matmul_tflops, policy_loss, recipe_config, timed)
+from benchmarks.gpu_step import (DATASHEET_BF16_TFLOPS, build_rank_student, conditioning,  # noqa: E402
+                                 default_out, frozen_buffers, matmul_tflops, policy_loss, recipe_config, timed)
 
 STAGES = ("matmul", "attention", "build", "teacher", "student", "iteration", "compiled")
 # seconds a stage needs at least (GPU); a stage that would start later than budget - reserve is skipped
@@ -55,7 +55,6 @@ ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_effic
 
 
 # ------------------------------------------------------------------------------------------ attention probe
-
 def probe_attention(backend: str, batch: int, tokens: int, heads: int, head_dim: int) -> dict:
     """One attention call through diffusers' dispatcher with `backend` (run in a child process)."""
     from diffusers.models.attention_dispatch import (AttentionBackendName, _check_attention_backend_requirements,
@@ -150,7 +149,8 @@ def build_stage(args, ctx: dict) -> dict:
     ctx.update(cfg=cfg, family=family, conf=conf, student=student, teacher=teacher, engine=engine)
     numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731 (ZeRO-3: full sizes)
     out = {"seconds": time.perf_counter() - t0, "blocks": {"double": conf["num_layers"],
-           "single": conf["num_single_layers"]}, "parameters": numel(student.parameters()) + numel(frozen_buffers(student, engine)),
+           "single": conf["num_single_layers"]},
+           "parameters": numel(student.parameters()) + numel(frozen_buffers(student, engine)),
            "trainable_parameters": numel(engine.params), "lora_rank": cfg.lora.rank, "K": cfg.policy.num_components,
            "checkpointing": True, "precision": cfg.train.precision, "attention": cfg.model.attention_backend}
     if ctx["device"].type == "cuda":

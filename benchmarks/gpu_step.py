@@ -43,12 +43,11 @@ sys.path.insert(0, str(ROOT))
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-
 def frozen_buffers(student, engine) -> list:
     """The frozen weights the engine keeps as plain buffers (`train.frozen_weights: replicate`): parameters of
     the model, not of the optimizer."""
-    names = set(getattr(engine, "frozen_buffers", None) or ())
-    return [b for n, b in student.named_buffers() if n in names]
+    return [student.get_buffer(n) for n in getattr(engine, "frozen_buffers", None) or ()]
+
 
 def default_out(name: str, on_gpu: bool) -> str:
     """Where a benchmark writes by default: benchmarks/results/NAME (GPU figures, committed) on a GPU, a temporary
@@ -262,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
               "latent": [C, H, W], "image_tokens": (H // 2) * (W // 2), "text_tokens": args.text_tokens,
               "micro_batch": B, "checkpointing": ckpt, "precision": args.precision, "attention": args.attention,
               "compile": args.compile, "engine": "deepspeed ZeRO-3, 1 rank", "K": cfg.policy.num_components,
-              "parameters": numel(student.parameters()) + numel(frozen_buffers(student, engine)), "trainable_parameters": numel(trainable),
+              "parameters": numel(student.parameters()) + numel(frozen_buffers(student, engine)),
+              "trainable_parameters": numel(trainable),
               "student_fwd_bwd_s": t_fwd_bwd, "student_fwd_s": t_fwd, "fwd_bwd_flops": fwd_bwd_flops,
               "fwd_flops": fwd_flops, "teacher_request_latents": B * n_int, "teacher_fwd_s": t_teacher,
               "teacher_latents_per_s": B * n_int / t_teacher, "rollout_128_s": t_rollout,

@@ -331,9 +331,8 @@ def run_rank(cfg: Config, remote_teacher: Any = None, *, prompt_batches: Optiona
 
     from trainer.checkpoint import resume
     from trainer.loop import train_loop
-    from trainer.metrics import MetricsLogger
     from trainer.evaluation.rollouts import RolloutHook
-    from trainer.metrics import FirstStepClock, PhaseTimes
+    from trainer.metrics import FirstStepClock, MetricsLogger, PhaseTimes
 
     t_init = time.perf_counter()
     setup = build_rank(cfg, remote_teacher)
